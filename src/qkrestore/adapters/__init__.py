@@ -1,0 +1,71 @@
+"""Adapter registry: find the family of a checkpoint from its config alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import (
+    ROUTING_TARGETS,
+    TARGETS,
+    Adapter,
+    Config,
+    Kind,
+    RoutingTensor,
+    TensorSpec,
+    is_auxiliary,
+    text_config,
+)
+from .families import FAMILIES, GENERIC
+
+__all__ = [
+    "FAMILIES",
+    "GENERIC",
+    "ROUTING_TARGETS",
+    "TARGETS",
+    "Adapter",
+    "Kind",
+    "Resolved",
+    "RoutingTensor",
+    "TensorSpec",
+    "is_auxiliary",
+    "resolve",
+    "text_config",
+]
+
+BY_MODEL_TYPE: dict[str, Adapter] = {mt: a for a in FAMILIES for mt in a.model_types}
+BY_ARCHITECTURE: dict[str, Adapter] = {arch: a for a in FAMILIES for arch in a.architectures}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An adapter chosen for a config, and why (shown to the user)."""
+
+    adapter: Adapter
+    model_type: str
+    reason: str
+
+
+def resolve(config: Config) -> Resolved:
+    """Pick the adapter by ``model_type``, then ``architectures``, then a ``layer_types`` list."""
+    model_type = str(config.get("model_type", ""))
+    inner = text_config(config)
+    inner_type = str(inner.get("model_type", "")) if inner is not config else ""
+    for mt in (model_type, inner_type):
+        if mt in BY_MODEL_TYPE:
+            return Resolved(BY_MODEL_TYPE[mt], model_type or mt, f"model_type '{mt}'")
+    archs = config.get("architectures") or []
+    for arch in archs if isinstance(archs, list) else []:
+        if arch in BY_ARCHITECTURE:
+            return Resolved(BY_ARCHITECTURE[arch], model_type, f"architecture '{arch}'")
+    if inner.get("layer_types") is not None:
+        return Resolved(
+            GENERIC,
+            model_type,
+            f"unknown model_type '{model_type}': using the generic adapter on its layer_types",
+        )
+    known = ", ".join(sorted(BY_MODEL_TYPE))
+    raise ConfigError(
+        f"config.json: model_type '{model_type or '?'}' is not a known family and has no layer_types",
+        hint=f"known families: {known}; a config with a layer_types list works with any family",
+    )

@@ -1,0 +1,197 @@
+"""What an adapter is: a family's layer map and routing tensors, as data.
+
+An adapter reads only ``config.json`` (never remote model code) and answers two questions:
+
+* which decoder layers are global softmax attention, which are local (sliding/chunked), and which are
+  something else (linear attention, SSM, MLP);
+* for a softmax layer, which tensors hold W_Q, W_K (and their biases and norms), W_V and W_O, and where
+  a tensor is fused or gated, which of its rows belong to Q or K.
+
+Tensor names are never used to decide what a layer *is*: several families (HypeNet, Kimi Linear,
+MiniMax) call their linear-attention projections ``q_proj``/``k_proj`` too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..checkpoint import TensorInfo
+from ..errors import ConfigError, PlanError
+
+Config = Mapping[str, Any]
+RowRanges = tuple[tuple[int, int], ...]
+
+
+class Kind(str, Enum):
+    """What a decoder layer's token mixer is, as far as routing is concerned."""
+
+    GLOBAL = "global"
+    LOCAL = "local"
+    OTHER = "other"
+
+
+TARGETS = ("q", "k", "v", "o")
+ROUTING_TARGETS = ("q", "k")
+
+# Layer-type spellings shared by transformers' configs (v4 legacy and v5 names).
+GENERIC_WORDS: dict[str, Kind] = {
+    "full_attention": Kind.GLOBAL,
+    "attention": Kind.GLOBAL,
+    "sliding_attention": Kind.LOCAL,
+    "chunked_attention": Kind.LOCAL,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a layer's attention block, named relative to the layer's attention module.
+
+    ``rows`` picks the rows of a fused or gated tensor that belong to the target; ``None`` means the
+    whole tensor. ``required`` tensors must exist in a planned layer; optional ones (biases, norms)
+    are taken when the checkpoint has them.
+    """
+
+    suffix: str
+    target: str
+    role: str  # "weight", "bias", "norm", "sink"
+    rows: Callable[[Config, TensorInfo], RowRanges] | None = None
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingTensor:
+    """A concrete tensor of one layer with the rows that a target owns."""
+
+    name: str
+    layer: int
+    target: str
+    role: str
+    rows: RowRanges  # always explicit, e.g. ((0, n_rows),) for a whole tensor
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A model family: how to read its layer map and where its attention tensors live."""
+
+    name: str
+    model_types: tuple[str, ...]
+    kinds: Callable[[Config, int], list[Kind]]
+    tensors: tuple[TensorSpec, ...]
+    architectures: tuple[str, ...] = ()
+    module: str = "self_attn"
+    description: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    def layer_kinds(self, config: Config) -> list[Kind]:
+        cfg = text_config(config)
+        n = num_layers(cfg)
+        kinds = self.kinds(cfg, n)
+        if len(kinds) != n:
+            raise ConfigError(
+                f"config.json: the layer list has {len(kinds)} entries but num_hidden_layers is {n}"
+            )
+        return kinds
+
+    def layer_tensors(
+        self,
+        config: Config,
+        layer: int,
+        tensors: Mapping[str, TensorInfo],
+        targets: Sequence[str],
+        prefix: str,
+    ) -> list[RoutingTensor]:
+        """The tensors of ``layer`` for ``targets``, with the rows each target owns."""
+        cfg = text_config(config)
+        base = f"{prefix}{layer}.{self.module}."
+        found: list[RoutingTensor] = []
+        for spec in self.tensors:
+            if spec.target not in targets:
+                continue
+            name = base + spec.suffix
+            info = tensors.get(name)
+            if info is None:
+                if spec.required:
+                    raise PlanError(
+                        f"layer {layer} should hold '{name}' ({self.name} layout) but it is missing"
+                    )
+                continue
+            rows = spec.rows(cfg, info) if spec.rows else ((0, info.rows),)
+            found.append(RoutingTensor(name, layer, spec.target, spec.role, rows))
+        return found
+
+    def layer_prefix(self, names: Sequence[str]) -> str:
+        """The name prefix up to the layer index, e.g. ``model.layers.`` or ``backbone.layers.``.
+
+        Found from the checkpoint itself, so text-only and VLM saves of one family both work; MTP
+        heads and vision towers are left out (they are carried over untouched).
+        """
+        pattern = re.compile(rf"^(?P<p>(?:.*\.)?layers\.)(\d+)\.{re.escape(self.module)}\.")
+        counts: Counter[str] = Counter()
+        for name in names:
+            if is_auxiliary(name):
+                continue
+            m = pattern.match(name)
+            if m:
+                counts[m.group("p")] += 1
+        if not counts:
+            raise PlanError(
+                f"no tensors named '*layers.<i>.{self.module}.*' in the checkpoint; is it really a "
+                f"{self.name} model?"
+            )
+        return counts.most_common(1)[0][0]
+
+
+_AUX = re.compile(r"(^|\.)(mtp|visual|vision_tower|vision_model|vision_encoder|audio_tower)\.")
+
+
+def is_auxiliary(name: str) -> bool:
+    """MTP heads and vision/audio towers have their own attention blocks that are not decoder layers."""
+    return bool(_AUX.search(name))
+
+
+# -- config helpers -------------------------------------------------------------------------------
+
+
+def text_config(config: Config) -> Config:
+    """The language model's config: ``text_config`` inside a VLM config, else the config itself."""
+    sub = config.get("text_config")
+    return sub if isinstance(sub, Mapping) else config
+
+
+def num_layers(cfg: Config) -> int:
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ConfigError("config.json: 'num_hidden_layers' is missing or not a positive integer")
+    return n
+
+
+def kinds_from_words(
+    words: Any, words_map: Mapping[str, Kind], field_name: str = "layer_types"
+) -> list[Kind]:
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise ConfigError(f"config.json: '{field_name}' must be a list of strings")
+    return [words_map.get(w, Kind.OTHER) for w in words]
+
+
+def generic_kinds(cfg: Config, n: int) -> list[Kind]:
+    """``layer_types`` with transformers' vocabulary."""
+    return kinds_from_words(cfg.get("layer_types"), GENERIC_WORDS)
+
+
+def int_field(cfg: Config, key: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config.json: '{key}' is missing or not a positive integer")
+    return value
+
+
+def head_dim(cfg: Config) -> int:
+    hd = cfg.get("head_dim")
+    if isinstance(hd, int) and hd > 0:
+        return hd
+    return int_field(cfg, "hidden_size") // int_field(cfg, "num_attention_heads")

@@ -1,0 +1,172 @@
+"""The two files qkrestore adds to an output: a Hub model card and the provenance record.
+
+The card tells a human (and the Hub) what was done; ``qkrestore.json`` tells ``verify`` exactly what
+to check. POST's own model card is kept, below ours, so nothing POST had is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .plan import RestorePlan
+from .writer import CARD_NAME, PROVENANCE_NAME, WriteResult
+
+PAPER = (
+    "Wang & Guo, *Attention Amnesia in Hybrid LLMs: When CoT Fine-Tuning Breaks Long-Range Recall, "
+    "and How to Fix It* (https://github.com/LARK-AI-Lab/QK-Restore)"
+)
+METHOD_TEXT = {
+    "qk-restore": (
+        "QK-Restore",
+        "In the softmax-attention layers listed below, the query/key routing parameters (W_Q, W_K, "
+        "their biases and norms) were taken from the pre-SFT checkpoint; every other parameter is the "
+        "fine-tuned checkpoint's, byte for byte. This brings back long-range recall that "
+        "chain-of-thought fine-tuning erodes, without training.",
+    ),
+    "qk-pro": (
+        "QK-Pro",
+        "In the softmax-attention layers listed below, one routing side (W_Q or W_K) was taken from "
+        "the pre-SFT checkpoint and the other solved per head in closed form: the matrix closest to "
+        "the fine-tuned one whose routing bilinear form matches the pre-SFT one, relaxed by a ridge. "
+        "Every other parameter is the fine-tuned checkpoint's, byte for byte.",
+    ),
+}
+
+
+def command_line() -> str:
+    args = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else ["qkrestore"]
+    return shlex.join(args)
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    m = re.match(r"^---\s*\n(.*?)\n---\s*\n?", text, re.S)
+    if not m:
+        return {}, text
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError:
+        meta = {}
+    return (meta if isinstance(meta, dict) else {}), text[m.end() :]
+
+
+def model_card(
+    plan: RestorePlan,
+    pre_source: str,
+    post_source: str,
+    command: str,
+    post_card: str | None,
+    verification: str = "passed (every restored range re-read and hashed before the output was moved into place)",
+) -> str:
+    """A model card whose metadata the Hub understands, keeping POST's own card below ours."""
+    post_meta, post_body = split_front_matter(post_card or "")
+    meta: dict[str, Any] = {
+        k: v for k, v in post_meta.items() if k not in ("base_model", "base_model_relation", "tags")
+    }
+    tags = [t for t in post_meta.get("tags", []) or [] if isinstance(t, str)]
+    method_tags = [plan.method, "merge"]
+    meta.update(
+        {
+            "base_model": [pre_source, post_source],
+            "base_model_relation": "merge",
+            "library_name": "transformers",
+            "tags": method_tags + [t for t in tags if t not in method_tags],
+        }
+    )
+    title, explanation = METHOD_TEXT.get(plan.method, (plan.method, ""))
+    rows = "\n".join(
+        f"| {p.layer} | {plan.layer_kinds[p.layer]} | `{p.name}` | {_rows_text(p.rows, p.shape)} | {p.source} |"
+        for p in plan.patches
+    )
+    params = "".join(f"- {k}: `{v}`\n" for k, v in plan.params.items())
+    body = f"""# {title} of `{post_source}`
+
+{explanation}
+
+- **Method:** {title} ({PAPER})
+- **Pre-SFT (routing source):** `{pre_source}`
+- **Post-SFT (everything else):** `{post_source}`
+- **Family adapter:** `{plan.adapter}` (model_type `{plan.model_type}`)
+- **Layers:** {", ".join(map(str, plan.layers))} of {plan.num_layers}
+- **Targets:** {", ".join(plan.targets)}
+- **Verification:** {verification}
+{params}
+## Command
+
+```bash
+{command}
+```
+
+## Restored tensors
+
+| layer | kind | tensor | rows | source |
+|---|---|---|---|---|
+{rows}
+
+Made with qkrestore {__version__}; `qkrestore.json` holds the
+full plan and a sha256 of every restored tensor (`qkrestore verify` re-checks it).
+"""
+    if post_body.strip():
+        body += "\n---\n\n## Model card of the post-SFT checkpoint\n\n" + post_body.lstrip()
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n{body}"
+
+
+def _rows_text(rows: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> str:
+    if len(rows) == 1 and rows[0] == (0, shape[0] if shape else 1):
+        return "all"
+    if len(rows) > 4:
+        return f"{len(rows)} ranges ({rows[0][0]}:{rows[0][1]}, …, {rows[-1][0]}:{rows[-1][1]})"
+    return ", ".join(f"{a}:{b}" for a, b in rows)
+
+
+def provenance(
+    plan: RestorePlan,
+    pre_source: str,
+    post_source: str,
+    pre_root: Path,
+    post_root: Path,
+    command: str,
+    result: WriteResult,
+) -> dict[str, Any]:
+    return {
+        "tool": "qkrestore",
+        "version": __version__,
+        "command": command,
+        "sources": {
+            "pre": {"source": pre_source, "path": str(pre_root.resolve())},
+            "post": {"source": post_source, "path": str(post_root.resolve())},
+        },
+        "plan": plan.to_json(),
+        "files": result.files,
+        "skipped_files": result.skipped,
+        "linked_files": result.linked,
+        "tensor_sha256": result.tensor_sha256,
+    }
+
+
+def write_card_and_provenance(
+    folder: Path,
+    plan: RestorePlan,
+    result: WriteResult,
+    *,
+    pre_source: str,
+    post_source: str,
+    pre_root: Path,
+    post_root: Path,
+    command: str,
+) -> None:
+    post_card_path = post_root / CARD_NAME
+    post_card = post_card_path.read_text(encoding="utf-8", errors="replace") if post_card_path.is_file() else None
+    (folder / CARD_NAME).write_text(
+        model_card(plan, pre_source, post_source, command, post_card), encoding="utf-8"
+    )
+    record = provenance(plan, pre_source, post_source, pre_root, post_root, command, result)
+    (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,353 @@
+"""A read-only, lazy view of one safetensors checkpoint folder.
+
+Opening a checkpoint reads ``config.json``, the index (if sharded) and each shard's header, and checks
+that they describe a sane file: every shard name stays inside the folder, every header's offsets lie in
+its file and match its dtype and shape, and the index and the shards agree. Tensor bytes are read only
+when asked, with ``os.pread`` at the tensor's offset, so a 100 GB checkpoint costs a few megabytes to
+open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .dtypes import ITEMSIZE
+from .errors import CheckpointError, ConfigError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# The safetensors library refuses headers above 100 MB; a larger length field is a lie or an attack,
+# and must be refused before anything is allocated for it.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: its shard, dtype, shape and absolute byte range in the file."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in the shard file
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def rows(self) -> int:
+        """Length of the first axis (1 for scalars); row ranges index this axis."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes in one row: one output feature of a weight, one element of a vector."""
+        return self.nbytes // self.rows if self.rows else 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file: its header as parsed and as raw bytes (copied unchanged to outputs)."""
+
+    file: str
+    path: Path
+    size: int
+    header_len: int
+    metadata: dict[str, str] | None
+    tensors: tuple[str, ...]  # in offset order
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder: config, shards, and a name → :class:`TensorInfo` map."""
+
+    root: Path
+    config: dict[str, Any]
+    shards: dict[str, Shard]
+    tensors: dict[str, TensorInfo]
+    index: dict[str, Any] | None = None
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> Checkpoint:
+        root = Path(root)
+        if not root.exists():
+            raise CheckpointError(f"{root}: no such folder")
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: not a folder (give the folder that holds config.json)")
+        config = read_config(root)
+        index_path = root / INDEX_NAME
+        if index_path.is_file():
+            index, weight_map = _read_index(index_path)
+        elif (root / SINGLE_NAME).is_file():
+            index, weight_map = None, None
+        else:
+            pickled = [n for n in PICKLE_WEIGHT_NAMES if (root / n).exists()]
+            pickled += sorted(p.name for p in root.glob("pytorch_model-*.bin"))
+            if pickled:
+                raise CheckpointError(
+                    f"{root / pickled[0]}: pickle checkpoints are never loaded (unpickling runs code)",
+                    hint="convert it to safetensors first, e.g. with transformers' save_pretrained("
+                    "safe_serialization=True)",
+                )
+            raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+        shards: dict[str, Shard] = {}
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            path = root / _safe_relative(file, index_path)
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {INDEX_NAME} is missing")
+            shard, infos = read_header(path, file)
+            shards[file] = shard
+            for info in infos:
+                tensors[info.name] = info
+
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                info = tensors.get(name)
+                if info is None or info.file != file:
+                    raise CheckpointError(
+                        f"{root / file}: tensor '{name}' is in {INDEX_NAME} but not in this shard"
+                    )
+            for name, info in tensors.items():
+                if name not in weight_map:
+                    raise CheckpointError(
+                        f"{root / info.file}: tensor '{name}' is in the shard but not in {INDEX_NAME}"
+                    )
+        return cls(root=root, config=config, shards=shards, tensors=tensors, index=index)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.root}: no tensor '{name}'") from None
+
+    def shard_path(self, file: str) -> Path:
+        return self.shards[file].path
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> bytes:
+        """The bytes of a tensor, or of rows ``[r0, r1)`` of its first axis."""
+        info = self.info(name)
+        r0, r1 = rows if rows is not None else (0, info.rows)
+        if not 0 <= r0 <= r1 <= info.rows:
+            raise CheckpointError(f"{self.root / info.file}: rows {r0}:{r1} out of '{name}'")
+        offset = info.start + r0 * info.row_bytes
+        return self.pread(info.file, offset, (r1 - r0) * info.row_bytes)
+
+    def iter_chunks(self, file: str, offset: int, length: int, chunk: int) -> Iterator[bytes]:
+        """Read ``length`` bytes at ``offset`` in pieces of at most ``chunk`` bytes."""
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            yield self.pread(file, offset, n)
+            offset += n
+
+    def pread(self, file: str, offset: int, length: int) -> bytes:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(self.shards[file].path, os.O_RDONLY)
+            self._fds[file] = fd
+        out = bytearray()
+        while len(out) < length:
+            got = os.pread(fd, length - len(out), offset + len(out))
+            if not got:
+                raise CheckpointError(
+                    f"{self.shards[file].path}: file ended early (was it changed while reading?)"
+                )
+            out += got
+        return bytes(out)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards.values())
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return config
+
+
+# -- index ----------------------------------------------------------------------------------------
+
+
+def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: no 'weight_map' object")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CheckpointError(f"{path}: tensor '{name}' maps to a non-string shard name")
+        _safe_relative(file, path)
+    return index, weight_map
+
+
+def _safe_relative(file: str, where: Path) -> PurePosixPath:
+    """Refuse a shard name that could reach outside the checkpoint folder."""
+    bad = (
+        not file
+        or "\x00" in file
+        or "\\" in file
+        or file.startswith("/")
+        or (len(file) > 1 and file[1] == ":")
+    )
+    rel = PurePosixPath(file)
+    if bad or any(part in ("..", "") for part in rel.parts) or rel.is_absolute():
+        raise CheckpointError(f"{where}: shard name {file!r} is not a plain file inside the folder")
+    return rel
+
+
+def _no_duplicates(path: Path):  # noqa: ANN202 - json hook
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: duplicate key '{key}'")
+            out[key] = value
+        return out
+
+    return hook
+
+
+# -- safetensors header ---------------------------------------------------------------------------
+
+
+def read_header_bytes(path: Path) -> tuple[int, bytes]:
+    """The header length field and the header bytes, validated against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise CheckpointError(
+                f"{path}: header length {n} does not fit the file ({size} bytes); truncated or corrupt"
+            )
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise CheckpointError(f"{path}: truncated safetensors header")
+    return n, raw
+
+
+def read_header(path: Path, file: str) -> tuple[Shard, list[TensorInfo]]:
+    """Parse and check a safetensors header; return the shard and its tensors in offset order."""
+    size = path.stat().st_size
+    n, raw = read_header_bytes(path)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+
+    data_len = size - 8 - n
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        infos.append(_tensor_info(path, file, name, entry, 8 + n, data_len))
+    infos.sort(key=lambda t: (t.start, t.nbytes))
+    end = 8 + n
+    for info in infos:
+        if info.start < end:
+            raise CheckpointError(f"{path}: tensor '{info.name}' overlaps the tensor before it")
+        end = info.start + info.nbytes
+    shard = Shard(
+        file=file,
+        path=path,
+        size=size,
+        header_len=n,
+        metadata=metadata,
+        tensors=tuple(t.name for t in infos),
+    )
+    return shard, infos
+
+
+def _tensor_info(
+    path: Path, file: str, name: str, entry: Any, data_start: int, data_len: int
+) -> TensorInfo:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"{where}: unknown or unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise CheckpointError(f"{where}: data_offsets {offsets} are out of order")
+    if end > data_len:
+        raise CheckpointError(f"{where}: data_offsets {offsets} run past the end of the file")
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{where}: {end - begin} bytes in data_offsets, but shape {shape} of {dtype} needs "
+            f"{expected}"
+        )
+    return TensorInfo(
+        name=name,
+        file=file,
+        dtype=dtype,
+        shape=tuple(shape),
+        start=data_start + begin,
+        nbytes=expected,
+    )

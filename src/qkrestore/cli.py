@@ -1,0 +1,458 @@
+"""The ``qkrestore`` command line: a thin shell that parses, calls, and renders.
+
+Errors of the tool's own type become one line on stderr and a meaningful exit code; a traceback is
+shown only with ``--debug``. ``--json`` puts exactly one JSON document on stdout; everything meant for
+humans goes to stderr in that mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+    QKRestoreError,
+)
+from .inspect import compare, describe
+from .merge import MergeOptions, execute, plan_merge
+from .plan import RestorePlan, parse_layers, parse_targets
+from .verify import verify_output
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 verification failed; 2 usage or input error; 3 internal error; "
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
+)
+
+app = typer.Typer(
+    name="qkrestore",
+    help="Checkpoint surgery for hybrid LLMs: bring back long-range recall after CoT fine-tuning "
+    "by restoring the query/key routing of softmax-attention layers from the pre-SFT checkpoint.\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+out_console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup (temporary folders) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qkrestore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks for errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    _state["debug"] = debug or bool(os.environ.get("QKRESTORE_DEBUG"))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _human(json_mode: bool, quiet: bool = False) -> Console | None:
+    """Where human-readable output goes: stdout normally, stderr under --json, nowhere under --quiet."""
+    if quiet:
+        return None
+    return err_console if json_mode else out_console
+
+
+def _note(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False)
+
+
+def _open(path: Path, label: str) -> Checkpoint:
+    try:
+        return Checkpoint.open(path)
+    except QKRestoreError as exc:
+        exc.message = f"{label}: {exc.message}"
+        raise
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def _plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
+    table = Table(title=f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}")
+    for col in ("layer", "kind", "tensor", "rows", "dtype", "file", "from"):
+        table.add_column(col, overflow="fold")
+    for p in plan.patches:
+        rows = ", ".join(f"{a}:{b}" for a, b in p.rows[:4]) + (" …" if len(p.rows) > 4 else "")
+        dtype = p.dtype if not p.cast else f"{p.pre_dtype}→{p.dtype}"
+        table.add_row(
+            str(p.layer), plan.layer_kinds[p.layer], p.name, rows, dtype, p.file, p.source
+        )
+    return table
+
+
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        help="'auto' (every global softmax-attention layer) or 0-based indices, e.g. 3,7,11 or 3-7.",
+    ),
+]
+SlidingOpt = Annotated[
+    bool,
+    typer.Option("--include-sliding", help="With --layers auto, also restore local (sliding) layers."),
+]
+TargetsOpt = Annotated[
+    str,
+    typer.Option(
+        "--targets", help="Projections to restore: comma list of q,k,v,o (v/o are ablations)."
+    ),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")]
+ArchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-arch-mismatch",
+        help="Plan from POST's config even if PRE's names another family or layer map.",
+    ),
+]
+LinkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--link",
+        help="Hard-link untouched shards instead of copying (they then share storage with POST).",
+    ),
+]
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+MERGE_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore merge ./base ./sft -o ./sft-qkrestore
+  qkrestore merge ./base ./sft -o ./out --layers 3,7,11 --dry-run
+  qkrestore merge ./base ./sft -o ./out --targets q,k,v --overwrite --json
+
+""" + EXIT_CODES_HELP
+
+
+@app.command(epilog=MERGE_EPILOG)
+def merge(
+    pre: Annotated[Path, typer.Argument(help="Pre-SFT checkpoint folder (routing source).")],
+    post: Annotated[Path, typer.Argument(help="Post-SFT checkpoint folder (everything else).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")],
+    layers: LayersOpt = "auto",
+    include_sliding: SlidingOpt = False,
+    targets: TargetsOpt = "q,k",
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    link: LinkOpt = False,
+    allow_arch_mismatch: ArchOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """QK-Restore: POST with the Q/K routing of its softmax-attention layers taken from PRE."""
+    opts = MergeOptions(
+        layers=parse_layers(layers),
+        include_sliding=include_sliding,
+        targets=tuple(parse_targets(targets)),
+        overwrite=overwrite,
+        link=link,
+        allow_arch_mismatch=allow_arch_mismatch,
+    )
+    human = _human(json_out, quiet)
+    with _open(pre, "PRE") as pre_ck, _open(post, "POST") as post_ck:
+        if pre_ck.root.resolve() == post_ck.root.resolve():
+            _note("PRE and POST are the same folder: the output will equal POST", quiet)
+        plan = plan_merge(pre_ck, post_ck, opts)
+        for n in plan.notes:
+            _note(n, quiet)
+        summary: dict[str, Any] = {
+            "ok": True,
+            "dry_run": dry_run,
+            "output": str(output),
+            "layers": plan.layers,
+            "tensors": len(plan.patches),
+            "restored_bytes": plan.restored_bytes(post_ck),
+            "touched_files": plan.touched_files,
+            "plan": plan.to_json(),
+        }
+        if dry_run:
+            if human:
+                human.print(_plan_table(plan, post_ck))
+                human.print(f"dry run: nothing written; OUT would be {output}")
+            if json_out:
+                _emit_json(summary)
+            return
+        total = post_ck.total_bytes
+        with _progress(not quiet and not json_out) as bar:
+            task = bar.add_task("merge", total=total)
+            result = execute(
+                plan,
+                pre_ck,
+                post_ck,
+                output,
+                opts,
+                pre_source=str(pre),
+                post_source=str(post),
+                progress=lambda n: bar.advance(task, n),
+            )
+    for skipped in result.skipped:
+        _note(f"not copied from POST (another weight format): {skipped}", quiet)
+    summary.update(
+        {
+            "output": str(result.out),
+            "files": len(result.files),
+            "linked_files": result.linked,
+            "skipped_files": result.skipped,
+            "bytes_read_from_pre": result.bytes_from_pre,
+            "tensor_sha256": result.tensor_sha256,
+        }
+    )
+    if json_out:
+        _emit_json(summary)
+    elif human:
+        human.print(
+            f"[green]✓[/green] restored {len(plan.patches)} tensors in layers "
+            f"{', '.join(map(str, plan.layers))} ({plan.restored_bytes(post_ck):,} bytes from PRE)"
+            f" → {result.out}",
+            highlight=False,
+        )
+
+
+INSPECT_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore inspect-layers ./sft
+  qkrestore inspect-layers ./base --compare ./sft
+  qkrestore inspect-layers ./sft --json
+"""
+
+
+@app.command("inspect-layers", epilog=INSPECT_EPILOG)
+def inspect_layers(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    compare_with: Annotated[
+        Path | None,
+        typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show which layers are softmax attention and where their Q/K tensors are."""
+    with _open(model, "MODEL") as ck:
+        desc = describe(ck)
+        if compare_with is not None:
+            with _open(compare_with, "OTHER") as other:
+                desc["compare"] = {"other": str(compare_with), "layers": compare(ck, other, desc)}
+    if json_out:
+        _emit_json(desc)
+        return
+    c = out_console
+    c.print(
+        f"[bold]{desc['path']}[/bold]\n"
+        f"model_type: {desc['model_type']}   adapter: {desc['adapter']} ({desc['adapter_reason']})\n"
+        f"layers: {desc['num_layers']}   global softmax: {desc['global_layers']}   "
+        f"local softmax: {desc['local_layers']}",
+        highlight=False,
+    )
+    table = Table(title="softmax-attention layers: routing tensors")
+    for col in ("layer", "kind", "tensor", "rows", "shape", "dtype", "shard"):
+        table.add_column(col, overflow="fold")
+    for layer in desc["layers"]:
+        for t in layer["tensors"]:
+            rows = t["rows"]
+            rtext = ", ".join(f"{a}:{b}" for a, b in rows[:4]) + (" …" if len(rows) > 4 else "")
+            table.add_row(
+                str(layer["layer"]), layer["kind"], t["name"], rtext, str(t["shape"]), t["dtype"],
+                t["file"],
+            )
+    c.print(table)
+    if "compare" in desc:
+        drift = Table(title=f"Q/K drift vs {desc['compare']['other']}  (‖ΔW‖/‖W‖)")
+        for col in ("layer", "kind", "q", "k"):
+            drift.add_column(col)
+        for row in desc["compare"]["layers"]:
+            drift.add_row(
+                str(row["layer"]), row["kind"],
+                *(f"{row[t]:.4g}" if t in row else "-" for t in ("q", "k")),
+            )
+        c.print(drift)
+
+
+class ForwardMode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+VERIFY_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore verify ./sft-qkrestore
+  qkrestore verify ./sft-qkrestore --pre ./moved/base --post ./moved/sft --json
+
+""" + EXIT_CODES_HELP
+
+
+@app.command(epilog=VERIFY_EPILOG)
+def verify(
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
+    post: Annotated[Path | None, typer.Option("--post", help="Override POST's recorded path.")] = None,
+    forward: Annotated[
+        ForwardMode,
+        typer.Option(
+            "--forward",
+            help="Load OUT in transformers and run one forward pass: auto (models ≤ 2 GiB), "
+            "always, never.",
+        ),
+    ] = ForwardMode.auto,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check every byte of OUT against its recorded plan, PRE and POST."""
+    report = verify_output(out, pre, post, forward.value)
+    if json_out:
+        _emit_json(report.to_json())
+    else:
+        c = out_console
+        if report.ok:
+            c.print(
+                f"[green]✓[/green] {out}: {report.tensors_checked} tensors, {report.files_checked} "
+                f"other files, {report.bytes_checked:,} bytes match the plan",
+                highlight=False,
+            )
+        for m in report.mismatches:
+            err_console.print(f"[red]✗[/red] {m}", highlight=False)
+        if report.forward:
+            mark = "[green]✓[/green]" if report.forward["ok"] else "[red]✗[/red]"
+            (c if report.forward["ok"] else err_console).print(
+                f"{mark} forward pass: {report.forward['message']}", highlight=False
+            )
+    if not report.ok:
+        if not json_out:
+            first = report.mismatches[0] if report.mismatches else None
+            err_console.print(
+                f"error: verification failed{': ' + str(first) if first else ''}", highlight=False
+            )
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+DEMO_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore demo
+  qkrestore demo --workdir ./qkrestore-demo
+"""
+
+
+@app.command(epilog=DEMO_EPILOG)
+def demo(
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Where to write the demo models (default: a new temp folder)."),
+    ] = None,
+) -> None:
+    """Build a tiny Qwen3-Next-style hybrid pair offline, then inspect, merge and verify it."""
+    from .demo import run_demo
+
+    run_demo(workdir, out_console)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every failure into a one-line message and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except QKRestoreError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console.print("interrupted: no partial output was left behind", highlight=False)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        err_console.print("terminated: no partial output was left behind", highlight=False)
+        return EXIT_TERMINATED
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", highlight=False)
+        return EXIT_USAGE
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and please report it)",
+            highlight=False,
+        )
+        return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

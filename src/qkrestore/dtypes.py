@@ -1,0 +1,75 @@
+"""Safetensors dtype names, their sizes, and their torch equivalents.
+
+The byte size decides every offset the tool computes, so it is kept here as plain data; torch is only
+needed when values must be converted (PRE stored in another dtype than POST) or computed (QK-Pro).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Byte size of one element, for every dtype the tool accepts. Sub-byte types (F4, F6) are refused:
+# their rows are not addressable as whole bytes.
+ITEMSIZE: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+TORCH_DTYPE: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+}
+
+FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+
+
+def convert(data: bytes | bytearray | memoryview, src: str, dst: str) -> bytes:
+    """Convert little-endian elements of dtype ``src`` to ``dst`` with torch's rounding.
+
+    Used only where PRE and POST store a tensor in different dtypes; equal dtypes are copied as bytes.
+    """
+    if src not in TORCH_DTYPE or dst not in TORCH_DTYPE:
+        raise ValueError(f"cannot convert {src} to {dst}")
+    if len(data) == 0:
+        return b""
+    values = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[src])
+    return values.to(TORCH_DTYPE[dst]).view(torch.uint8).numpy().tobytes()
+
+
+def to_tensor(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """View raw little-endian bytes as a torch tensor (copying once so the tensor owns its memory)."""
+    if len(data) == 0:
+        return torch.empty(shape, dtype=TORCH_DTYPE[dtype])
+    return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[dtype]).reshape(shape)
+
+
+def to_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
+    """Cast ``tensor`` to ``dtype`` and return its little-endian bytes."""
+    return tensor.detach().to("cpu").to(TORCH_DTYPE[dtype]).contiguous().view(torch.uint8).numpy().tobytes()

@@ -1,0 +1,78 @@
+"""What ``inspect-layers`` reports: the layer map, the routing tensors, and Q/K drift between two models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .adapters import ROUTING_TARGETS, Kind, resolve
+from .checkpoint import Checkpoint
+from .dtypes import FLOAT_DTYPES, to_tensor
+from .errors import PlanError
+
+
+def describe(ckpt: Checkpoint) -> dict[str, Any]:
+    """The model's family, layer kinds, and every softmax layer's routing tensors with row ranges."""
+    resolved = resolve(ckpt.config)
+    adapter = resolved.adapter
+    kinds = adapter.layer_kinds(ckpt.config)
+    prefix = adapter.layer_prefix(list(ckpt.tensors))
+    layers = []
+    for i, kind in enumerate(kinds):
+        if kind is Kind.OTHER:
+            continue
+        tensors = []
+        for rt in adapter.layer_tensors(ckpt.config, i, ckpt.tensors, ROUTING_TARGETS, prefix):
+            info = ckpt.tensors[rt.name]
+            tensors.append(
+                {
+                    "name": rt.name,
+                    "target": rt.target,
+                    "role": rt.role,
+                    "rows": [list(r) for r in rt.rows],
+                    "shape": list(info.shape),
+                    "dtype": info.dtype,
+                    "file": info.file,
+                }
+            )
+        layers.append({"layer": i, "kind": kind.value, "tensors": tensors})
+    return {
+        "path": str(ckpt.root),
+        "model_type": resolved.model_type,
+        "adapter": adapter.name,
+        "adapter_reason": resolved.reason,
+        "num_layers": len(kinds),
+        "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
+        "local_layers": [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
+        "layers": layers,
+    }
+
+
+def _rows(ckpt: Checkpoint, name: str, rows: list[list[int]]) -> torch.Tensor:
+    info = ckpt.info(name)
+    parts = []
+    for r0, r1 in rows:
+        data = ckpt.read(name, (r0, r1))
+        parts.append(to_tensor(data, info.dtype, (r1 - r0, *info.shape[1:])).to(torch.float64))
+    return torch.cat(parts)
+
+
+def compare(ref: Checkpoint, other: Checkpoint, description: dict[str, Any]) -> list[dict[str, Any]]:
+    """Relative drift ‖W_other − W_ref‖_F / ‖W_ref‖_F of the Q and K weight rows of each softmax layer."""
+    out = []
+    for layer in description["layers"]:
+        row: dict[str, Any] = {"layer": layer["layer"], "kind": layer["kind"]}
+        for t in layer["tensors"]:
+            if t["role"] != "weight" or t["dtype"] not in FLOAT_DTYPES:
+                continue
+            if t["name"] not in other.tensors:
+                raise PlanError(f"{other.root}: no tensor '{t['name']}' to compare")
+            if list(other.tensors[t["name"]].shape) != t["shape"]:
+                raise PlanError(f"'{t['name']}': shapes differ between the two models")
+            a = _rows(ref, t["name"], t["rows"])
+            b = _rows(other, t["name"], t["rows"])
+            norm = float(torch.linalg.norm(a))
+            row[t["target"]] = float(torch.linalg.norm(b - a)) / norm if norm else float("nan")
+        out.append(row)
+    return out

@@ -1,0 +1,288 @@
+"""The restore plan: which rows of which output tensors come from PRE, checked before any write.
+
+Planning is pure: it looks only at configs and headers. The plan is plain data that ``--dry-run``
+prints, ``qkrestore.json`` records and ``verify`` replays, so what was done can always be re-checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .adapters import GENERIC, TARGETS, Adapter, Kind, resolve
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import PlanError
+
+METHOD_RESTORE = "qk-restore"
+
+
+@dataclass(frozen=True)
+class TensorPatch:
+    """One output tensor whose rows ``rows`` come from PRE (or are computed, for QK-Pro)."""
+
+    name: str
+    layer: int
+    target: str
+    role: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    rows: tuple[tuple[int, int], ...]
+    source: str = "pre"  # "pre" | "computed"
+    pre_name: str = ""
+    pre_dtype: str = ""
+
+    @property
+    def cast(self) -> bool:
+        return self.pre_dtype != self.dtype
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["rows"] = [list(r) for r in self.rows]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorPatch:
+        return cls(
+            name=d["name"],
+            layer=int(d["layer"]),
+            target=d["target"],
+            role=d["role"],
+            file=d["file"],
+            dtype=d["dtype"],
+            shape=tuple(d["shape"]),
+            rows=tuple((int(a), int(b)) for a, b in d["rows"]),
+            source=d.get("source", "pre"),
+            pre_name=d.get("pre_name", d["name"]),
+            pre_dtype=d.get("pre_dtype", d["dtype"]),
+        )
+
+    def row_count(self) -> int:
+        return sum(b - a for a, b in self.rows)
+
+
+@dataclass
+class RestorePlan:
+    """Everything the writer needs, and everything a reader of the provenance wants to know."""
+
+    method: str
+    adapter: str
+    model_type: str
+    num_layers: int
+    layer_kinds: list[str]
+    layers: list[int]
+    targets: list[str]
+    patches: list[TensorPatch]
+    notes: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def touched_files(self) -> list[str]:
+        return sorted({p.file for p in self.patches})
+
+    def restored_bytes(self, post: Checkpoint) -> int:
+        return sum(p.row_count() * post.tensors[p.name].row_bytes for p in self.patches)
+
+    def by_name(self) -> dict[str, TensorPatch]:
+        return {p.name: p for p in self.patches}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "adapter": self.adapter,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "layer_kinds": self.layer_kinds,
+            "layers": self.layers,
+            "targets": self.targets,
+            "params": self.params,
+            "notes": self.notes,
+            "tensors": [p.to_json() for p in self.patches],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RestorePlan:
+        return cls(
+            method=d["method"],
+            adapter=d["adapter"],
+            model_type=d["model_type"],
+            num_layers=int(d["num_layers"]),
+            layer_kinds=list(d["layer_kinds"]),
+            layers=[int(i) for i in d["layers"]],
+            targets=list(d["targets"]),
+            patches=[TensorPatch.from_json(t) for t in d["tensors"]],
+            notes=list(d.get("notes", [])),
+            params=dict(d.get("params", {})),
+        )
+
+
+# -- option parsing (pure) ------------------------------------------------------------------------
+
+
+def parse_targets(text: str) -> list[str]:
+    targets = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in targets if t not in TARGETS]
+    if not targets or bad:
+        raise PlanError(f"--targets {text!r}: use a comma list of {', '.join(TARGETS)} (e.g. q,k)")
+    return sorted(set(targets), key=TARGETS.index)
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """``auto`` → None; else a comma list of 0-based indices (ranges like ``3-7`` allowed)."""
+    if text.strip().lower() == "auto":
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise PlanError(f"--layers {text!r}: use 'auto' or 0-based indices like 3,7,11") from None
+    if not out:
+        raise PlanError(f"--layers {text!r}: no layer given")
+    return sorted(set(out))
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def layer_map(ckpt: Checkpoint) -> tuple[Adapter, str, str, list[Kind]]:
+    resolved = resolve(ckpt.config)
+    return resolved.adapter, resolved.model_type, resolved.reason, resolved.adapter.layer_kinds(
+        ckpt.config
+    )
+
+
+def choose_layers(kinds: Sequence[Kind], layers: list[int] | None, include_sliding: bool) -> list[int]:
+    if layers is None:
+        wanted = {Kind.GLOBAL, Kind.LOCAL} if include_sliding else {Kind.GLOBAL}
+        chosen = [i for i, k in enumerate(kinds) if k in wanted]
+        if not chosen:
+            if Kind.LOCAL in kinds and not include_sliding:
+                raise PlanError(
+                    "this model has only local (sliding-window) softmax-attention layers",
+                    hint="pass --include-sliding to restore them",
+                )
+            raise PlanError("this model has no softmax-attention layers to restore")
+        return chosen
+    for i in layers:
+        if not 0 <= i < len(kinds):
+            raise PlanError(f"--layers: layer {i} does not exist (the model has {len(kinds)})")
+        if kinds[i] is Kind.OTHER:
+            attn = [j for j, k in enumerate(kinds) if k is not Kind.OTHER]
+            raise PlanError(
+                f"--layers: layer {i} is not a softmax-attention layer",
+                hint=f"attention layers: {','.join(map(str, attn)) or 'none'}",
+            )
+    return layers
+
+
+def build_plan(
+    pre: Checkpoint,
+    post: Checkpoint,
+    *,
+    layers: list[int] | None = None,
+    include_sliding: bool = False,
+    targets: Sequence[str] = ("q", "k"),
+    allow_arch_mismatch: bool = False,
+    method: str = METHOD_RESTORE,
+    source: str = "pre",
+) -> RestorePlan:
+    """Plan the surgery and check everything headers and configs can tell before a byte is written."""
+    adapter, model_type, reason, kinds = layer_map(post)
+    pre_adapter, pre_type, _, pre_kinds = layer_map(pre)
+    if not allow_arch_mismatch:
+        if pre_adapter.name != adapter.name or pre_type != model_type:
+            raise PlanError(
+                f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
+                hint="pass --allow-arch-mismatch if they really share a layout",
+            )
+        if pre_kinds != kinds:
+            if len(pre_kinds) != len(kinds):
+                where = f"{len(pre_kinds)} vs {len(kinds)} layers"
+            else:
+                first = next(i for i, (a, b) in enumerate(zip(pre_kinds, kinds)) if a != b)
+                where = f"first at layer {first}: {pre_kinds[first].value} vs {kinds[first].value}"
+            raise PlanError(
+                f"PRE and POST have different layer maps ({where})",
+                hint="pass --allow-arch-mismatch to plan from POST's config anyway",
+            )
+    chosen = choose_layers(kinds, layers, include_sliding)
+    post_prefix = adapter.layer_prefix(list(post.tensors))
+    pre_prefix = adapter.layer_prefix(list(pre.tensors))
+
+    patches: list[TensorPatch] = []
+    notes: list[str] = []
+    if adapter is GENERIC:
+        notes.append(reason)
+    for layer in chosen:
+        for rt in adapter.layer_tensors(post.config, layer, post.tensors, targets, post_prefix):
+            out = post.tensors[rt.name]
+            pre_name = pre_prefix + rt.name[len(post_prefix) :]
+            src = pre.tensors.get(pre_name)
+            _check_pair(rt.name, pre_name, src, out, pre, post)
+            assert src is not None
+            patches.append(
+                TensorPatch(
+                    name=rt.name,
+                    layer=layer,
+                    target=rt.target,
+                    role=rt.role,
+                    file=out.file,
+                    dtype=out.dtype,
+                    shape=out.shape,
+                    rows=rt.rows,
+                    source=source,
+                    pre_name=pre_name,
+                    pre_dtype=src.dtype,
+                )
+            )
+    casts = sorted({f"{p.pre_dtype}→{p.dtype}" for p in patches if p.cast})
+    if casts and source == "pre":
+        notes.append(
+            f"PRE stores some restored tensors in another dtype ({', '.join(casts)}): their values "
+            "are cast with torch to POST's dtype"
+        )
+    patches.sort(key=lambda p: (p.file, post.tensors[p.name].start))
+    return RestorePlan(
+        method=method,
+        adapter=adapter.name,
+        model_type=model_type,
+        num_layers=len(kinds),
+        layer_kinds=[k.value for k in kinds],
+        layers=chosen,
+        targets=list(targets),
+        patches=patches,
+        notes=notes,
+        params={"include_sliding": include_sliding},
+    )
+
+
+def _check_pair(
+    name: str,
+    pre_name: str,
+    src: TensorInfo | None,
+    out: TensorInfo,
+    pre: Checkpoint,
+    post: Checkpoint,
+) -> None:
+    if src is None:
+        raise PlanError(f"{pre.root}: PRE has no tensor '{pre_name}' (POST has '{name}')")
+    if src.shape != out.shape:
+        raise PlanError(
+            f"'{name}': shape {list(src.shape)} in PRE but {list(out.shape)} in POST "
+            f"({pre.root / src.file} vs {post.root / out.file})"
+        )
+    if (src.dtype in ("F8_E4M3", "F8_E5M2")) != (out.dtype in ("F8_E4M3", "F8_E5M2")):
+        raise PlanError(
+            f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; quantised and unquantised "
+            "checkpoints cannot be mixed"
+        )

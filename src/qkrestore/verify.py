@@ -1,0 +1,270 @@
+"""Re-check an output against its recorded plan, byte for byte.
+
+OUT's shards must have POST's headers exactly (so offsets agree), every byte outside the planned rows
+must equal POST's, every planned row must equal PRE's (cast to POST's dtype where the plan says so),
+computed rows (QK-Pro) must hash as recorded, and every other file must equal POST's. Where
+transformers knows the model, a forward pass shows it also loads and runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, read_header_bytes
+from .dtypes import ITEMSIZE, convert
+from .errors import CheckpointError, QKRestoreError
+from .plan import RestorePlan, TensorPatch
+from .writer import CARD_NAME, CHUNK, PROVENANCE_NAME, patch_ranges
+
+FORWARD_AUTO_MAX_BYTES = 2 * 1024**3
+MAX_REPORTED = 10
+
+
+@dataclass
+class Mismatch:
+    file: str
+    tensor: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        what = f"tensor '{self.tensor}'" if self.tensor else "file"
+        return f"{self.file}: {what}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    out: str
+    pre: str
+    post: str
+    tensors_checked: int = 0
+    files_checked: int = 0
+    bytes_checked: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    forward: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and (self.forward is None or self.forward.get("ok", True))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "out": self.out,
+            "pre": self.pre,
+            "post": self.post,
+            "tensors_checked": self.tensors_checked,
+            "files_checked": self.files_checked,
+            "bytes_checked": self.bytes_checked,
+            "mismatches": [
+                {"file": m.file, "tensor": m.tensor, "reason": m.reason} for m in self.mismatches
+            ],
+            "forward": self.forward,
+        }
+
+
+def read_provenance(out: Path) -> dict[str, Any]:
+    path = out / PROVENANCE_NAME
+    if not path.is_file():
+        raise QKRestoreError(f"{path}: missing; was {out} written by qkrestore merge or pro?")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        RestorePlan.from_json(record["plan"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QKRestoreError(f"{path}: not a valid qkrestore provenance record ({exc})") from None
+    return record
+
+
+def verify_output(
+    out: Path,
+    pre_path: Path | None = None,
+    post_path: Path | None = None,
+    forward: str = "auto",
+) -> VerifyReport:
+    out = Path(out)
+    record = read_provenance(out)
+    plan = RestorePlan.from_json(record["plan"])
+    pre_root = Path(pre_path or record["sources"]["pre"]["path"])
+    post_root = Path(post_path or record["sources"]["post"]["path"])
+    report = VerifyReport(out=str(out), pre=str(pre_root), post=str(post_root))
+    with (
+        Checkpoint.open(out) as got,
+        Checkpoint.open(pre_root) as pre,
+        Checkpoint.open(post_root) as post,
+    ):
+        _check_files(report, record, out, post)
+        _check_tensors(report, record, plan, got, pre, post)
+        if forward != "never" and not report.mismatches:
+            report.forward = forward_pass(out, got, forward)
+    return report
+
+
+def _add(report: VerifyReport, mismatch: Mismatch) -> None:
+    if len(report.mismatches) < MAX_REPORTED:
+        report.mismatches.append(mismatch)
+
+
+def _check_files(report: VerifyReport, record: dict[str, Any], out: Path, post: Checkpoint) -> None:
+    for rel in record.get("files", []):
+        if rel in post.shards or rel == CARD_NAME:
+            continue
+        report.files_checked += 1
+        a, b = out / rel, post.root / rel
+        if not a.is_file():
+            _add(report, Mismatch(rel, None, "missing from OUT"))
+        elif not b.is_file() or _sha256(a) != _sha256(b):
+            _add(report, Mismatch(rel, None, "differs from POST's"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_tensors(
+    report: VerifyReport,
+    record: dict[str, Any],
+    plan: RestorePlan,
+    got: Checkpoint,
+    pre: Checkpoint,
+    post: Checkpoint,
+) -> None:
+    if set(got.tensors) != set(post.tensors):
+        extra = sorted(set(got.tensors) ^ set(post.tensors))
+        _add(report, Mismatch("*", extra[0], "tensor set differs from POST's"))
+        return
+    recorded = record.get("tensor_sha256", {})
+    patches = plan.by_name()
+    for rel, shard in post.shards.items():
+        if rel not in got.shards or read_header_bytes(got.shards[rel].path) != read_header_bytes(
+            shard.path
+        ):
+            _add(report, Mismatch(rel, None, "safetensors header differs from POST's"))
+            continue
+        # Offsets agree with POST's, so compare POST's bytes everywhere except the planned rows.
+        planned: list[tuple[int, int]] = []
+        for patch in (p for p in plan.patches if p.file == rel):
+            planned += [(off, off + n) for off, n, _, _ in patch_ranges(patch, pre, post)]
+        starts = [post.tensors[n].start for n in shard.tensors]
+        cursor = shard.data_start
+        for a, b in [*sorted(planned), (shard.size, shard.size)]:
+            _compare(report, got, post, rel, cursor, a - cursor, shard.tensors, starts)
+            cursor = b
+        report.tensors_checked += len(shard.tensors)
+    for name, patch in patches.items():
+        _check_patch(report, got, pre, post, patch, recorded.get(name))
+
+
+def _compare(
+    report: VerifyReport,
+    got: Checkpoint,
+    post: Checkpoint,
+    rel: str,
+    offset: int,
+    length: int,
+    names: tuple[str, ...],
+    starts: list[int],
+) -> None:
+    pos = offset
+    for a, b in zip(
+        got.iter_chunks(rel, offset, length, CHUNK), post.iter_chunks(rel, offset, length, CHUNK)
+    ):
+        report.bytes_checked += len(a)
+        if a != b:
+            first = pos + next(i for i in range(len(a)) if a[i] != b[i])
+            idx = bisect.bisect_right(starts, first) - 1
+            _add(report, Mismatch(rel, names[idx] if idx >= 0 else None, "differs from POST's"))
+            return
+        pos += len(a)
+
+
+def _check_patch(
+    report: VerifyReport,
+    got: Checkpoint,
+    pre: Checkpoint,
+    post: Checkpoint,
+    patch: TensorPatch,
+    recorded_sha: str | None,
+) -> None:
+    info = got.tensors.get(patch.name)
+    if info is None:
+        return
+    if patch.source == "pre":
+        src = pre.tensors.get(patch.pre_name)
+        if src is None or src.shape != info.shape:
+            _add(report, Mismatch(patch.file, patch.name, "PRE no longer holds this tensor"))
+            return
+        step = CHUNK - CHUNK % (ITEMSIZE[src.dtype] * ITEMSIZE[patch.dtype])
+        for dst_off, _, src_off, src_len in patch_ranges(patch, pre, post):
+            pos = dst_off
+            for piece in pre.iter_chunks(src.file, src_off, src_len, step):
+                want = convert(piece, patch.pre_dtype, patch.dtype) if patch.cast else piece
+                have = got.pread(patch.file, pos, len(want))
+                report.bytes_checked += len(have)
+                if have != want:
+                    _add(report, Mismatch(patch.file, patch.name, "planned rows differ from PRE's"))
+                    return
+                pos += len(want)
+    if recorded_sha is not None:
+        h = hashlib.sha256()
+        for piece in got.iter_chunks(patch.file, info.start, info.nbytes, CHUNK):
+            h.update(piece)
+        if h.hexdigest() != recorded_sha:
+            _add(report, Mismatch(patch.file, patch.name, "sha256 differs from the provenance record"))
+    elif patch.source == "computed":
+        _add(report, Mismatch(patch.file, patch.name, "computed tensor has no recorded sha256"))
+
+
+def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
+    """Load OUT with transformers and run one short forward pass, where transformers knows it."""
+    if mode == "auto" and got.total_bytes > FORWARD_AUTO_MAX_BYTES:
+        return {
+            "ran": False,
+            "ok": True,
+            "message": f"skipped: {got.total_bytes / 2**30:.1f} GiB is above the automatic limit "
+            "(pass --forward to force)",
+        }
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        return {"ran": False, "ok": True, "message": f"skipped: transformers unavailable ({exc})"}
+    model_type = got.config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return {
+            "ran": False,
+            "ok": True,
+            "message": f"skipped: transformers has no causal-LM class for '{model_type}'",
+        }
+    from .demo import quiet_transformers
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out, config=config)
+        model.eval()
+        vocab = int(getattr(config.get_text_config(), "vocab_size", 16) or 16)
+        ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        finite = bool(torch.isfinite(logits).all())
+    except Exception as exc:  # noqa: BLE001 - any load failure is the finding
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"ran": True, "ok": False, "message": f"failed to load or run: {message}"}
+    return {
+        "ran": True,
+        "ok": finite,
+        "message": f"loaded {type(model).__name__}; logits {list(logits.shape)} "
+        + ("all finite" if finite else "contain NaN/inf"),
+    }
+
+
+__all__ = ["CheckpointError", "VerifyReport", "forward_pass", "verify_output"]

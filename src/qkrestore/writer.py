@@ -1,0 +1,300 @@
+"""Execute a plan: POST's files, with the planned byte ranges taken from PRE, written atomically.
+
+POST's layout is the output layout. Every file of POST is copied by the kernel (``copy_file_range``;
+nothing passes through Python) or hard-linked; then, in the shards the plan touches, only the planned
+rows are overwritten with ``pwrite`` from bytes read with ``pread`` out of PRE. Header bytes, tensor
+order, offsets and metadata are therefore POST's by construction, and memory stays bounded by one
+chunk whatever the model size.
+
+Everything is written into a hidden temporary sibling of OUT that is renamed onto OUT only once it is
+complete and re-checked; any failure or interruption removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint, read_header_bytes
+from .dtypes import ITEMSIZE, convert
+from .errors import CheckpointError, OutputError
+from .plan import RestorePlan, TensorPatch
+
+CHUNK = 8 * 1024 * 1024
+KERNEL_COPY_CHUNK = 256 * 1024 * 1024
+# Weight formats that would carry POST's unrestored weights next to ours; never copied.
+FOREIGN_WEIGHTS = (".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack")
+CARD_NAME = "README.md"
+PROVENANCE_NAME = "qkrestore.json"
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class WriteResult:
+    """What was written: file names, skipped files, and a sha256 per patched tensor."""
+
+    out: Path
+    files: list[str]
+    skipped: list[str]
+    tensor_sha256: dict[str, str]
+    linked: list[str] = field(default_factory=list)
+    bytes_from_pre: int = 0
+
+
+# -- file listing -------------------------------------------------------------------------------
+
+
+def post_files(post: Checkpoint) -> tuple[list[str], list[str]]:
+    """POST's files to carry over (relative paths), and the ones deliberately left out.
+
+    Hidden folders (``.git``, ``.cache``) are tool state, not model files. Pickle/GGUF weights would
+    hold unrestored copies of the weights, so they are dropped and the user is told.
+    """
+    keep: list[str] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(post.root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, fn), post.root)
+            if rel in (PROVENANCE_NAME,):
+                continue
+            if fn.endswith(FOREIGN_WEIGHTS) or fn.startswith("consolidated"):
+                skipped.append(rel)
+            else:
+                keep.append(rel)
+    return keep, skipped
+
+
+# -- output location ------------------------------------------------------------------------------
+
+
+def check_output_location(out: Path, inputs: Mapping[str, Path]) -> None:
+    """Refuse an OUT that is, contains, or sits inside an input: inputs must never be written."""
+    o = out.resolve()
+    for label, path in inputs.items():
+        p = path.resolve()
+        if o == p or p in o.parents:
+            raise OutputError(f"{out}: OUT must not be {label} or lie inside it ({path})")
+        if o in p.parents:
+            raise OutputError(f"{out}: OUT must not contain {label} ({path})")
+
+
+def check_free_space(parent: Path, needed: int) -> None:
+    st = os.statvfs(parent)
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        raise OutputError(
+            f"{parent}: {needed / 2**30:.2f} GiB needed but only {free / 2**30:.2f} GiB free",
+            hint="free some space, write elsewhere, or use --link where POST is on the same disk",
+        )
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of OUT, renamed onto OUT on success and removed on any failure."""
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists", hint="pass --overwrite to replace it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: the folder for OUT does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-tmp-", dir=parent))
+    try:
+        yield tmp
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-old-", dir=parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- copying --------------------------------------------------------------------------------------
+
+
+def copy_file(src: Path, dst: Path, progress: Progress | None = None) -> None:
+    """Copy by the kernel (``copy_file_range``), falling back to ``sendfile``-backed shutil."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        done = 0
+        try:
+            while done < size:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(KERNEL_COPY_CHUNK, size - done))
+                if n == 0:
+                    break
+                done += n
+                if progress:
+                    progress(n)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            fi.seek(done)
+            fo.seek(done)
+            while chunk := fi.read(CHUNK):
+                fo.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        if done != size:
+            raise CheckpointError(f"{src}: file changed size while copying ({done} of {size} bytes)")
+    shutil.copystat(src, dst)
+
+
+def patch_ranges(
+    patch: TensorPatch, pre: Checkpoint, post: Checkpoint
+) -> Iterator[tuple[int, int, int, int]]:
+    """(dst offset, dst length, src offset, src length) for each row range of a patch."""
+    out = post.tensors[patch.name]
+    src = pre.tensors[patch.pre_name]
+    for r0, r1 in patch.rows:
+        yield (
+            out.start + r0 * out.row_bytes,
+            (r1 - r0) * out.row_bytes,
+            src.start + r0 * src.row_bytes,
+            (r1 - r0) * src.row_bytes,
+        )
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def apply_patch(
+    fd: int,
+    patch: TensorPatch,
+    pre: Checkpoint,
+    post: Checkpoint,
+    computed: Mapping[str, bytes] | None,
+    digest: hashlib._Hash,
+) -> int:
+    """Overwrite the patch's rows in the open output file; returns bytes read from PRE."""
+    src_info = pre.tensors[patch.pre_name]
+    read = 0
+    if patch.source == "computed":
+        assert computed is not None
+        data = computed[patch.name]
+        pos = 0
+        for dst_off, dst_len, _, _ in patch_ranges(patch, pre, post):
+            piece = data[pos : pos + dst_len]
+            _write_all(fd, piece, dst_off)
+            digest.update(piece)
+            pos += dst_len
+        return 0
+    # Chunks hold whole elements of both dtypes so a cast never splits a value.
+    step = CHUNK - CHUNK % (ITEMSIZE[src_info.dtype] * ITEMSIZE[patch.dtype])
+    for dst_off, _dst_len, src_off, src_len in patch_ranges(patch, pre, post):
+        pos = 0
+        for piece in pre.iter_chunks(src_info.file, src_off, src_len, step):
+            read += len(piece)
+            if patch.cast:
+                piece = convert(piece, patch.pre_dtype, patch.dtype)
+            _write_all(fd, piece, dst_off + pos)
+            digest.update(piece)
+            pos += len(piece)
+    return read
+
+
+def write_output(
+    plan: RestorePlan,
+    pre: Checkpoint,
+    post: Checkpoint,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    link: bool = False,
+    computed: Mapping[str, bytes] | None = None,
+    finalize: Callable[[Path, WriteResult], None] | None = None,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """Write OUT from POST and the plan; ``finalize`` adds the card and provenance before the rename."""
+    out = Path(out).absolute()
+    check_output_location(out, {"PRE": pre.root, "POST": post.root})
+    files, skipped = post_files(post)
+    touched = set(plan.touched_files)
+    shard_files = set(post.shards)
+    needed = sum((post.root / f).stat().st_size for f in files if not (link and f in shard_files and f not in touched))
+    if out.parent.is_dir():
+        check_free_space(out.parent, needed)
+
+    with staging_dir(out, overwrite) as tmp:
+        result = WriteResult(out=out, files=files, skipped=skipped, tensor_sha256={})
+        range_sha: dict[str, str] = {}
+        for rel in files:
+            src = post.root / rel
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if link and rel in shard_files and rel not in touched:
+                os.link(src.resolve(), dst)
+                result.linked.append(rel)
+                if progress:
+                    progress(src.stat().st_size)
+                continue
+            copy_file(src, dst, progress)
+            if rel in shard_files:
+                _check_shard_unchanged(post, rel, dst)
+            if rel in touched:
+                fd = os.open(dst, os.O_WRONLY)
+                try:
+                    for patch in (p for p in plan.patches if p.file == rel):
+                        digest = hashlib.sha256()
+                        result.bytes_from_pre += apply_patch(fd, patch, pre, post, computed, digest)
+                        range_sha[patch.name] = digest.hexdigest()
+                finally:
+                    os.close(fd)
+        result.tensor_sha256 = reread_and_check(plan, pre, post, tmp, range_sha)
+        if finalize:
+            finalize(tmp, result)
+    return result
+
+
+def _check_shard_unchanged(post: Checkpoint, rel: str, dst: Path) -> None:
+    """The copied shard must still be the file POST's header described (detects a file changed under us)."""
+    shard = post.shards[rel]
+    size = dst.stat().st_size
+    if size != shard.size:
+        raise CheckpointError(
+            f"{shard.path}: size is now {size} bytes, header promised {shard.size}; "
+            "was POST changed while reading?"
+        )
+
+
+def reread_and_check(
+    plan: RestorePlan, pre: Checkpoint, post: Checkpoint, tmp: Path, range_sha: Mapping[str, str]
+) -> dict[str, str]:
+    """Re-read what was written: headers equal POST's, each patched range hashes as it was written.
+
+    Returns the sha256 of every patched tensor's full output bytes (recorded in the provenance).
+    """
+    tensor_sha: dict[str, str] = {}
+    with Checkpoint.open(tmp) as written:
+        for rel, shard in post.shards.items():
+            if read_header_bytes(tmp / rel) != read_header_bytes(shard.path):
+                raise OutputError(f"{tmp / rel}: written header differs from POST's")
+        for patch in plan.patches:
+            digest = hashlib.sha256()
+            for dst_off, dst_len, _, _ in patch_ranges(patch, pre, post):
+                for piece in written.iter_chunks(patch.file, dst_off, dst_len, CHUNK):
+                    digest.update(piece)
+            if digest.hexdigest() != range_sha[patch.name]:
+                raise OutputError(f"{tmp / patch.file}: tensor '{patch.name}' reads back differently")
+            info = written.tensors[patch.name]
+            whole = hashlib.sha256()
+            for piece in written.iter_chunks(patch.file, info.start, info.nbytes, CHUNK):
+                whole.update(piece)
+            tensor_sha[patch.name] = whole.hexdigest()
+    return tensor_sha
