@@ -164,7 +164,11 @@ def write_card_and_provenance(
     command: str,
 ) -> None:
     post_card_path = post_root / CARD_NAME
-    post_card = post_card_path.read_text(encoding="utf-8", errors="replace") if post_card_path.is_file() else None
+    post_card = (
+        post_card_path.read_text(encoding="utf-8", errors="replace")
+        if post_card_path.is_file()
+        else None
+    )
     (folder / CARD_NAME).write_text(
         model_card(plan, pre_source, post_source, command, post_card), encoding="utf-8"
     )

@@ -243,7 +243,7 @@ def _safe_relative(file: str, where: Path) -> PurePosixPath:
     return rel
 
 
-def _no_duplicates(path: Path):  # noqa: ANN202 - json hook
+def _no_duplicates(path: Path):
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -61,7 +61,12 @@ app = typer.Typer(
 
 out_console = Console()
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "argv": []}
+
+
+def _command() -> str:
+    """The command as the user typed it, for the model card and the provenance record."""
+    return shlex.join(["qkrestore", *_state["argv"]])
 
 
 class Terminated(BaseException):
@@ -134,7 +139,7 @@ def _progress(enabled: bool) -> Progress:
 def _plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
     table = Table(title=f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}")
     for col in ("layer", "kind", "tensor", "rows", "dtype", "file", "from"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "tensor")
     for p in plan.patches:
         rows = ", ".join(f"{a}:{b}" for a, b in p.rows[:4]) + (" …" if len(p.rows) > 4 else "")
         dtype = p.dtype if not p.cast else f"{p.pre_dtype}→{p.dtype}"
@@ -153,7 +158,9 @@ LayersOpt = Annotated[
 ]
 SlidingOpt = Annotated[
     bool,
-    typer.Option("--include-sliding", help="With --layers auto, also restore local (sliding) layers."),
+    typer.Option(
+        "--include-sliding", help="With --layers auto, also restore local (sliding) layers."
+    ),
 ]
 TargetsOpt = Annotated[
     str,
@@ -163,7 +170,10 @@ TargetsOpt = Annotated[
 ]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace OUT if it exists (only once the new one is complete).")
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace OUT if it exists (only once the new one is complete)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")]
@@ -185,13 +195,16 @@ LinkOpt = Annotated[
 
 # -- commands -------------------------------------------------------------------------------------
 
-MERGE_EPILOG = """[bold]Examples[/bold]
+MERGE_EPILOG = (
+    """[bold]Examples[/bold]
 
   qkrestore merge ./base ./sft -o ./sft-qkrestore
   qkrestore merge ./base ./sft -o ./out --layers 3,7,11 --dry-run
   qkrestore merge ./base ./sft -o ./out --targets q,k,v --overwrite --json
 
-""" + EXIT_CODES_HELP
+"""
+    + EXIT_CODES_HELP
+)
 
 
 @app.command(epilog=MERGE_EPILOG)
@@ -254,6 +267,7 @@ def merge(
                 pre_source=str(pre),
                 post_source=str(post),
                 progress=lambda n: bar.advance(task, n),
+                command=_command(),
             )
     for skipped in result.skipped:
         _note(f"not copied from POST (another weight format): {skipped}", quiet)
@@ -312,25 +326,33 @@ def inspect_layers(
         f"local softmax: {desc['local_layers']}",
         highlight=False,
     )
-    table = Table(title="softmax-attention layers: routing tensors")
+    table = Table(title=f"routing tensors (names under {desc['layer_prefix']}<layer>.)")
     for col in ("layer", "kind", "tensor", "rows", "shape", "dtype", "shard"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "tensor")
     for layer in desc["layers"]:
         for t in layer["tensors"]:
             rows = t["rows"]
             rtext = ", ".join(f"{a}:{b}" for a, b in rows[:4]) + (" …" if len(rows) > 4 else "")
+            short = t["name"].removeprefix(f"{desc['layer_prefix']}{layer['layer']}.")
             table.add_row(
-                str(layer["layer"]), layer["kind"], t["name"], rtext, str(t["shape"]), t["dtype"],
+                str(layer["layer"]),
+                layer["kind"],
+                short,
+                rtext,
+                str(t["shape"]),
+                t["dtype"],
                 t["file"],
             )
     c.print(table)
     if "compare" in desc:
-        drift = Table(title=f"Q/K drift vs {desc['compare']['other']}  (‖ΔW‖/‖W‖)")
+        c.print(f"compared with: {desc['compare']['other']}", highlight=False)
+        drift = Table(title="Q/K drift ‖ΔW‖/‖W‖")
         for col in ("layer", "kind", "q", "k"):
             drift.add_column(col)
         for row in desc["compare"]["layers"]:
             drift.add_row(
-                str(row["layer"]), row["kind"],
+                str(row["layer"]),
+                row["kind"],
                 *(f"{row[t]:.4g}" if t in row else "-" for t in ("q", "k")),
             )
         c.print(drift)
@@ -342,19 +364,24 @@ class ForwardMode(str, Enum):
     never = "never"
 
 
-VERIFY_EPILOG = """[bold]Examples[/bold]
+VERIFY_EPILOG = (
+    """[bold]Examples[/bold]
 
   qkrestore verify ./sft-qkrestore
   qkrestore verify ./sft-qkrestore --pre ./moved/base --post ./moved/sft --json
 
-""" + EXIT_CODES_HELP
+"""
+    + EXIT_CODES_HELP
+)
 
 
 @app.command(epilog=VERIFY_EPILOG)
 def verify(
     out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
     pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
-    post: Annotated[Path | None, typer.Option("--post", help="Override POST's recorded path.")] = None,
+    post: Annotated[
+        Path | None, typer.Option("--post", help="Override POST's recorded path.")
+    ] = None,
     forward: Annotated[
         ForwardMode,
         typer.Option(
@@ -404,7 +431,9 @@ DEMO_EPILOG = """[bold]Examples[/bold]
 def demo(
     workdir: Annotated[
         Path | None,
-        typer.Option("--workdir", help="Where to write the demo models (default: a new temp folder)."),
+        typer.Option(
+            "--workdir", help="Where to write the demo models (default: a new temp folder)."
+        ),
     ] = None,
 ) -> None:
     """Build a tiny Qwen3-Next-style hybrid pair offline, then inspect, merge and verify it."""
@@ -420,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every failure into a one-line message and an exit code."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _state["argv"] = list(sys.argv[1:] if argv is None else argv)
         rv = app(args=argv, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except QKRestoreError as exc:
@@ -427,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, ...
         exc.show()
         return EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted: no partial output was left behind", highlight=False)
         return EXIT_INTERRUPTED
     except Terminated:
@@ -455,4 +485,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         signal.signal(signal.SIGTERM, previous)
-

@@ -72,4 +72,12 @@ def to_tensor(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> to
 
 def to_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
     """Cast ``tensor`` to ``dtype`` and return its little-endian bytes."""
-    return tensor.detach().to("cpu").to(TORCH_DTYPE[dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+    return (
+        tensor.detach()
+        .to("cpu")
+        .to(TORCH_DTYPE[dtype])
+        .contiguous()
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+    )

@@ -43,6 +43,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "adapter": adapter.name,
         "adapter_reason": resolved.reason,
         "num_layers": len(kinds),
+        "layer_prefix": prefix,
         "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
         "local_layers": [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
         "layers": layers,
@@ -58,7 +59,9 @@ def _rows(ckpt: Checkpoint, name: str, rows: list[list[int]]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def compare(ref: Checkpoint, other: Checkpoint, description: dict[str, Any]) -> list[dict[str, Any]]:
+def compare(
+    ref: Checkpoint, other: Checkpoint, description: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Relative drift ‖W_other − W_ref‖_F / ‖W_ref‖_F of the Q and K weight rows of each softmax layer."""
     out = []
     for layer in description["layers"]:

@@ -145,7 +145,9 @@ def parse_layers(text: str) -> list[int] | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise PlanError(f"--layers {text!r}: use 'auto' or 0-based indices like 3,7,11") from None
+            raise PlanError(
+                f"--layers {text!r}: use 'auto' or 0-based indices like 3,7,11"
+            ) from None
     if not out:
         raise PlanError(f"--layers {text!r}: no layer given")
     return sorted(set(out))
@@ -156,12 +158,17 @@ def parse_layers(text: str) -> list[int] | None:
 
 def layer_map(ckpt: Checkpoint) -> tuple[Adapter, str, str, list[Kind]]:
     resolved = resolve(ckpt.config)
-    return resolved.adapter, resolved.model_type, resolved.reason, resolved.adapter.layer_kinds(
-        ckpt.config
+    return (
+        resolved.adapter,
+        resolved.model_type,
+        resolved.reason,
+        resolved.adapter.layer_kinds(ckpt.config),
     )
 
 
-def choose_layers(kinds: Sequence[Kind], layers: list[int] | None, include_sliding: bool) -> list[int]:
+def choose_layers(
+    kinds: Sequence[Kind], layers: list[int] | None, include_sliding: bool
+) -> list[int]:
     if layers is None:
         wanted = {Kind.GLOBAL, Kind.LOCAL} if include_sliding else {Kind.GLOBAL}
         chosen = [i for i, k in enumerate(kinds) if k in wanted]

@@ -217,7 +217,10 @@ def _check_patch(
         for piece in got.iter_chunks(patch.file, info.start, info.nbytes, CHUNK):
             h.update(piece)
         if h.hexdigest() != recorded_sha:
-            _add(report, Mismatch(patch.file, patch.name, "sha256 differs from the provenance record"))
+            _add(
+                report,
+                Mismatch(patch.file, patch.name, "sha256 differs from the provenance record"),
+            )
     elif patch.source == "computed":
         _add(report, Mismatch(patch.file, patch.name, "computed tensor has no recorded sha256"))
 
@@ -256,7 +259,7 @@ def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         finite = bool(torch.isfinite(logits).all())
-    except Exception as exc:  # noqa: BLE001 - any load failure is the finding
+    except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return {"ran": True, "ok": False, "message": f"failed to load or run: {message}"}
     return {

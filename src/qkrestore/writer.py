@@ -130,7 +130,9 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None) -> None:
         done = 0
         try:
             while done < size:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(KERNEL_COPY_CHUNK, size - done))
+                n = os.copy_file_range(
+                    fi.fileno(), fo.fileno(), min(KERNEL_COPY_CHUNK, size - done)
+                )
                 if n == 0:
                     break
                 done += n
@@ -147,7 +149,9 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None) -> None:
                 if progress:
                     progress(len(chunk))
         if done != size:
-            raise CheckpointError(f"{src}: file changed size while copying ({done} of {size} bytes)")
+            raise CheckpointError(
+                f"{src}: file changed size while copying ({done} of {size} bytes)"
+            )
     shutil.copystat(src, dst)
 
 
@@ -227,7 +231,11 @@ def write_output(
     files, skipped = post_files(post)
     touched = set(plan.touched_files)
     shard_files = set(post.shards)
-    needed = sum((post.root / f).stat().st_size for f in files if not (link and f in shard_files and f not in touched))
+    needed = sum(
+        (post.root / f).stat().st_size
+        for f in files
+        if not (link and f in shard_files and f not in touched)
+    )
     if out.parent.is_dir():
         check_free_space(out.parent, needed)
 
@@ -291,7 +299,9 @@ def reread_and_check(
                 for piece in written.iter_chunks(patch.file, dst_off, dst_len, CHUNK):
                     digest.update(piece)
             if digest.hexdigest() != range_sha[patch.name]:
-                raise OutputError(f"{tmp / patch.file}: tensor '{patch.name}' reads back differently")
+                raise OutputError(
+                    f"{tmp / patch.file}: tensor '{patch.name}' reads back differently"
+                )
             info = written.tensors[patch.name]
             whole = hashlib.sha256()
             for piece in written.iter_chunks(patch.file, info.start, info.nbytes, CHUNK):

@@ -1,7 +1,7 @@
 """The model families qkrestore knows, one small block of data each.
 
 Facts come from transformers' configuration/modeling code and, for remote-code families, their public
-configs (see ``docs/architectures.md`` in the repository for sources). Each family is registered by its
+configs (see ``docs/families.md``). Each family is registered by its
 ``model_type`` and ``architectures``; anything else with a ``layer_types`` list gets the generic adapter.
 """
 
@@ -33,7 +33,7 @@ def separate_projections(
     o: str = "o_proj",
     q_norm: str = "q_norm",
     k_norm: str = "k_norm",
-    q_rows=None,  # noqa: ANN001 - a row picker, see TensorSpec.rows
+    q_rows=None,
 ) -> tuple[TensorSpec, ...]:
     """The common layout: one Linear per projection, optional biases and per-head q/k norms."""
     return (
