@@ -6,7 +6,7 @@ prints, ``qkrestore.json`` records and ``verify`` replays, so what was done can 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -202,6 +202,7 @@ def build_plan(
     allow_arch_mismatch: bool = False,
     method: str = METHOD_RESTORE,
     source: str = "pre",
+    options: Mapping[str, Any] | None = None,
 ) -> RestorePlan:
     """Plan the surgery and check everything headers and configs can tell before a byte is written."""
     adapter, model_type, reason, kinds = layer_map(post)
@@ -231,7 +232,9 @@ def build_plan(
     if adapter is GENERIC:
         notes.append(reason)
     for layer in chosen:
-        for rt in adapter.layer_tensors(post.config, layer, post.tensors, targets, post_prefix):
+        for rt in adapter.layer_tensors(
+            post.config, layer, post.tensors, targets, post_prefix, options
+        ):
             out = post.tensors[rt.name]
             pre_name = pre_prefix + rt.name[len(post_prefix) :]
             src = pre.tensors.get(pre_name)
@@ -269,7 +272,7 @@ def build_plan(
         targets=list(targets),
         patches=patches,
         notes=notes,
-        params={"include_sliding": include_sliding},
+        params={"include_sliding": include_sliding, **dict(options or {})},
     )
 
 

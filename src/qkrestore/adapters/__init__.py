@@ -5,18 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from . import fused, hybrid, shared
 from .base import (
     ROUTING_TARGETS,
     TARGETS,
     Adapter,
     Config,
     Kind,
+    LayerContext,
     RoutingTensor,
     TensorSpec,
     is_auxiliary,
+    spec_tensors,
     text_config,
+    whole,
 )
-from .families import FAMILIES, GENERIC
+from .families import FAMILIES as CORE_FAMILIES
+from .families import GENERIC
+
+FAMILIES: tuple[Adapter, ...] = CORE_FAMILIES + hybrid.FAMILIES + fused.FAMILIES + shared.FAMILIES
 
 __all__ = [
     "FAMILIES",
@@ -25,15 +32,21 @@ __all__ = [
     "TARGETS",
     "Adapter",
     "Kind",
+    "LayerContext",
     "Resolved",
     "RoutingTensor",
     "TensorSpec",
     "is_auxiliary",
     "resolve",
+    "spec_tensors",
     "text_config",
+    "whole",
 ]
 
 BY_MODEL_TYPE: dict[str, Adapter] = {mt: a for a in FAMILIES for mt in a.model_types}
+assert len(BY_MODEL_TYPE) == sum(len(a.model_types) for a in FAMILIES), (
+    "model_type registered twice"
+)
 BY_ARCHITECTURE: dict[str, Adapter] = {arch: a for a in FAMILIES for arch in a.architectures}
 
 

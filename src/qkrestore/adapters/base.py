@@ -53,14 +53,17 @@ class TensorSpec:
 
     ``rows`` picks the rows of a fused or gated tensor that belong to the target; ``None`` means the
     whole tensor. ``required`` tensors must exist in a planned layer; optional ones (biases, norms)
-    are taken when the checkpoint has them.
+    are taken when the checkpoint has them. ``option`` names a planning option that must be set for
+    the spec to apply (e.g. Kimi's MLA latent rows with ``--mla-latent pre``). Two specs may name the
+    same tensor; their rows are merged.
     """
 
     suffix: str
     target: str
-    role: str  # "weight", "bias", "norm", "sink"
+    role: str  # "weight", "bias", "norm", "sink", "scale"
     rows: Callable[[Config, TensorInfo], RowRanges] | None = None
     required: bool = False
+    option: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,92 @@ class RoutingTensor:
 
 
 @dataclass(frozen=True)
+class LayerContext:
+    """What a family's tensor resolver sees for one planned layer."""
+
+    config: Config  # the language model's config (``text_config`` of a VLM)
+    layer: int
+    tensors: Mapping[str, TensorInfo]  # every tensor of the checkpoint, by name
+    targets: Sequence[str]
+    prefix: str  # up to and including the layer container, e.g. ``model.layers.``
+    options: Mapping[str, Any]
+
+    def name(self, module: str, suffix: str, layer: int | None = None) -> str:
+        return f"{self.prefix}{self.layer if layer is None else layer}.{module}.{suffix}"
+
+
+Resolver = Callable[["Adapter", LayerContext], list[RoutingTensor]]
+
+
+def whole(info: TensorInfo) -> RowRanges:
+    return ((0, info.rows),)
+
+
+def spec_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
+    """The default resolver: each :class:`TensorSpec` under ``<prefix><layer>.<module>.``."""
+    found: list[RoutingTensor] = []
+    for spec in adapter.tensors:
+        if spec.target not in ctx.targets or (spec.option and not ctx.options.get(spec.option)):
+            continue
+        name = ctx.name(adapter.module, spec.suffix)
+        info = ctx.tensors.get(name)
+        if info is None:
+            if spec.required:
+                raise PlanError(
+                    f"layer {ctx.layer} should hold '{name}' ({adapter.name} layout) but it is "
+                    "missing"
+                )
+            continue
+        rows = spec.rows(ctx.config, info) if spec.rows else whole(info)
+        found.append(RoutingTensor(name, ctx.layer, spec.target, spec.role, rows))
+    return found
+
+
+def merge_rows(found: Sequence[RoutingTensor]) -> list[RoutingTensor]:
+    """One entry per tensor: rows of specs naming the same tensor are united, overlaps joined."""
+    by_name: dict[str, RoutingTensor] = {}
+    for rt in found:
+        prev = by_name.get(rt.name)
+        if prev is None:
+            by_name[rt.name] = rt
+            continue
+        spans = sorted([*prev.rows, *rt.rows])
+        joined: list[tuple[int, int]] = []
+        for a, b in spans:
+            if joined and a <= joined[-1][1]:
+                joined[-1] = (joined[-1][0], max(joined[-1][1], b))
+            else:
+                joined.append((a, b))
+        by_name[rt.name] = RoutingTensor(rt.name, rt.layer, prev.target, prev.role, tuple(joined))
+    return list(by_name.values())
+
+
+@dataclass(frozen=True)
 class Adapter:
-    """A model family: how to read its layer map and where its attention tensors live."""
+    """A model family: how to read its layer map and where its attention tensors live.
+
+    ``container`` and ``module`` locate a layer's attention block (``<prefix><container>.<i>.<module>.``);
+    ``resolve`` replaces the spec-driven lookup for layouts that need code (shared blocks, say).
+    """
 
     name: str
     model_types: tuple[str, ...]
-    kinds: Callable[[Config, int], list[Kind]]
+    kinds: Callable[[Config, int | None], list[Kind]]
     tensors: tuple[TensorSpec, ...]
     architectures: tuple[str, ...] = ()
+    container: str = "layers"
     module: str = "self_attn"
+    resolve: Resolver | None = None
     description: str = ""
     notes: tuple[str, ...] = field(default=())
 
     def layer_kinds(self, config: Config) -> list[Kind]:
         cfg = text_config(config)
-        n = num_layers(cfg)
+        n = cfg.get("num_hidden_layers")
+        if n is not None:
+            n = num_layers(cfg)
         kinds = self.kinds(cfg, n)
-        if len(kinds) != n:
+        if n is not None and len(kinds) != n:
             raise ConfigError(
                 f"config.json: the layer list has {len(kinds)} entries but num_hidden_layers is {n}"
             )
@@ -104,25 +176,12 @@ class Adapter:
         tensors: Mapping[str, TensorInfo],
         targets: Sequence[str],
         prefix: str,
+        options: Mapping[str, Any] | None = None,
     ) -> list[RoutingTensor]:
         """The tensors of ``layer`` for ``targets``, with the rows each target owns."""
-        cfg = text_config(config)
-        base = f"{prefix}{layer}.{self.module}."
-        found: list[RoutingTensor] = []
-        for spec in self.tensors:
-            if spec.target not in targets:
-                continue
-            name = base + spec.suffix
-            info = tensors.get(name)
-            if info is None:
-                if spec.required:
-                    raise PlanError(
-                        f"layer {layer} should hold '{name}' ({self.name} layout) but it is missing"
-                    )
-                continue
-            rows = spec.rows(cfg, info) if spec.rows else ((0, info.rows),)
-            found.append(RoutingTensor(name, layer, spec.target, spec.role, rows))
-        return found
+        ctx = LayerContext(text_config(config), layer, tensors, targets, prefix, options or {})
+        found = (self.resolve or spec_tensors)(self, ctx)
+        return merge_rows(found)
 
     def layer_prefix(self, names: Sequence[str]) -> str:
         """The name prefix up to the layer index, e.g. ``model.layers.`` or ``backbone.layers.``.
@@ -130,7 +189,9 @@ class Adapter:
         Found from the checkpoint itself, so text-only and VLM saves of one family both work; MTP
         heads and vision towers are left out (they are carried over untouched).
         """
-        pattern = re.compile(rf"^(?P<p>(?:.*\.)?layers\.)(\d+)\.{re.escape(self.module)}\.")
+        pattern = re.compile(
+            rf"^(?P<p>(?:.*\.)?{re.escape(self.container)}\.)(\d+)\.{re.escape(self.module)}\."
+        )
         counts: Counter[str] = Counter()
         for name in names:
             if is_auxiliary(name):
@@ -140,7 +201,8 @@ class Adapter:
                 counts[m.group("p")] += 1
         if not counts:
             raise PlanError(
-                f"no tensors named '*layers.<i>.{self.module}.*' in the checkpoint; is it really a "
+                f"no tensors named '*{self.container}.<i>.{self.module}.*' in the checkpoint; is it "
+                f"really a "
                 f"{self.name} model?"
             )
         return counts.most_common(1)[0][0]
