@@ -215,3 +215,75 @@ def test_pre_float32_post_bfloat16_is_cast_and_announced(tmp_path: Path, cli) ->
     post_got, _ = load_all(post)
     assert_merged(out, pre, post, resolve_rows(routing_rows(post_got, [0, 1]), post_got), cast=True)
     assert cli("verify", out).code == 0
+
+
+def test_tensor_pattern_for_an_unknown_family(tmp_path: Path, cli) -> None:
+    config = {"model_type": "mystery", "num_hidden_layers": 3}
+    pre, post = make_pair(tmp_path, config, [True, True, True])
+    res = cli("merge", pre, post, "-o", tmp_path / "out")
+    assert res.code == 2 and "--tensor-pattern" in res.err
+    pattern = r"model\.layers\.{i}\.self_attn\.(q|k)_proj\.weight"
+    res = cli("merge", pre, post, "-o", tmp_path / "out", "--tensor-pattern", pattern)
+    assert res.code == 2 and "--layers" in res.err
+    res = cli(
+        "merge", pre, post, "-o", tmp_path / "out", "--layers", "0,2", "--tensor-pattern", pattern
+    )
+    assert res.code == 0, res.err
+    post_t, _ = load_all(post)
+    expected = {
+        f"model.layers.{i}.self_attn.{p}_proj.weight": [
+            (0, post_t[f"model.layers.{i}.self_attn.{p}_proj.weight"].shape[0])
+        ]
+        for i in (0, 2)
+        for p in ("q", "k")
+    }
+    assert_merged(tmp_path / "out", pre, post, expected)
+    res = cli(
+        "merge", pre, post, "-o", tmp_path / "o2", "--layers", "1", "--tensor-pattern", "nothing"
+    )
+    assert res.code == 2 and "matches no tensor" in res.err
+
+
+def fp8_model(seed: int, scale_value: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        for name, rows in (("q_proj", 256), ("k_proj", 128), ("v_proj", 128)):
+            w = torch.randn(rows, HID, generator=g).to(torch.float8_e4m3fn)
+            t[p + name + ".weight"] = w
+            t[p + name + ".weight_scale_inv"] = torch.full((rows // 128, 1), scale_value + i)
+        t[p + "o_proj.weight"] = torch.randn(HID, 256, generator=g).to(torch.bfloat16)
+    t["lm_head.weight"] = torch.randn(50, HID, generator=g).to(torch.bfloat16)
+    return t
+
+
+def test_fp8_weights_bring_their_block_scales(tmp_path: Path, cli) -> None:
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": HID}
+    pre = write_checkpoint(tmp_path / "pre", config, fp8_model(1, 0.5))
+    post = write_checkpoint(tmp_path / "post", config, fp8_model(2, 0.25), shards=2)
+    res = cli("merge", pre, post, "-o", tmp_path / "out", "--json")
+    assert res.code == 0, res.err
+    roles = {t["name"]: t["role"] for t in json.loads(res.out)["plan"]["tensors"]}
+    assert roles["model.layers.1.self_attn.q_proj.weight_scale_inv"] == "scale"
+    expected = {
+        f"model.layers.{i}.self_attn.{p}_proj.{s}": [(0, 10**9)]
+        for i in (0, 1)
+        for p in ("q", "k")
+        for s in ("weight", "weight_scale_inv")
+    }
+    post_t, _ = load_all(post)
+    assert_merged(tmp_path / "out", pre, post, resolve_rows(expected, post_t))
+
+
+def test_fp8_and_bf16_checkpoints_cannot_be_mixed(tmp_path: Path, cli) -> None:
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": HID}
+    pre_t = {
+        n: (t.to(torch.bfloat16) if t.dtype == torch.float8_e4m3fn else t)
+        for n, t in fp8_model(1, 0.5).items()
+    }
+    pre = write_checkpoint(tmp_path / "pre", config, pre_t)
+    post = write_checkpoint(tmp_path / "post", config, fp8_model(2, 0.25))
+    res = cli("merge", pre, post, "-o", tmp_path / "out")
+    assert res.code == 2 and "quantisation" in res.err
+    assert not (tmp_path / "out").exists()

@@ -149,6 +149,11 @@ def _plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
     return table
 
 
+class MlaLatent(str, Enum):
+    post = "post"
+    pre = "pre"
+
+
 LayersOpt = Annotated[
     str,
     typer.Option(
@@ -182,6 +187,22 @@ ArchOpt = Annotated[
     typer.Option(
         "--allow-arch-mismatch",
         help="Plan from POST's config even if PRE's names another family or layer map.",
+    ),
+]
+PatternOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tensor-pattern",
+        help="For families qkrestore does not know: a regular expression for the tensors to "
+        "restore whole, with {i} standing for the layer index; needs explicit --layers.",
+    ),
+]
+MlaLatentOpt = Annotated[
+    MlaLatent,
+    typer.Option(
+        "--mla-latent",
+        help="MLA layers (Kimi Linear): also take the latent rows of kv_a_proj_with_mqa and "
+        "kv_a_layernorm, which V shares, from PRE ('pre'), or keep POST's ('post', default).",
     ),
 ]
 LinkOpt = Annotated[
@@ -219,6 +240,8 @@ def merge(
     overwrite: OverwriteOpt = False,
     link: LinkOpt = False,
     allow_arch_mismatch: ArchOpt = False,
+    tensor_pattern: PatternOpt = None,
+    mla_latent: MlaLatentOpt = MlaLatent.post,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -230,6 +253,8 @@ def merge(
         overwrite=overwrite,
         link=link,
         allow_arch_mismatch=allow_arch_mismatch,
+        tensor_pattern=tensor_pattern,
+        adapter_options={"mla_latent": mla_latent.value} if mla_latent is MlaLatent.pre else {},
     )
     human = _human(json_out, quiet)
     with _open(pre, "PRE") as pre_ck, _open(post, "POST") as post_ck:

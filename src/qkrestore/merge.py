@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .card import command_line, write_card_and_provenance
 from .checkpoint import Checkpoint
@@ -20,6 +21,8 @@ class MergeOptions:
     overwrite: bool = False
     link: bool = False
     allow_arch_mismatch: bool = False
+    tensor_pattern: str | None = None
+    adapter_options: dict[str, Any] = field(default_factory=dict)
 
 
 def plan_merge(pre: Checkpoint, post: Checkpoint, opts: MergeOptions) -> RestorePlan:
@@ -30,6 +33,8 @@ def plan_merge(pre: Checkpoint, post: Checkpoint, opts: MergeOptions) -> Restore
         include_sliding=opts.include_sliding,
         targets=opts.targets,
         allow_arch_mismatch=opts.allow_arch_mismatch,
+        options=opts.adapter_options,
+        tensor_pattern=opts.tensor_pattern,
     )
 
 

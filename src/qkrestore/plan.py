@@ -6,13 +6,15 @@ prints, ``qkrestore.json`` records and ``verify`` replays, so what was done can 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import GENERIC, TARGETS, Adapter, Kind, resolve
+from .adapters import GENERIC, TARGETS, Adapter, Kind, RoutingTensor, resolve, text_config, whole
+from .adapters.base import merge_rows
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import PlanError
+from .errors import PlanError, QKRestoreError
 
 METHOD_RESTORE = "qk-restore"
 
@@ -203,58 +205,60 @@ def build_plan(
     method: str = METHOD_RESTORE,
     source: str = "pre",
     options: Mapping[str, Any] | None = None,
+    tensor_pattern: str | None = None,
 ) -> RestorePlan:
-    """Plan the surgery and check everything headers and configs can tell before a byte is written."""
-    adapter, model_type, reason, kinds = layer_map(post)
-    pre_adapter, pre_type, _, pre_kinds = layer_map(pre)
-    if not allow_arch_mismatch:
-        if pre_adapter.name != adapter.name or pre_type != model_type:
-            raise PlanError(
-                f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
-                hint="pass --allow-arch-mismatch if they really share a layout",
+    """Plan the surgery and check everything headers and configs can tell before a byte is written.
+
+    Normally the family adapter says which layers and tensors form the routing set. With
+    ``tensor_pattern`` (a regular expression with ``{i}`` standing for the layer index) the user
+    names the tensors by hand, for families the tool does not know; ``layers`` must then be given.
+    """
+    notes: list[str] = []
+    if tensor_pattern is not None:
+        kinds, chosen, model_type, adapter_name = _manual_layers(post, layers)
+        found = _pattern_tensors(post, tensor_pattern, chosen)
+        post_prefix = pre_prefix = ""
+        notes.append(f"tensors chosen by --tensor-pattern {tensor_pattern!r}")
+    else:
+        adapter, model_type, reason, kinds = layer_map(post)
+        adapter_name = adapter.name
+        if not allow_arch_mismatch:
+            _check_same_architecture(pre, adapter, model_type, kinds)
+        chosen = choose_layers(kinds, layers, include_sliding)
+        post_prefix = adapter.layer_prefix(list(post.tensors))
+        pre_prefix = adapter.layer_prefix(list(pre.tensors))
+        if adapter is GENERIC:
+            notes.append(reason)
+        found = []
+        for layer in chosen:
+            found += adapter.layer_tensors(
+                post.config, layer, post.tensors, targets, post_prefix, options
             )
-        if pre_kinds != kinds:
-            if len(pre_kinds) != len(kinds):
-                where = f"{len(pre_kinds)} vs {len(kinds)} layers"
-            else:
-                first = next(i for i, (a, b) in enumerate(zip(pre_kinds, kinds)) if a != b)
-                where = f"first at layer {first}: {pre_kinds[first].value} vs {kinds[first].value}"
-            raise PlanError(
-                f"PRE and POST have different layer maps ({where})",
-                hint="pass --allow-arch-mismatch to plan from POST's config anyway",
-            )
-    chosen = choose_layers(kinds, layers, include_sliding)
-    post_prefix = adapter.layer_prefix(list(post.tensors))
-    pre_prefix = adapter.layer_prefix(list(pre.tensors))
+    # A tensor shared by several layers (Zamba2's shared blocks) is planned once.
+    found = merge_rows([*found, *_fp8_scales(found, post)])
 
     patches: list[TensorPatch] = []
-    notes: list[str] = []
-    if adapter is GENERIC:
-        notes.append(reason)
-    for layer in chosen:
-        for rt in adapter.layer_tensors(
-            post.config, layer, post.tensors, targets, post_prefix, options
-        ):
-            out = post.tensors[rt.name]
-            pre_name = pre_prefix + rt.name[len(post_prefix) :]
-            src = pre.tensors.get(pre_name)
-            _check_pair(rt.name, pre_name, src, out, pre, post)
-            assert src is not None
-            patches.append(
-                TensorPatch(
-                    name=rt.name,
-                    layer=layer,
-                    target=rt.target,
-                    role=rt.role,
-                    file=out.file,
-                    dtype=out.dtype,
-                    shape=out.shape,
-                    rows=rt.rows,
-                    source=source,
-                    pre_name=pre_name,
-                    pre_dtype=src.dtype,
-                )
+    for rt in found:
+        out = post.tensors[rt.name]
+        pre_name = pre_prefix + rt.name[len(post_prefix) :]
+        src = pre.tensors.get(pre_name)
+        _check_pair(rt.name, pre_name, src, out, pre, post)
+        assert src is not None
+        patches.append(
+            TensorPatch(
+                name=rt.name,
+                layer=rt.layer,
+                target=rt.target,
+                role=rt.role,
+                file=out.file,
+                dtype=out.dtype,
+                shape=out.shape,
+                rows=rt.rows,
+                source=source,
+                pre_name=pre_name,
+                pre_dtype=src.dtype,
             )
+        )
     casts = sorted({f"{p.pre_dtype}→{p.dtype}" for p in patches if p.cast})
     if casts and source == "pre":
         notes.append(
@@ -264,7 +268,7 @@ def build_plan(
     patches.sort(key=lambda p: (p.file, post.tensors[p.name].start))
     return RestorePlan(
         method=method,
-        adapter=adapter.name,
+        adapter=adapter_name,
         model_type=model_type,
         num_layers=len(kinds),
         layer_kinds=[k.value for k in kinds],
@@ -272,8 +276,107 @@ def build_plan(
         targets=list(targets),
         patches=patches,
         notes=notes,
-        params={"include_sliding": include_sliding, **dict(options or {})},
+        params={"include_sliding": include_sliding, **dict(options or {})}
+        | ({"tensor_pattern": tensor_pattern} if tensor_pattern else {}),
     )
+
+
+def _check_same_architecture(
+    pre: Checkpoint, adapter: Adapter, model_type: str, kinds: list[Kind]
+) -> None:
+    pre_adapter, pre_type, _, pre_kinds = layer_map(pre)
+    if pre_adapter.name != adapter.name or pre_type != model_type:
+        raise PlanError(
+            f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
+            hint="pass --allow-arch-mismatch if they really share a layout",
+        )
+    if pre_kinds != kinds:
+        if len(pre_kinds) != len(kinds):
+            where = f"{len(pre_kinds)} vs {len(kinds)} layers"
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(pre_kinds, kinds)) if a != b)
+            where = f"first at layer {first}: {pre_kinds[first].value} vs {kinds[first].value}"
+        raise PlanError(
+            f"PRE and POST have different layer maps ({where})",
+            hint="pass --allow-arch-mismatch to plan from POST's config anyway",
+        )
+
+
+def _manual_layers(
+    post: Checkpoint, layers: list[int] | None
+) -> tuple[list[Kind], list[int], str, str]:
+    """Layer map for --tensor-pattern: the adapter's when it knows the family, else 'other'."""
+    if layers is None:
+        raise PlanError("--tensor-pattern needs explicit --layers (e.g. --layers 3,7,11)")
+    model_type = str(post.config.get("model_type", ""))
+    try:
+        _, model_type, _, kinds = layer_map(post)
+    except QKRestoreError:
+        n = text_config(post.config).get("num_hidden_layers")
+        count = n if isinstance(n, int) and n > 0 else max(layers) + 1
+        kinds = [Kind.OTHER] * count
+    for i in layers:
+        if not 0 <= i < len(kinds):
+            raise PlanError(f"--layers: layer {i} does not exist (the model has {len(kinds)})")
+    return kinds, layers, model_type, "manual"
+
+
+def _pattern_tensors(post: Checkpoint, pattern: str, layers: list[int]) -> list[RoutingTensor]:
+    found: list[RoutingTensor] = []
+    for layer in layers:
+        try:
+            rx = re.compile(pattern.replace("{i}", str(layer)))
+        except re.error as exc:
+            raise PlanError(
+                f"--tensor-pattern {pattern!r}: not a regular expression ({exc})"
+            ) from None
+        names = [n for n in post.tensors if rx.fullmatch(n)]
+        if not names:
+            raise PlanError(f"--tensor-pattern {pattern!r} matches no tensor of layer {layer}")
+        for n in sorted(names):
+            found.append(RoutingTensor(n, layer, "manual", "weight", whole(post.tensors[n])))
+    return found
+
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+
+
+def _fp8_scales(found: Sequence[RoutingTensor], post: Checkpoint) -> list[RoutingTensor]:
+    """The block scales of restored FP8 weights: a weight's bytes mean nothing without its scales.
+
+    Block-quantised checkpoints (e.g. 128×128 blocks) store one scale per block; the restored rows
+    must cover whole row-blocks so that the scale rows can be taken from PRE with them.
+    """
+    out: list[RoutingTensor] = []
+    for rt in found:
+        info = post.tensors[rt.name]
+        if info.dtype not in FP8_DTYPES or not rt.name.endswith("weight"):
+            continue
+        for suffix in SCALE_SUFFIXES:
+            scale = post.tensors.get(rt.name.removesuffix("weight") + suffix)
+            if scale is None:
+                continue
+            if scale.rows <= 1:  # one scale for the whole tensor
+                if rt.rows != whole(info):
+                    raise PlanError(
+                        f"'{rt.name}': only some rows are restored but '{scale.name}' is one "
+                        "scale for the whole tensor"
+                    )
+                out.append(RoutingTensor(scale.name, rt.layer, rt.target, "scale", whole(scale)))
+                break
+            block = -(-info.rows // scale.rows)
+            rows = []
+            for r0, r1 in rt.rows:
+                if r0 % block or (r1 % block and r1 != info.rows):
+                    raise PlanError(
+                        f"'{rt.name}': restored rows {r0}:{r1} do not cover whole {block}-row FP8 "
+                        f"scale blocks of '{scale.name}'"
+                    )
+                rows.append((r0 // block, -(-r1 // block)))
+            out.append(RoutingTensor(scale.name, rt.layer, rt.target, "scale", tuple(rows)))
+            break
+    return out
 
 
 def _check_pair(
@@ -291,8 +394,8 @@ def _check_pair(
             f"'{name}': shape {list(src.shape)} in PRE but {list(out.shape)} in POST "
             f"({pre.root / src.file} vs {post.root / out.file})"
         )
-    if (src.dtype in ("F8_E4M3", "F8_E5M2")) != (out.dtype in ("F8_E4M3", "F8_E5M2")):
+    if (src.dtype in FP8_DTYPES or out.dtype in FP8_DTYPES) and src.dtype != out.dtype:
         raise PlanError(
-            f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; quantised and unquantised "
-            "checkpoints cannot be mixed"
+            f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; PRE and POST must share the "
+            "same quantisation"
         )

@@ -80,5 +80,6 @@ def resolve(config: Config) -> Resolved:
     known = ", ".join(sorted(BY_MODEL_TYPE))
     raise ConfigError(
         f"config.json: model_type '{model_type or '?'}' is not a known family and has no layer_types",
-        hint=f"known families: {known}; a config with a layer_types list works with any family",
+        hint=f"known families: {known}; for another family name the tensors by hand, e.g. "
+        "--layers 3,7 --tensor-pattern 'model\\.layers\\.{i}\\.attn\\.(q|k)_proj\\.weight'",
     )
