@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,6 +28,7 @@ CONFIG_NAME = "config.json"
 # The safetensors library refuses headers above 100 MB; a larger length field is a lie or an attack,
 # and must be refused before anything is allocated for it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_OPEN_LOCK = threading.Lock()
 PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
@@ -166,8 +168,11 @@ class Checkpoint:
     def pread(self, file: str, offset: int, length: int) -> bytes:
         fd = self._fds.get(file)
         if fd is None:
-            fd = os.open(self.shards[file].path, os.O_RDONLY)
-            self._fds[file] = fd
+            with _OPEN_LOCK:  # the writer reads from several threads
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = os.open(self.shards[file].path, os.O_RDONLY)
+                    self._fds[file] = fd
         out = bytearray()
         while len(out) < length:
             got = os.pread(fd, length - len(out), offset + len(out))

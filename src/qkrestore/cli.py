@@ -12,6 +12,8 @@ import os
 import shlex
 import signal
 import sys
+import threading
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -123,17 +125,44 @@ def _open(path: Path, label: str) -> Checkpoint:
         raise
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not enabled,
-    )
+class ByteProgress:
+    """A byte progress bar with throughput, shown only once a run has taken more than a second.
+
+    Short runs print nothing extra; ``advance`` is safe to call from the writer's threads.
+    """
+
+    DELAY_S = 1.0
+
+    def __init__(self, description: str, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+        )
+        self.task = self.bar.add_task(description, total=total)
+        self.started_at = time.monotonic()
+        self.shown = False
+        self.lock = threading.Lock()
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(self.task, n)
+        if self.enabled and not self.shown and time.monotonic() - self.started_at > self.DELAY_S:
+            with self.lock:
+                if not self.shown:
+                    self.shown = True
+                    self.bar.start()
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shown:
+            self.bar.stop()
 
 
 def _plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
@@ -205,6 +234,7 @@ MlaLatentOpt = Annotated[
         "kv_a_layernorm, which V shares, from PRE ('pre'), or keep POST's ('post', default).",
     ),
 ]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Files copied in parallel.")]
 LinkOpt = Annotated[
     bool,
     typer.Option(
@@ -242,6 +272,7 @@ def merge(
     allow_arch_mismatch: ArchOpt = False,
     tensor_pattern: PatternOpt = None,
     mla_latent: MlaLatentOpt = MlaLatent.post,
+    jobs: JobsOpt = 2,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -254,6 +285,7 @@ def merge(
         link=link,
         allow_arch_mismatch=allow_arch_mismatch,
         tensor_pattern=tensor_pattern,
+        jobs=jobs,
         adapter_options={"mla_latent": mla_latent.value} if mla_latent is MlaLatent.pre else {},
     )
     human = _human(json_out, quiet)
@@ -280,9 +312,7 @@ def merge(
             if json_out:
                 _emit_json(summary)
             return
-        total = post_ck.total_bytes
-        with _progress(not quiet and not json_out) as bar:
-            task = bar.add_task("merge", total=total)
+        with ByteProgress("merge", post_ck.total_bytes, not quiet and not json_out) as bar:
             result = execute(
                 plan,
                 pre_ck,
@@ -291,7 +321,7 @@ def merge(
                 opts,
                 pre_source=str(pre),
                 post_source=str(post),
-                progress=lambda n: bar.advance(task, n),
+                progress=bar.advance,
                 command=_command(),
             )
     for skipped in result.skipped:

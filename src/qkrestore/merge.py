@@ -22,6 +22,7 @@ class MergeOptions:
     link: bool = False
     allow_arch_mismatch: bool = False
     tensor_pattern: str | None = None
+    jobs: int = 2
     adapter_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,4 +77,5 @@ def execute(
         computed=computed,
         finalize=finalize,
         progress=progress,
+        jobs=opts.jobs,
     )

@@ -18,7 +18,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +226,7 @@ def write_output(
     computed: Mapping[str, bytes] | None = None,
     finalize: Callable[[Path, WriteResult], None] | None = None,
     progress: Progress | None = None,
+    jobs: int = 2,
 ) -> WriteResult:
     """Write OUT from POST and the plan; ``finalize`` adds the card and provenance before the rename."""
     out = Path(out).absolute()
@@ -242,32 +245,62 @@ def write_output(
     with staging_dir(out, overwrite) as tmp:
         result = WriteResult(out=out, files=files, skipped=skipped, tensor_sha256={})
         range_sha: dict[str, str] = {}
-        for rel in files:
-            src = post.root / rel
-            dst = tmp / rel
+        lock = threading.Lock()
+        cancel = threading.Event()
+
+        def step(n: int) -> None:
+            if cancel.is_set():
+                raise _Cancelled()
+            if progress:
+                progress(n)
+
+        def one_file(rel: str) -> None:
+            src, dst = post.root / rel, tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if link and rel in shard_files and rel not in touched:
                 os.link(src.resolve(), dst)
-                result.linked.append(rel)
-                if progress:
-                    progress(src.stat().st_size)
-                continue
-            copy_file(src, dst, progress)
+                with lock:
+                    result.linked.append(rel)
+                step(src.stat().st_size)
+                return
+            copy_file(src, dst, step)
             if rel in shard_files:
                 _check_shard_unchanged(post, rel, dst)
-            if rel in touched:
-                fd = os.open(dst, os.O_WRONLY)
-                try:
-                    for patch in (p for p in plan.patches if p.file == rel):
-                        digest = hashlib.sha256()
-                        result.bytes_from_pre += apply_patch(fd, patch, pre, post, computed, digest)
+            if rel not in touched:
+                return
+            fd = os.open(dst, os.O_WRONLY)
+            try:
+                for patch in (p for p in plan.patches if p.file == rel):
+                    digest = hashlib.sha256()
+                    n = apply_patch(fd, patch, pre, post, computed, digest)
+                    with lock:
+                        result.bytes_from_pre += n
                         range_sha[patch.name] = digest.hexdigest()
-                finally:
-                    os.close(fd)
+            finally:
+                os.close(fd)
+
+        # Biggest files first so the parallel copies finish together.
+        order = sorted(files, key=lambda f: -(post.root / f).stat().st_size)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(one_file, rel) for rel in order]
+            try:
+                for fut in as_completed(futures):
+                    fut.result()
+            except BaseException:
+                cancel.set()
+                for fut in futures:
+                    fut.cancel()
+                pool.shutdown(wait=True)
+                raise
+        result.linked.sort()
         result.tensor_sha256 = reread_and_check(plan, pre, post, tmp, range_sha)
         if finalize:
             finalize(tmp, result)
     return result
+
+
+class _Cancelled(Exception):
+    """Stops the other copy workers once one has failed or the run was interrupted."""
 
 
 def _check_shard_unchanged(post: Checkpoint, rel: str, dst: Path) -> None:
