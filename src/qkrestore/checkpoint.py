@@ -29,6 +29,16 @@ CONFIG_NAME = "config.json"
 # and must be refused before anything is allocated for it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _OPEN_LOCK = threading.Lock()
+# Malformed JSON can fail as a decode error, as a ValueError (integers beyond Python's digit
+# limit) or as a RecursionError (absurd nesting); all are the file's fault, not ours.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:120]
+
+
 PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
@@ -208,8 +218,8 @@ def read_config(root: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    except JSON_ERRORS as exc:
+        raise ConfigError(f"{path}: not valid JSON ({_short(exc)})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: must hold a JSON object")
     return config
@@ -221,8 +231,8 @@ def read_config(root: Path) -> dict[str, Any]:
 def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except JSON_ERRORS as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({_short(exc)})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: no 'weight_map' object")
@@ -287,8 +297,10 @@ def read_header(path: Path, file: str) -> tuple[Shard, list[TensorInfo]]:
     n, raw = read_header_bytes(path)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    except JSON_ERRORS as exc:
+        raise CheckpointError(
+            f"{path}: safetensors header is not valid JSON ({_short(exc)})"
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)

@@ -114,7 +114,7 @@ def _human(json_mode: bool, quiet: bool = False) -> Console | None:
 
 def _note(msg: str, quiet: bool = False) -> None:
     if not quiet:
-        err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False)
+        err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
 def _open(path: Path, label: str) -> Checkpoint:
@@ -527,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         if _state["debug"]:
             raise
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        err_console.print(f"[red]error:[/red] {where}{exc.strerror or exc}", highlight=False)
+        err_console.print(
+            f"[red]error:[/red] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True
+        )
         return EXIT_USAGE
     except Exception as exc:
         if _state["debug"]:
@@ -536,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the "
             "traceback and please report it)",
             highlight=False,
+            soft_wrap=True,
         )
         return EXIT_INTERNAL
     finally:
