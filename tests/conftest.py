@@ -87,7 +87,7 @@ def build_hf_pair(
         config = AutoConfig.for_model(model_type, **kwargs)
         model = AutoModelForImageTextToText.from_config(config)
     else:
-        config = AutoConfig.for_model(model_type, **TINY, **kwargs)
+        config = AutoConfig.for_model(model_type, **(TINY | kwargs))
         model = AutoModelForCausalLM.from_config(config)
     pre, post = root / "pre", root / "post"
     model.save_pretrained(pre)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,11 +39,14 @@ from .errors import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     EXIT_VERIFY_FAILED,
+    OutputError,
     QKRestoreError,
 )
 from .inspect import compare, describe
 from .merge import MergeOptions, execute, plan_merge
 from .plan import RestorePlan, parse_layers, parse_targets
+from .pro import METHOD_PRO, ComputedStore, plan_pro
+from .pro import solve as solve_pro
 from .verify import verify_output
 
 EXIT_CODES_HELP = (
@@ -288,15 +292,30 @@ def merge(
         jobs=jobs,
         adapter_options={"mla_latent": mla_latent.value} if mla_latent is MlaLatent.pre else {},
     )
+    _run_job(pre, post, output, opts, dry_run, json_out, quiet, lambda a, b: plan_merge(a, b, opts))
+
+
+def _run_job(
+    pre: Path,
+    post: Path,
+    output: Path,
+    opts: MergeOptions,
+    dry_run: bool,
+    json_out: bool,
+    quiet: bool,
+    make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
+) -> None:
+    """Shared by merge and pro: open, plan, print or write, summarise."""
     human = _human(json_out, quiet)
     with _open(pre, "PRE") as pre_ck, _open(post, "POST") as post_ck:
         if pre_ck.root.resolve() == post_ck.root.resolve():
             _note("PRE and POST are the same folder: the output will equal POST", quiet)
-        plan = plan_merge(pre_ck, post_ck, opts)
+        plan = make_plan(pre_ck, post_ck)
         for n in plan.notes:
             _note(n, quiet)
         summary: dict[str, Any] = {
             "ok": True,
+            "method": plan.method,
             "dry_run": dry_run,
             "output": str(output),
             "layers": plan.layers,
@@ -312,18 +331,39 @@ def merge(
             if json_out:
                 _emit_json(summary)
             return
-        with ByteProgress("merge", post_ck.total_bytes, not quiet and not json_out) as bar:
-            result = execute(
-                plan,
-                pre_ck,
-                post_ck,
-                output,
-                opts,
-                pre_source=str(pre),
-                post_source=str(post),
-                progress=bar.advance,
-                command=_command(),
-            )
+        store = None
+        try:
+            if plan.method == METHOD_PRO:
+                if not output.absolute().parent.is_dir():
+                    raise OutputError(
+                        f"{output.absolute().parent}: the folder for OUT does not exist"
+                    )
+                store = ComputedStore(output.absolute().parent)
+                t0 = time.perf_counter()
+                stats = solve_pro(plan, pre_ck, post_ck, store)
+                stats["seconds"] = round(time.perf_counter() - t0, 4)
+                summary["solve"] = stats
+                _note(
+                    f"solved {stats['systems']} head systems in {stats['layers']} layers on "
+                    f"{stats['device']} in {stats['seconds']:.3f} s",
+                    quiet or json_out,
+                )
+            with ByteProgress(plan.method, post_ck.total_bytes, not quiet and not json_out) as bar:
+                result = execute(
+                    plan,
+                    pre_ck,
+                    post_ck,
+                    output,
+                    opts,
+                    pre_source=str(pre),
+                    post_source=str(post),
+                    computed=store,
+                    progress=bar.advance,
+                    command=_command(),
+                )
+        finally:
+            if store is not None:
+                store.close()
     for skipped in result.skipped:
         _note(f"not copied from POST (another weight format): {skipped}", quiet)
     summary.update(
@@ -339,12 +379,88 @@ def merge(
     if json_out:
         _emit_json(summary)
     elif human:
+        verb = "solved" if plan.method == METHOD_PRO else "restored"
         human.print(
-            f"[green]✓[/green] restored {len(plan.patches)} tensors in layers "
-            f"{', '.join(map(str, plan.layers))} ({plan.restored_bytes(post_ck):,} bytes from PRE)"
-            f" → {result.out}",
+            f"[green]✓[/green] {verb} {len(plan.patches)} tensors in layers "
+            f"{', '.join(map(str, plan.layers))} → {result.out}",
             highlight=False,
         )
+
+
+PRO_EPILOG = (
+    """[bold]Examples[/bold]
+
+  qkrestore pro ./base ./sft -o ./sft-qkpro                     # --fix key --ridge 1.0
+  qkrestore pro ./base ./sft -o ./out --fix query --ridge 0.1 --device cuda
+  qkrestore pro ./base ./sft -o ./out --ridge 0 --dry-run        # ridge 0 is QK-Restore
+
+"""
+    + EXIT_CODES_HELP
+)
+
+
+class FixSide(str, Enum):
+    key = "key"
+    query = "query"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@app.command(epilog=PRO_EPILOG)
+def pro(
+    pre: Annotated[Path, typer.Argument(help="Pre-SFT checkpoint folder.")],
+    post: Annotated[Path, typer.Argument(help="Post-SFT checkpoint folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")],
+    fix: Annotated[
+        FixSide,
+        typer.Option("--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."),
+    ] = FixSide.key,
+    ridge: Annotated[
+        float,
+        typer.Option(
+            "--ridge",
+            min=0.0,
+            help="Relaxation R ≥ 0 (λ = R·trace(G)/d_h): 0 gives QK-Restore, large R gives POST.",
+        ),
+    ] = 1.0,
+    device: Annotated[
+        DeviceChoice,
+        typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),
+    ] = DeviceChoice.auto,
+    layers: LayersOpt = "auto",
+    include_sliding: SlidingOpt = False,
+    dry_run: DryRunOpt = False,
+    overwrite: OverwriteOpt = False,
+    link: LinkOpt = False,
+    allow_arch_mismatch: ArchOpt = False,
+    jobs: JobsOpt = 2,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """QK-Pro: hold one routing side at PRE and solve the other per head, in closed form."""
+    opts = MergeOptions(
+        layers=parse_layers(layers),
+        include_sliding=include_sliding,
+        targets=("q", "k"),
+        overwrite=overwrite,
+        link=link,
+        allow_arch_mismatch=allow_arch_mismatch,
+        jobs=jobs,
+    )
+    _run_job(
+        pre,
+        post,
+        output,
+        opts,
+        dry_run,
+        json_out,
+        quiet,
+        lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value),
+    )
 
 
 INSPECT_EPILOG = """[bold]Examples[/bold]

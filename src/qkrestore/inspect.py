@@ -8,8 +8,9 @@ import torch
 
 from .adapters import ROUTING_TARGETS, Kind, resolve
 from .checkpoint import Checkpoint
-from .dtypes import FLOAT_DTYPES, to_tensor
+from .dtypes import FLOAT_DTYPES
 from .errors import PlanError
+from .tensors import read_rows
 
 
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
@@ -50,15 +51,6 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def _rows(ckpt: Checkpoint, name: str, rows: list[list[int]]) -> torch.Tensor:
-    info = ckpt.info(name)
-    parts = []
-    for r0, r1 in rows:
-        data = ckpt.read(name, (r0, r1))
-        parts.append(to_tensor(data, info.dtype, (r1 - r0, *info.shape[1:])).to(torch.float64))
-    return torch.cat(parts)
-
-
 def compare(
     ref: Checkpoint, other: Checkpoint, description: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -73,8 +65,8 @@ def compare(
                 raise PlanError(f"{other.root}: no tensor '{t['name']}' to compare")
             if list(other.tensors[t["name"]].shape) != t["shape"]:
                 raise PlanError(f"'{t['name']}': shapes differ between the two models")
-            a = _rows(ref, t["name"], t["rows"])
-            b = _rows(other, t["name"], t["rows"])
+            a = read_rows(ref, t["name"], t["rows"], torch.float64)
+            b = read_rows(other, t["name"], t["rows"], torch.float64)
             norm = float(torch.linalg.norm(a))
             row[t["target"]] = float(torch.linalg.norm(b - a)) / norm if norm else float("nan")
         out.append(row)
