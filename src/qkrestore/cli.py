@@ -33,6 +33,7 @@ from rich.table import Table
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .cli_diagnostics import register as register_diagnostics
 from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -611,6 +612,9 @@ def demo(
     from .demo import run_demo
 
     run_demo(workdir, out_console)
+
+
+register_diagnostics(app, out_console, err_console)
 
 
 # -- entry point ----------------------------------------------------------------------------------
