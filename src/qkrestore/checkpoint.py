@@ -98,7 +98,12 @@ class Checkpoint:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> Checkpoint:
+    def open(cls, root: str | os.PathLike[str], *, partial: bool = False) -> Checkpoint:
+        """Open and check a folder; ``partial`` tolerates shards that were not downloaded.
+
+        A partial view (PRE fetched from the Hub with only the shards the plan needs) knows the
+        tensors of the shards present; the others are simply absent from :attr:`tensors`.
+        """
         root = Path(root)
         if not root.exists():
             raise CheckpointError(f"{root}: no such folder")
@@ -127,6 +132,8 @@ class Checkpoint:
         for file in files:
             path = root / _safe_relative(file, index_path)
             if not path.is_file():
+                if partial:
+                    continue
                 raise CheckpointError(f"{path}: shard listed in {INDEX_NAME} is missing")
             shard, infos = read_header(path, file)
             shards[file] = shard
@@ -135,6 +142,8 @@ class Checkpoint:
 
         if weight_map is not None:
             for name, file in weight_map.items():
+                if file not in shards:  # partial view: shard not downloaded
+                    continue
                 info = tensors.get(name)
                 if info is None or info.file != file:
                     raise CheckpointError(

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,14 +42,18 @@ from .errors import (
     EXIT_USAGE,
     EXIT_VERIFY_FAILED,
     OutputError,
+    PlanError,
     QKRestoreError,
 )
+from .hub import Source, fetch_post, fetch_pre, parse_source, push_folder
 from .inspect import compare, describe
 from .merge import MergeOptions, execute, plan_merge
-from .plan import RestorePlan, parse_layers, parse_targets
+from .plan import RestorePlan, parse_layers, parse_targets, pre_names_for
 from .pro import METHOD_PRO, ComputedStore, plan_pro
 from .pro import solve as solve_pro
-from .verify import verify_output
+from .recipes import load_recipe
+from .verify import read_provenance, verify_output
+from .writer import WriteResult
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 verification failed; 2 usage or input error; 3 internal error; "
@@ -122,9 +127,9 @@ def _note(msg: str, quiet: bool = False) -> None:
         err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
-def _open(path: Path, label: str) -> Checkpoint:
+def _open(path: Path, label: str, partial: bool = False) -> Checkpoint:
     try:
-        return Checkpoint.open(path)
+        return Checkpoint.open(path, partial=partial)
     except QKRestoreError as exc:
         exc.message = f"{label}: {exc.message}"
         raise
@@ -186,6 +191,54 @@ def _plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
 class MlaLatent(str, Enum):
     post = "post"
     pre = "pre"
+
+
+def _recipe_callback(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Load a recipe as defaults for this command; options given on the command line still win."""
+    if value is not None:
+        params = [(p.name, getattr(p, "opts", [])) for p in ctx.command.params]
+        ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value, params)}
+    return value
+
+
+PreArg = Annotated[
+    str,
+    typer.Argument(
+        help="Pre-SFT checkpoint (routing source): a folder, org/name[@rev] or hf://org/name."
+    ),
+]
+PostArg = Annotated[
+    str,
+    typer.Argument(
+        help="Post-SFT checkpoint (everything else): a folder, org/name[@rev] or hf://…."
+    ),
+]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")]
+ExpectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--expect-layers",
+        help="Refuse to run unless the planned layers are exactly these (recipes use it as a check).",
+    ),
+]
+PushOpt = Annotated[
+    str | None,
+    typer.Option("--push-to-hub", help="After success, upload OUT to this Hub repo id."),
+]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo as private.")]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub branch to push to (created if needed).")
+]
+RecipeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A YAML recipe holding any of these options (see configs/); command-line options win.",
+        is_eager=True,
+        callback=_recipe_callback,
+    ),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the plan table.")]
 
 
 LayersOpt = Annotated[
@@ -265,9 +318,9 @@ MERGE_EPILOG = (
 
 @app.command(epilog=MERGE_EPILOG)
 def merge(
-    pre: Annotated[Path, typer.Argument(help="Pre-SFT checkpoint folder (routing source).")],
-    post: Annotated[Path, typer.Argument(help="Post-SFT checkpoint folder (everything else).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")],
+    pre: PreArg,
+    post: PostArg,
+    output: OutputOpt,
     layers: LayersOpt = "auto",
     include_sliding: SlidingOpt = False,
     targets: TargetsOpt = "q,k",
@@ -278,6 +331,12 @@ def merge(
     tensor_pattern: PatternOpt = None,
     mla_latent: MlaLatentOpt = MlaLatent.post,
     jobs: JobsOpt = 2,
+    expect_layers: ExpectOpt = None,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    config: RecipeOpt = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -293,80 +352,98 @@ def merge(
         jobs=jobs,
         adapter_options={"mla_latent": mla_latent.value} if mla_latent is MlaLatent.pre else {},
     )
-    _run_job(pre, post, output, opts, dry_run, json_out, quiet, lambda a, b: plan_merge(a, b, opts))
+    job = JobFlags(
+        output,
+        dry_run,
+        json_out,
+        quiet,
+        verbose,
+        parse_expect(expect_layers),
+        push_to_hub,
+        private,
+        revision,
+    )
+    _run_job(pre, post, job, opts, lambda a, b: plan_merge(a, b, opts))
+
+
+@dataclass
+class JobFlags:
+    """The options merge and pro share beyond planning."""
+
+    output: Path
+    dry_run: bool
+    json_out: bool
+    quiet: bool
+    verbose: bool
+    expect_layers: list[int] | None
+    push_to_hub: str | None
+    private: bool
+    revision: str | None
+
+
+def parse_expect(text: str | None) -> list[int] | None:
+    return None if text is None else parse_layers(text)
+
+
+def _needed_pre_names(
+    meta: Path, post_ck: Checkpoint, make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan]
+) -> list[str]:
+    """Names of the tensors PRE must supply, known from PRE's index before its shards are fetched."""
+    index = json.loads((meta / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    return pre_names_for(make_plan(post_ck, post_ck), post_ck, index.get("weight_map", {}))
 
 
 def _run_job(
-    pre: Path,
-    post: Path,
-    output: Path,
+    pre: str,
+    post: str,
+    job: JobFlags,
     opts: MergeOptions,
-    dry_run: bool,
-    json_out: bool,
-    quiet: bool,
     make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
 ) -> None:
-    """Shared by merge and pro: open, plan, print or write, summarise."""
-    human = _human(json_out, quiet)
-    with _open(pre, "PRE") as pre_ck, _open(post, "POST") as post_ck:
-        if pre_ck.root.resolve() == post_ck.root.resolve():
-            _note("PRE and POST are the same folder: the output will equal POST", quiet)
-        plan = make_plan(pre_ck, post_ck)
-        for n in plan.notes:
-            _note(n, quiet)
-        summary: dict[str, Any] = {
-            "ok": True,
-            "method": plan.method,
-            "dry_run": dry_run,
-            "output": str(output),
-            "layers": plan.layers,
-            "tensors": len(plan.patches),
-            "restored_bytes": plan.restored_bytes(post_ck),
-            "touched_files": plan.touched_files,
-            "plan": plan.to_json(),
-        }
-        if dry_run:
-            if human:
+    """Shared by merge and pro: resolve sources, plan, print or write, push, summarise."""
+    human = _human(job.json_out, job.quiet)
+    pre_src, post_src = parse_source(pre), parse_source(post)
+    output = job.output
+    with _open(fetch_post(post_src), "POST") as post_ck:
+        pre_root = fetch_pre(pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan))
+        with _open(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
+            if pre_ck.root.resolve() == post_ck.root.resolve():
+                _note("PRE and POST are the same folder: the output will equal POST", job.quiet)
+            plan = make_plan(pre_ck, post_ck)
+            if job.expect_layers is not None and plan.layers != job.expect_layers:
+                raise PlanError(
+                    f"expected softmax-attention layers {job.expect_layers}, but the plan has "
+                    f"{plan.layers}",
+                    hint="is this the model the recipe was written for?",
+                )
+            for n in plan.notes:
+                _note(n, job.quiet)
+            summary: dict[str, Any] = {
+                "ok": True,
+                "method": plan.method,
+                "dry_run": job.dry_run,
+                "output": str(output),
+                "sources": {
+                    "pre": {"source": pre, "path": str(pre_ck.root)},
+                    "post": {"source": post, "path": str(post_ck.root)},
+                },
+                "layers": plan.layers,
+                "tensors": len(plan.patches),
+                "restored_bytes": plan.restored_bytes(post_ck),
+                "touched_files": plan.touched_files,
+                "plan": plan.to_json(),
+            }
+            if human and (job.dry_run or job.verbose):
                 human.print(_plan_table(plan, post_ck))
-                human.print(f"dry run: nothing written; OUT would be {output}")
-            if json_out:
-                _emit_json(summary)
-            return
-        store = None
-        try:
-            if plan.method == METHOD_PRO:
-                if not output.absolute().parent.is_dir():
-                    raise OutputError(
-                        f"{output.absolute().parent}: the folder for OUT does not exist"
-                    )
-                store = ComputedStore(output.absolute().parent)
-                t0 = time.perf_counter()
-                stats = solve_pro(plan, pre_ck, post_ck, store)
-                stats["seconds"] = round(time.perf_counter() - t0, 4)
-                summary["solve"] = stats
-                _note(
-                    f"solved {stats['systems']} head systems in {stats['layers']} layers on "
-                    f"{stats['device']} in {stats['seconds']:.3f} s",
-                    quiet or json_out,
-                )
-            with ByteProgress(plan.method, post_ck.total_bytes, not quiet and not json_out) as bar:
-                result = execute(
-                    plan,
-                    pre_ck,
-                    post_ck,
-                    output,
-                    opts,
-                    pre_source=str(pre),
-                    post_source=str(post),
-                    computed=store,
-                    progress=bar.advance,
-                    command=_command(),
-                )
-        finally:
-            if store is not None:
-                store.close()
+            if job.dry_run:
+                if human:
+                    human.print(f"dry run: nothing written; OUT would be {output}")
+                if job.json_out:
+                    _emit_json(summary)
+                return
+            result = _write(plan, pre_ck, post_ck, output, opts, job, pre_src, post_src, summary)
     for skipped in result.skipped:
-        _note(f"not copied from POST (another weight format): {skipped}", quiet)
+        _note(f"not copied from POST (another weight format): {skipped}", job.quiet)
     summary.update(
         {
             "output": str(result.out),
@@ -377,7 +454,15 @@ def _run_job(
             "tensor_sha256": result.tensor_sha256,
         }
     )
-    if json_out:
+    if job.push_to_hub:
+        summary["pushed"] = push_folder(
+            result.out,
+            job.push_to_hub,
+            private=job.private,
+            revision=job.revision,
+            message=f"{plan.method} with qkrestore {__version__}",
+        )
+    if job.json_out:
         _emit_json(summary)
     elif human:
         verb = "solved" if plan.method == METHOD_PRO else "restored"
@@ -386,6 +471,55 @@ def _run_job(
             f"{', '.join(map(str, plan.layers))} → {result.out}",
             highlight=False,
         )
+        if "pushed" in summary:
+            human.print(f"[green]✓[/green] pushed to {summary['pushed']}", highlight=False)
+
+
+def _write(
+    plan: RestorePlan,
+    pre_ck: Checkpoint,
+    post_ck: Checkpoint,
+    output: Path,
+    opts: MergeOptions,
+    job: JobFlags,
+    pre_src: Source,
+    post_src: Source,
+    summary: dict[str, Any],
+) -> WriteResult:
+    store = None
+    try:
+        if plan.method == METHOD_PRO:
+            parent = output.absolute().parent
+            if not parent.is_dir():
+                raise OutputError(f"{parent}: the folder for OUT does not exist")
+            store = ComputedStore(parent)
+            t0 = time.perf_counter()
+            stats = solve_pro(plan, pre_ck, post_ck, store)
+            stats["seconds"] = round(time.perf_counter() - t0, 4)
+            summary["solve"] = stats
+            _note(
+                f"solved {stats['systems']} head systems in {stats['layers']} layers on "
+                f"{stats['device']} in {stats['seconds']:.3f} s",
+                job.quiet or job.json_out,
+            )
+        with ByteProgress(
+            plan.method, post_ck.total_bytes, not job.quiet and not job.json_out
+        ) as bar:
+            return execute(
+                plan,
+                pre_ck,
+                post_ck,
+                output,
+                opts,
+                pre_source=pre_src.display,
+                post_source=post_src.display,
+                computed=store,
+                progress=bar.advance,
+                command=_command(),
+            )
+    finally:
+        if store is not None:
+            store.close()
 
 
 PRO_EPILOG = (
@@ -413,9 +547,9 @@ class DeviceChoice(str, Enum):
 
 @app.command(epilog=PRO_EPILOG)
 def pro(
-    pre: Annotated[Path, typer.Argument(help="Pre-SFT checkpoint folder.")],
-    post: Annotated[Path, typer.Argument(help="Post-SFT checkpoint folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")],
+    pre: PreArg,
+    post: PostArg,
+    output: OutputOpt,
     fix: Annotated[
         FixSide,
         typer.Option("--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."),
@@ -439,6 +573,12 @@ def pro(
     link: LinkOpt = False,
     allow_arch_mismatch: ArchOpt = False,
     jobs: JobsOpt = 2,
+    expect_layers: ExpectOpt = None,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    config: RecipeOpt = None,
+    verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -452,15 +592,19 @@ def pro(
         allow_arch_mismatch=allow_arch_mismatch,
         jobs=jobs,
     )
-    _run_job(
-        pre,
-        post,
+    job = JobFlags(
         output,
-        opts,
         dry_run,
         json_out,
         quiet,
-        lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value),
+        verbose,
+        parse_expect(expect_layers),
+        push_to_hub,
+        private,
+        revision,
+    )
+    _run_job(
+        pre, post, job, opts, lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value)
     )
 
 
@@ -590,6 +734,33 @@ def verify(
                 f"error: verification failed{': ' + str(first) if first else ''}", highlight=False
             )
         raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+PUSH_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore push ./sft-qkrestore my-org/sft-qkrestore
+  qkrestore push ./sft-qkrestore my-org/sft-qkrestore --private --revision experiment
+"""
+
+
+@app.command(epilog=PUSH_EPILOG)
+def push(
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")],
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload an output made earlier to the Hugging Face Hub (uses your saved Hub token)."""
+    record = read_provenance(out)
+    method = record.get("plan", {}).get("method", "qk-restore")
+    url = push_folder(
+        out, repo_id, private=private, revision=revision, message=f"{method} with qkrestore"
+    )
+    if json_out:
+        _emit_json({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
+    else:
+        out_console.print(f"[green]✓[/green] pushed {out} → {url}", highlight=False)
 
 
 DEMO_EPILOG = """[bold]Examples[/bold]

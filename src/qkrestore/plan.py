@@ -7,7 +7,7 @@ prints, ``qkrestore.json`` records and ``verify`` replays, so what was done can 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -225,8 +225,7 @@ def build_plan(
         if not allow_arch_mismatch:
             _check_same_architecture(pre, adapter, model_type, kinds)
         chosen = choose_layers(kinds, layers, include_sliding)
-        post_prefix = adapter.layer_prefix(list(post.tensors))
-        pre_prefix = adapter.layer_prefix(list(pre.tensors))
+        post_prefix, pre_prefix = layer_prefixes(adapter, post.tensors, pre.tensors)
         if adapter is GENERIC:
             notes.append(reason)
         found = []
@@ -279,6 +278,22 @@ def build_plan(
         params={"include_sliding": include_sliding, **dict(options or {})}
         | ({"tensor_pattern": tensor_pattern} if tensor_pattern else {}),
     )
+
+
+def layer_prefixes(
+    adapter: Adapter, post_names: Iterable[str], pre_names: Iterable[str]
+) -> tuple[str, str]:
+    """POST's and PRE's layer name prefixes: a VLM save and a text-only save may differ."""
+    return adapter.layer_prefix(list(post_names)), adapter.layer_prefix(list(pre_names))
+
+
+def pre_names_for(plan: RestorePlan, post: Checkpoint, pre_names: Iterable[str]) -> list[str]:
+    """PRE's names of the plan's tensors, from PRE's index alone (before its shards are fetched)."""
+    if plan.adapter == "manual":
+        return [p.name for p in plan.patches]
+    adapter = resolve(post.config).adapter
+    post_prefix, pre_prefix = layer_prefixes(adapter, post.tensors, pre_names)
+    return [pre_prefix + p.name[len(post_prefix) :] for p in plan.patches]
 
 
 def _check_same_architecture(

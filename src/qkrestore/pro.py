@@ -62,6 +62,9 @@ def plan_pro(
             f"QK-Pro is not defined for {UNSUPPORTED[plan.adapter]} ({plan.adapter})",
             hint="use 'qkrestore merge' (QK-Restore) for this model",
         )
+    heads = text_config(post.config).get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        raise PlanError("config.json: QK-Pro needs 'num_attention_heads' to split W_Q into heads")
     free = "q" if fix == "key" else "k"
     patches: list[TensorPatch] = []
     for p in plan.patches:

@@ -93,7 +93,7 @@ def verify_output(
     report = VerifyReport(out=str(out), pre=str(pre_root), post=str(post_root))
     with (
         Checkpoint.open(out) as got,
-        Checkpoint.open(pre_root) as pre,
+        Checkpoint.open(pre_root, partial=True) as pre,  # Hub PRE holds only the needed shards
         Checkpoint.open(post_root) as post,
     ):
         _check_files(report, record, out, post)

@@ -1,0 +1,154 @@
+"""Hugging Face Hub sources and uploads.
+
+PRE and POST may be local folders or Hub repos (``org/name``, ``org/name@revision``,
+``hf://org/name``). Hub repos are resolved with ``huggingface_hub.snapshot_download``, so the HF cache,
+``HF_HOME``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1`` and tokens behave as they do everywhere else.
+
+POST is fetched whole (less other weight formats, which would carry unrestored weights). PRE is
+fetched in two steps: its config and index first, then only the shards that hold planned tensors,
+so restoring a few layers of a 100 GB model downloads a few hundred megabytes of PRE.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, QKRestoreError
+
+HUB_PATTERN = re.compile(
+    r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$"
+)
+META_FILES = ["config.json", "model.safetensors.index.json"]
+FOREIGN_WEIGHTS = [
+    "*.bin",
+    "*.pth",
+    "*.pt",
+    "*.gguf",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "consolidated*",
+]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint comes from, as the user wrote it."""
+
+    text: str
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.repo_id is not None
+
+    @property
+    def display(self) -> str:
+        """What the model card's ``base_model`` should say: the repo id, or the path as given."""
+        return self.repo_id or self.text
+
+
+def parse_source(text: str) -> Source:
+    """A local folder if one exists at ``text`` (or it looks like a path), else a Hub repo id."""
+    if text.startswith("hf://"):
+        m = HUB_PATTERN.match(text)
+        if not m:
+            raise QKRestoreError(f"{text}: not a Hub repo id (expected hf://org/name[@revision])")
+        return Source(text, m.group("repo"), m.group("rev"))
+    if Path(text).exists() or text.startswith((".", "/", "~")) or os.sep * 2 in text:
+        return Source(text)
+    m = HUB_PATTERN.match(text)
+    if m and text.count("/") >= 1:
+        return Source(text, m.group("repo"), m.group("rev"))
+    return Source(text)
+
+
+def _download(source: Source, **patterns: Any) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = source.repo_id + (f"@{source.revision}" if source.revision else "")
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision, **patterns))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{where}: not in the local Hugging Face cache and downloads are off",
+            hint="unset HF_HUB_OFFLINE, or download it first with 'hf download " + where + "'",
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"{where}: no such model repo on the Hub (or it is private)",
+            hint="check the name, or log in with 'hf auth login'",
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{where}: no such revision") from None
+    except GatedRepoError:
+        raise CheckpointError(
+            f"{where}: gated repo", hint="accept its terms on the Hub and log in"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{where}: download failed ({exc})") from None
+
+
+def fetch_post(source: Source) -> Path:
+    return (
+        _download(source, ignore_patterns=FOREIGN_WEIGHTS) if source.is_hub else Path(source.text)
+    )
+
+
+def pre_shards_needed(weight_map: Mapping[str, str], names: Iterable[str]) -> list[str]:
+    """The shard files of PRE that hold the given tensors (the only ones worth downloading)."""
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise CheckpointError(f"PRE's index has no tensor '{missing[0]}'")
+    return sorted({weight_map[n] for n in names})
+
+
+def fetch_pre(source: Source, needed_names: Callable[[Path], list[str]]) -> Path:
+    """PRE's config and index, then only the shards that hold ``needed_names(meta_folder)``."""
+    if not source.is_hub:
+        return Path(source.text)
+    meta = _download(source, allow_patterns=META_FILES)
+    index = meta / "model.safetensors.index.json"
+    if not index.is_file():
+        return _download(source, allow_patterns=[*META_FILES, "model.safetensors"])
+    import json
+
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    shards = pre_shards_needed(weight_map, needed_names(meta))
+    return _download(source, allow_patterns=[*META_FILES, *shards])
+
+
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None, message: str
+) -> str:
+    """Create the repo if needed and upload ``folder``; returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            revision=revision,
+            commit_message=message,
+        )
+    except HfHubHTTPError as exc:
+        raise QKRestoreError(f"{repo_id}: upload failed ({str(exc).splitlines()[0]})") from None
+    return str(getattr(info, "commit_url", info))
