@@ -316,3 +316,23 @@ def test_json_of_every_command(pair_out: Path, tmp_path: Path, cli) -> None:
     assert raw(got["model.layers.1.self_attn.q_proj.weight"]) == raw(
         load_all(Path(pre))[0]["model.layers.1.self_attn.q_proj.weight"]
     )
+
+
+def test_dry_run_lists_downloads_without_writing(hub_env, tmp_path: Path) -> None:
+    env, pre, _ = hub_env
+    res = run(
+        "merge", "org/pre", "org/post", "-o", str(tmp_path / "out"), "--dry-run", "--json", env=env
+    )
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    index = json.loads((pre / "model.safetensors.index.json").read_text())["weight_map"]
+    want = {
+        index[f"model.layers.{i}.self_attn.{p}.weight"]
+        for i in (1, 5)
+        for p in ("q_proj", "k_proj", "q_norm", "k_norm")
+    }
+    pre_files = {f["file"] for f in doc["downloads"]["pre"]}
+    assert pre_files == want | {"config.json", "model.safetensors.index.json"}
+    assert all(f["size"] > 0 for f in doc["downloads"]["pre"])
+    assert {f["file"] for f in doc["downloads"]["post"]} >= {"config.json", "tokenizer_config.json"}
+    assert not (tmp_path / "out").exists()

@@ -45,7 +45,17 @@ from .errors import (
     PlanError,
     QKRestoreError,
 )
-from .hub import Source, fetch_post, fetch_pre, parse_source, push_folder
+from .hub import (
+    FOREIGN_WEIGHTS,
+    META_FILES,
+    Source,
+    download_list,
+    fetch_post,
+    fetch_pre,
+    metadata_view,
+    parse_source,
+    push_folder,
+)
 from .inspect import compare, describe
 from .merge import MergeOptions, execute, plan_merge
 from .plan import RestorePlan, parse_layers, parse_targets, pre_names_for
@@ -404,6 +414,9 @@ def _run_job(
     human = _human(job.json_out, job.quiet)
     pre_src, post_src = parse_source(pre), parse_source(post)
     output = job.output
+    if job.dry_run and (pre_src.is_hub or post_src.is_hub):
+        _hub_dry_run(pre_src, post_src, job, make_plan)
+        return
     with _open(fetch_post(post_src), "POST") as post_ck:
         pre_root = fetch_pre(pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan))
         with _open(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
@@ -473,6 +486,50 @@ def _run_job(
         )
         if "pushed" in summary:
             human.print(f"[green]✓[/green] pushed to {summary['pushed']}", highlight=False)
+
+
+def _hub_dry_run(
+    pre_src: Source,
+    post_src: Source,
+    job: JobFlags,
+    make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
+) -> None:
+    """Plan from headers and list what each side would download, fetching no weights."""
+    post_ck, pre_ck = metadata_view(post_src), metadata_view(pre_src)
+    plan = make_plan(pre_ck, post_ck)
+    if job.expect_layers is not None and plan.layers != job.expect_layers:
+        raise PlanError(
+            f"expected softmax-attention layers {job.expect_layers}, but the plan has {plan.layers}"
+        )
+    pre_files = sorted({pre_ck.tensors[p.pre_name].file for p in plan.patches})
+    downloads = {
+        "post": download_list(post_src, ignore=FOREIGN_WEIGHTS),
+        "pre": download_list(pre_src, allow=[*META_FILES, *pre_files]),
+    }
+    summary = {
+        "ok": True,
+        "method": plan.method,
+        "dry_run": True,
+        "output": str(job.output),
+        "layers": plan.layers,
+        "tensors": len(plan.patches),
+        "downloads": downloads,
+        "plan": plan.to_json(),
+    }
+    human = _human(job.json_out, job.quiet)
+    if human:
+        human.print(_plan_table(plan, post_ck))
+        table = Table(title="files to download")
+        for col in ("side", "file", "size", "cached"):
+            table.add_column(col)
+        for side, files in downloads.items():
+            for f in files:
+                size = f"{f['size'] / 2**20:,.1f} MiB" if f["size"] is not None else "?"
+                table.add_row(side, f["file"], size, "yes" if f["cached"] else "no")
+        human.print(table)
+        human.print(f"dry run: nothing downloaded or written; OUT would be {job.output}")
+    if job.json_out:
+        _emit_json(summary)
 
 
 def _write(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import Checkpoint, Shard, TensorInfo, read_config
 from .errors import CheckpointError, QKRestoreError
 
 HUB_PATTERN = re.compile(
@@ -128,6 +129,77 @@ def fetch_pre(source: Source, needed_names: Callable[[Path], list[str]]) -> Path
     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
     shards = pre_shards_needed(weight_map, needed_names(meta))
     return _download(source, allow_patterns=[*META_FILES, *shards])
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def metadata_view(source: Source) -> Checkpoint:
+    """A checkpoint view from headers alone, for planning a dry run before any weight is fetched.
+
+    Online, headers are read with HTTP range requests (``get_safetensors_metadata``); offline,
+    the cached snapshot is opened (nothing is fetched either way).
+    """
+    if not source.is_hub:
+        return Checkpoint.open(source.text)
+    if is_offline():
+        return Checkpoint.open(_download(source, ignore_patterns=FOREIGN_WEIGHTS), partial=True)
+    from huggingface_hub import get_safetensors_metadata
+
+    meta_dir = _download(source, allow_patterns=META_FILES)
+    config = read_config(meta_dir)
+    try:
+        remote = get_safetensors_metadata(source.repo_id, revision=source.revision)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{source.repo_id}: cannot read safetensors headers ({exc})"
+        ) from None
+    shards: dict[str, Shard] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for file, fm in remote.files_metadata.items():
+        names = []
+        for name, t in fm.tensors.items():
+            begin, end = t.data_offsets
+            tensors[name] = TensorInfo(name, file, t.dtype, tuple(t.shape), begin, end - begin)
+            names.append(name)
+        shards[file] = Shard(file, Path(file), 0, 0, fm.metadata, tuple(names))
+    return Checkpoint(root=meta_dir, config=config, shards=shards, tensors=tensors)
+
+
+def download_list(
+    source: Source, allow: list[str] | None = None, ignore: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The files a run would fetch, with sizes, without fetching them."""
+    if not source.is_hub:
+        return []
+    if not is_offline():
+        from huggingface_hub import snapshot_download
+
+        infos = snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+            dry_run=True,
+        )
+        return [
+            {"file": i.filename, "size": i.file_size, "cached": i.is_cached}
+            for i in infos  # type: ignore[union-attr]
+        ]
+    snap = _download(source, allow_patterns=allow, ignore_patterns=ignore)
+    from fnmatch import fnmatch
+
+    files = []
+    for f in sorted(snap.iterdir()):
+        if allow is not None and not any(fnmatch(f.name, a) for a in allow):
+            continue
+        if ignore is not None and any(fnmatch(f.name, i) for i in ignore):
+            continue
+        files.append({"file": f.name, "size": f.stat().st_size, "cached": True})
+    return files
 
 
 def push_folder(
