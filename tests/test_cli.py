@@ -310,3 +310,10 @@ def test_console_script_runs_demo(tmp_path: Path) -> None:
 def test_usage_error_exit_code(cli) -> None:
     res = cli("merge", "--bogus")
     assert res.code == 2
+
+
+def test_demo_json(tmp_path: Path, cli) -> None:
+    res = cli("demo", "--workdir", tmp_path / "d", "--json")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["ok"] and (Path(doc["output"]) / "qkrestore.json").is_file()

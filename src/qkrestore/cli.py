@@ -835,11 +835,27 @@ def demo(
             "--workdir", help="Where to write the demo models (default: a new temp folder)."
         ),
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Build a tiny Qwen3-Next-style hybrid pair offline, then inspect, merge and verify it."""
+    import contextlib
+
     from .demo import run_demo
 
-    run_demo(workdir, out_console)
+    if not json_out:
+        run_demo(workdir, out_console)
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # the steps' own output is for humans
+        root = run_demo(workdir, err_console)
+    _emit_json(
+        {
+            "ok": True,
+            "workdir": str(root),
+            "pre": str(root / "pre"),
+            "post": str(root / "post"),
+            "output": str(root / "post-qkrestore"),
+        }
+    )
 
 
 register_diagnostics(app, out_console, err_console)
