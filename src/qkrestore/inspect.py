@@ -54,12 +54,17 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
 def compare(
     ref: Checkpoint, other: Checkpoint, description: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Relative drift ‖W_other − W_ref‖_F / ‖W_ref‖_F of the Q and K weight rows of each softmax layer."""
+    """Relative drift ‖W_other − W_ref‖_F / ‖W_ref‖_F of the Q and K weight rows of each softmax layer.
+
+    Where a target has several weight tensors (Kimi's K rows in two projections, Zamba2's adapters),
+    they count together: squared norms are summed before the ratio.
+    """
     out = []
     for layer in description["layers"]:
         row: dict[str, Any] = {"layer": layer["layer"], "kind": layer["kind"]}
+        sums: dict[str, list[float]] = {}
         for t in layer["tensors"]:
-            if t["role"] != "weight" or t["dtype"] not in FLOAT_DTYPES:
+            if t["role"] not in ("weight", "adapter") or t["dtype"] not in FLOAT_DTYPES:
                 continue
             if t["name"] not in other.tensors:
                 raise PlanError(f"{other.root}: no tensor '{t['name']}' to compare")
@@ -67,7 +72,10 @@ def compare(
                 raise PlanError(f"'{t['name']}': shapes differ between the two models")
             a = read_rows(ref, t["name"], t["rows"], torch.float64)
             b = read_rows(other, t["name"], t["rows"], torch.float64)
-            norm = float(torch.linalg.norm(a))
-            row[t["target"]] = float(torch.linalg.norm(b - a)) / norm if norm else float("nan")
+            acc = sums.setdefault(t["target"], [0.0, 0.0])
+            acc[0] += float(torch.linalg.norm(b - a)) ** 2
+            acc[1] += float(torch.linalg.norm(a)) ** 2
+        for target, (diff, ref_sq) in sums.items():
+            row[target] = (diff / ref_sq) ** 0.5 if ref_sq else float("nan")
         out.append(row)
     return out
