@@ -212,22 +212,28 @@ LIES = {
 
 
 @pytest.mark.parametrize("case", list(LIES))
-def test_lying_headers(tmp_path: Path, cli, case: str) -> None:
+@pytest.mark.parametrize("side", ["PRE", "POST"])
+def test_lying_headers(tmp_path: Path, cli, case: str, side: str) -> None:
     header, data, length, needle = LIES[case]
-    model = single(tmp_path, header, data, length)
-    res = cli("inspect-layers", model)
-    assert res.code == 2, res.err
-    assert len(res.err_lines) == 1 and "Traceback" not in res.err
-    assert "model.safetensors" in res.err and needle in res.err, res.err
+    bad = single(tmp_path, header, data, length)
+    good = write_checkpoint(tmp_path / "good", CONFIG, model_tensors([True, True], False, seed=3))
+    pre, post = (bad, good) if side == "PRE" else (good, bad)
+    before = tree_digest(pre, post)
+    res = cli("merge", pre, post, "-o", tmp_path / "out")
+    refused(res, tmp_path, side, "model.safetensors", needle)
+    assert tree_digest(pre, post) == before
 
 
 def test_truncated_file(tmp_path: Path, cli) -> None:
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(CONFIG))
-    (model / "model.safetensors").write_bytes(b"\x10\x00\x00")
-    res = cli("inspect-layers", model)
-    assert res.code == 2 and "truncated" in res.err and len(res.err_lines) == 1
+    bad = tmp_path / "m"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(CONFIG))
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    good = write_checkpoint(tmp_path / "good", CONFIG, model_tensors([True, True], False, seed=3))
+    before = tree_digest(bad, good)
+    res = cli("merge", good, bad, "-o", tmp_path / "out")
+    refused(res, tmp_path, "truncated")
+    assert tree_digest(bad, good) == before
 
 
 def test_tensor_names_in_errors(tmp_path: Path, cli) -> None:
@@ -501,3 +507,27 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         env=dict(os.environ),
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_pickle_checkpoint_is_refused_without_unpickling(pair, tmp_path, cli) -> None:
+    """A .bin that would run code when unpickled: the tool must refuse it before opening it."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps(CONFIG))
+    marker = tmp_path / "pwned"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (evil / "pytorch_model.bin").write_bytes(payload)
+    before = tree_digest(evil, pair[1])
+    res = cli("merge", evil, pair[1], "-o", tmp_path / "out")
+    refused(res, tmp_path, "pytorch_model.bin", "safetensors")
+    assert not marker.exists()
+    assert tree_digest(evil, pair[1]) == before
+
+
+def test_out_inside_an_input_leaves_inputs_untouched(pair, tmp_path, cli) -> None:
+    pre, post = pair
+    before = tree_digest(pre, post)
+    res = cli("merge", pre, post, "-o", post / "nested", "--overwrite")
+    assert res.code == 2 and "must not" in res.err and len(res.err_lines) == 1
+    assert not (post / "nested").exists() and leftovers(post) == []
+    assert tree_digest(pre, post) == before

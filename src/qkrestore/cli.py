@@ -63,7 +63,7 @@ from .pro import METHOD_PRO, ComputedStore, plan_pro
 from .pro import solve as solve_pro
 from .recipes import load_recipe
 from .verify import read_provenance, verify_output
-from .writer import WriteResult
+from .writer import WriteResult, check_output_location
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 verification failed; 2 usage or input error; 3 internal error; "
@@ -420,6 +420,10 @@ def _run_job(
     with _open(fetch_post(post_src), "POST") as post_ck:
         pre_root = fetch_pre(pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan))
         with _open(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
+            # Output problems are the cheapest to find: report them before any planning.
+            check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
+            if not job.dry_run and output.exists() and not opts.overwrite:
+                raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it")
             if pre_ck.root.resolve() == post_ck.root.resolve():
                 _note("PRE and POST are the same folder: the output will equal POST", job.quiet)
             plan = make_plan(pre_ck, post_ck)
