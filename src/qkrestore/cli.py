@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -423,7 +424,9 @@ def _run_job(
             # Output problems are the cheapest to find: report them before any planning.
             check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
             if not job.dry_run and output.exists() and not opts.overwrite:
-                raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it")
+                raise OutputError(
+                    f"{output}: already exists", hint="pass --overwrite to replace it"
+                )
             if pre_ck.root.resolve() == post_ck.root.resolve():
                 _note("PRE and POST are the same folder: the output will equal POST", job.quiet)
             plan = make_plan(pre_ck, post_ck)
@@ -878,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     except QKRestoreError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

@@ -1,0 +1,244 @@
+"""Figures for the diagnostics (matplotlib, an optional extra: ``pip install 'qkrestore[plot]'``).
+
+Each function takes the command's JSON document (or the arrays behind it) and writes one PNG; none
+returns anything to draw on further, so the CLI stays a thin shell. matplotlib is imported only here
+and only when a figure is asked for, with the non-interactive Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import QKRestoreError
+
+DPI = 90
+
+
+def require() -> Any:
+    """``matplotlib.pyplot`` with the Agg backend, or a one-line error naming the extra to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QKRestoreError(
+            "--plot needs matplotlib, which is not installed",
+            # no square brackets: the CLI prints errors through rich, which eats "[plot]" as markup
+            hint="pip install matplotlib, or install qkrestore with its 'plot' extra",
+        ) from None
+    return plt
+
+
+def _check_target(path: Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise QKRestoreError(f"--plot {path}: give a file name ending in .png")
+    if not path.absolute().parent.is_dir():
+        raise QKRestoreError(f"--plot {path}: the folder {path.absolute().parent} does not exist")
+    return path
+
+
+def check_target(path: Path) -> Path:
+    """Fail before any work when ``--plot`` cannot be written (no matplotlib, bad name or folder)."""
+    require()
+    return _check_target(path)
+
+
+def _save(fig: Any, path: Path, cmaps: tuple[str, ...] = ()) -> None:
+    """Write the PNG; with ``cmaps``, reduced to a palette made of those colour maps plus greys.
+
+    Attention maps are noisy images: a true-colour PNG of four of them runs to ~0.5 MB. Every
+    pixel of such a figure is a colour-map colour, a grey (text, axes) or a blend of the two at an
+    edge, so a palette of the maps' own colours looks the same and is a few times smaller (a
+    generic median-cut palette, by contrast, visibly shifts the rarer dark shades).
+    """
+    import io
+
+    plt = require()
+    if not cmaps:
+        fig.savefig(path, dpi=DPI, facecolor="white")
+        plt.close(fig)
+        return
+    from matplotlib import colormaps
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png", facecolor="white")
+    plt.close(fig)
+    per = (256 - 16) // len(cmaps)
+    colors = [np.linspace(0, 1, 16)[:, None].repeat(3, 1)]
+    colors += [colormaps[c](np.linspace(0, 1, per))[:, :3] for c in cmaps]
+    table = np.concatenate(colors)
+    flat = (np.clip(table, 0, 1) * 255).round().astype(np.uint8).ravel().tolist()
+    pal = Image.new("P", (1, 1))
+    pal.putpalette(flat + [255] * (768 - len(flat)))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        small = im.convert("RGB").quantize(palette=pal, dither=Image.Dither.NONE)
+        small.save(path, format="PNG", optimize=True)
+
+
+# -- drift ----------------------------------------------------------------------------------------
+
+
+def drift_figure(report: dict[str, Any], path: Path) -> None:
+    """Left: layer × head heatmap of routing drift. Right: Q/K/V/O relative drift per layer."""
+    plt = require()
+    layers = report["layers"]
+    labels = [
+        f"{x['layer']}" + ("" if x["kind"] == "global" else f" ({x['kind'][0]})") for x in layers
+    ]
+    width = max((len(x["routing_drift"]["heads"]) for x in layers if x["routing_drift"]), default=0)
+    fig, (ax0, ax1) = plt.subplots(
+        1,
+        2,
+        figsize=(12, max(3.0, 0.32 * len(layers) + 1.5)),
+        width_ratios=[1.1, 1],
+        layout="constrained",
+    )
+    if width:
+        grid = np.full((len(layers), width), np.nan)
+        for r, x in enumerate(layers):
+            if x["routing_drift"]:
+                vals = [np.nan if v is None else v for v in x["routing_drift"]["heads"]]
+                grid[r, : len(vals)] = vals
+        im = ax0.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0)
+        if width <= 32:
+            ax0.set_xticks(range(width))
+        fig.colorbar(im, ax=ax0, label="‖ΔQ_hᵀK_g‖ / ‖Q_hᵀK_g‖")
+        ax0.set_xlabel("query head")
+    else:
+        ax0.text(0.5, 0.5, "no per-head routing drift\n(no single W_Q / W_K)", ha="center")
+        ax0.set_xticks([])
+    ax0.set_yticks(range(len(layers)), labels)
+    ax0.set_ylabel("layer")
+    ax0.set_title("routing drift per head")
+
+    y = np.arange(len(layers))
+    bar = 0.2
+    colors = {"q": "#3b75af", "k": "#e1812c", "v": "#3a923a", "o": "#c03d3e"}
+    for j, t in enumerate("qkvo"):
+        vals = [
+            (x[t]["rel_drift"] if t in x and x[t]["rel_drift"] is not None else np.nan)
+            for x in layers
+        ]
+        ax1.barh(y + (j - 1.5) * bar, vals, height=bar, color=colors[t], label=t.upper())
+    ax1.set_yticks(y, labels)
+    ax1.invert_yaxis()
+    ax0_ylim = ax0.get_ylim()
+    ax1.set_ylim(ax0_ylim if width else ax1.get_ylim())
+    ax1.set_xlabel("‖W_post − W_pre‖ / ‖W_pre‖")
+    ax1.set_title("projection drift per layer")
+    ax1.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(f"PRE {Path(report['pre']).name} → POST {Path(report['post']).name}", fontsize=10)
+    _save(fig, path)
+
+
+# -- attention maps -------------------------------------------------------------------------------
+
+_CMAPS = ("Blues", "Reds", "Greens", "Purples", "Oranges")
+
+
+def attention_figure(
+    maps: list[np.ndarray],
+    names: list[str],
+    layer: int,
+    head: int,
+    length: int,
+    needle: tuple[int, int],
+    path: Path,
+) -> None:
+    """The paper's Figure 4: each model's attention map (log colour scale) and, last, the log-ratio
+    of the last model over the one before (restored / POST with three models): red where the last
+    attends more."""
+    plt = require()
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+
+    arrays = [np.asarray(m, dtype=np.float64) for m in maps]
+    positive = np.concatenate([a[a > 0].ravel() for a in arrays])
+    hi = float(positive.max()) if positive.size else 1.0
+    lo = max(float(np.quantile(positive, 0.01)), hi * 1e-5) if positive.size else 1e-8
+    n = len(arrays) + (1 if len(arrays) >= 2 else 0)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.6), squeeze=False, layout="constrained")
+    extent = (0, length, length, 0)
+    for i, (a, name) in enumerate(zip(arrays, names)):
+        ax = axes[0, i]
+        shown = np.where(a > 0, a, np.nan)
+        im = ax.imshow(
+            shown,
+            cmap=_CMAPS[i % len(_CMAPS)],
+            norm=LogNorm(vmin=max(lo, 1e-12), vmax=max(hi, lo * 10)),
+            extent=extent,
+            interpolation="nearest",
+        )
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+    if len(arrays) >= 2:
+        a, b = arrays[-2], arrays[-1]
+        eps = max(lo, 1e-12)
+        both = (a > 0) & (b > 0)
+        ratio = np.where(both, np.log(np.maximum(b, eps) / np.maximum(a, eps)), np.nan)
+        vmax = float(np.nanquantile(np.abs(ratio), 0.99)) if np.isfinite(ratio).any() else 1.0
+        vmax = vmax if vmax > 0 and math.isfinite(vmax) else 1.0
+        ax = axes[0, -1]
+        im = ax.imshow(
+            ratio,
+            cmap="RdBu_r",
+            norm=TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax),
+            extent=extent,
+            interpolation="nearest",
+        )
+        ax.set_title(f"log({names[-1]} / {names[-2]})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
+    for ax in axes[0]:
+        ax.axvline(needle[0], color="black", lw=0.6, ls="--")
+        ax.axhline(needle[0], color="black", lw=0.6, ls="--")
+        ax.set_xlabel("key position j", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("query position i", fontsize=8)
+    fig.suptitle(
+        f"layer {layer}, head {head} — {length} tokens, needle at {needle[0]}", fontsize=10
+    )
+    used = tuple(_CMAPS[i % len(_CMAPS)] for i in range(len(arrays)))
+    _save(fig, path, cmaps=(*used, "RdBu_r") if len(arrays) >= 2 else used)
+
+
+# -- autocorrelation ------------------------------------------------------------------------------
+
+
+def autocorr_figure(report: dict[str, Any], path: Path) -> None:
+    """ρ(d) on a log scale with the fitted A·exp(−d/τ) over the range it was fitted on."""
+    plt = require()
+    d = np.asarray(report["distances"], dtype=np.float64)
+    rho = np.asarray([np.nan if v is None else v for v in report["rho"]], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    pos = rho > 0
+    ax.semilogy(d[pos], rho[pos], "o", ms=3, color="#3b75af", label="ρ(d) > 0")
+    if (~pos & np.isfinite(rho)).any():
+        ax.semilogy(
+            d[~pos & np.isfinite(rho)],
+            np.abs(rho[~pos & np.isfinite(rho)]),
+            "x",
+            ms=3,
+            color="#999999",
+            label="|ρ(d)|, ρ ≤ 0",
+        )
+    tau, a = report.get("tau"), report.get("A")
+    if tau and report.get("fit_distances"):
+        end = report["fit_distances"][1]
+        x = np.linspace(1, end, 200)
+        ax.semilogy(
+            x, a * np.exp(-x / tau), "-", color="#c03d3e", label=f"{a:.3g}·exp(−d/{tau:.3g})"
+        )
+    ax.set_xlabel("distance d (tokens)")
+    ax.set_ylabel("token autocorrelation ρ(d)")
+    title = "no fit" if a is None else f"τ = {tau:.3g} tokens" if tau else "τ = ∞ (no decay)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
