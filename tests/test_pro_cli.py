@@ -194,3 +194,86 @@ def test_cuda_without_gpu_is_a_clear_error(qwen3_pair, tmp_path: Path, cli) -> N
     res = cli("pro", pre, post, "-o", tmp_path / "out", "--device", "cuda")
     assert res.code == 2 and "CUDA" in res.err.upper() and len(res.err_lines) == 1
     assert not (tmp_path / "out").exists()
+
+
+CORE_HF = {
+    "qwen3_5_text": (
+        "qwen3_5_text",
+        {
+            k: v
+            for k, v in QWEN3_NEXT.items()
+            if k
+            not in (
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "shared_expert_intermediate_size",
+                "layer_types",
+            )
+        }
+        | {"full_attention_interval": 2},
+    ),
+    "llama": ("llama", {"num_hidden_layers": 2}),
+    "mistral": ("mistral", {"num_hidden_layers": 2, "sliding_window": None}),
+    "qwen2": ("qwen2", {"num_hidden_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("family", list(CORE_HF))
+def test_pro_both_sides_on_core_families(family: str, tmp_path: Path, cli) -> None:
+    model_type, kwargs = CORE_HF[family]
+    pre, post = build_hf_pair(tmp_path, model_type, kwargs, noise=0.02)
+    for fix in ("key", "query"):
+        out = tmp_path / f"out-{fix}"
+        res = cli("pro", pre, post, "-o", out, "--fix", fix, "--ridge", "0.5", "-q")
+        assert res.code == 0, res.err
+        res = cli("verify", out, "--forward", "always", "--json")
+        assert res.code == 0, res.err
+        assert json.loads(res.out)["forward"]["ran"] is True
+
+
+def test_pro_on_jet_nemotron_and_generic(tmp_path: Path, cli) -> None:
+    jet = {
+        "model_type": "jet_nemotron",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "layer_types": ["jet", "attn", "swa"],
+    }
+    generic = {
+        "model_type": "new_thing",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "layer_types": ["linear_attention", "full_attention", "full_attention"],
+    }
+    for name, config in (("jet", jet), ("generic", generic)):
+        pre, post = make_pair(tmp_path / name, config, [False, True, True], bias=True)
+        for fix in ("key", "query"):
+            out = tmp_path / name / f"out-{fix}"
+            assert cli("pro", pre, post, "-o", out, "--fix", fix, "-q").code == 0
+            assert cli("verify", out).code == 0
+
+
+def test_pro_refuses_mla(tmp_path: Path, cli) -> None:
+    kimi = {
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 2,
+        "kv_lora_rank": 8,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "linear_attn_config": {
+            "full_attn_layers": [2, 4],
+            "kda_layers": [1, 3],
+            "num_heads": 2,
+            "head_dim": 8,
+            "short_conv_kernel_size": 4,
+        },
+        "num_experts": 4,
+        "num_experts_per_token": 2,
+        "moe_intermediate_size": 12,
+    }
+    pre, post = build_hf_pair(tmp_path, "kimi_linear", kimi)
+    res = cli("pro", pre, post, "-o", tmp_path / "out")
+    assert res.code == 2 and "MLA" in res.err and "merge" in res.err and len(res.err_lines) == 1
+    assert not (tmp_path / "out").exists()

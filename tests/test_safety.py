@@ -531,3 +531,10 @@ def test_out_inside_an_input_leaves_inputs_untouched(pair, tmp_path, cli) -> Non
     assert res.code == 2 and "must not" in res.err and len(res.err_lines) == 1
     assert not (post / "nested").exists() and leftovers(post) == []
     assert tree_digest(pre, post) == before
+
+
+def test_layer_types_length_mismatch(pair, tmp_path, cli) -> None:
+    (pair[1] / "config.json").write_text(
+        json.dumps(CONFIG | {"layer_types": ["full_attention"] * 3})
+    )
+    merge_checked(cli, pair, tmp_path, "config.json", "num_hidden_layers")
