@@ -59,9 +59,7 @@ from .hub import (
 )
 from .inspect import compare, describe
 from .merge import MergeOptions, execute, plan_merge
-from .plan import RestorePlan, parse_layers, parse_targets, pre_names_for
-from .pro import METHOD_PRO, ComputedStore, plan_pro
-from .pro import solve as solve_pro
+from .plan import METHOD_PRO, RestorePlan, parse_layers, parse_targets, pre_names_for
 from .recipes import load_recipe
 from .verify import read_provenance, verify_output
 from .writer import WriteResult, check_output_location
@@ -553,6 +551,9 @@ def _write(
     store = None
     try:
         if plan.method == METHOD_PRO:
+            from .pro import ComputedStore
+            from .pro import solve as solve_pro
+
             parent = output.absolute().parent
             if not parent.is_dir():
                 raise OutputError(f"{parent}: the folder for OUT does not exist")
@@ -667,6 +668,8 @@ def pro(
         private,
         revision,
     )
+    from .pro import plan_pro  # torch is imported only by the jobs that compute
+
     _run_job(
         pre, post, job, opts, lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value)
     )

@@ -1,12 +1,16 @@
 """Safetensors dtype names, their sizes, and their torch equivalents.
 
 The byte size decides every offset the tool computes, so it is kept here as plain data; torch is only
-needed when values must be converted (PRE stored in another dtype than POST) or computed (QK-Pro).
+needed when values must be converted (PRE stored in another dtype than POST) or computed (QK-Pro),
+and is imported only then: a plain merge never pays torch's second of start-up and 200 MB.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Byte size of one element, for every dtype the tool accepts. Sub-byte types (F4, F6) are refused:
 # their rows are not addressable as whole bytes.
@@ -29,23 +33,31 @@ ITEMSIZE: dict[str, int] = {
     "F64": 8,
 }
 
-TORCH_DTYPE: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F64": torch.float64,
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
 
 FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
 
@@ -55,29 +67,28 @@ def convert(data: bytes | bytearray | memoryview, src: str, dst: str) -> bytes:
 
     Used only where PRE and POST store a tensor in different dtypes; equal dtypes are copied as bytes.
     """
-    if src not in TORCH_DTYPE or dst not in TORCH_DTYPE:
+    import torch
+
+    if src not in TORCH_DTYPE_NAMES or dst not in TORCH_DTYPE_NAMES:
         raise ValueError(f"cannot convert {src} to {dst}")
     if len(data) == 0:
         return b""
-    values = torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[src])
-    return values.to(TORCH_DTYPE[dst]).view(torch.uint8).numpy().tobytes()
+    values = torch.frombuffer(bytearray(data), dtype=torch_dtype(src))
+    return values.to(torch_dtype(dst)).view(torch.uint8).numpy().tobytes()
 
 
 def to_tensor(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """View raw little-endian bytes as a torch tensor (copying once so the tensor owns its memory)."""
+    import torch
+
     if len(data) == 0:
-        return torch.empty(shape, dtype=TORCH_DTYPE[dtype])
-    return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPE[dtype]).reshape(shape)
+        return torch.empty(shape, dtype=torch_dtype(dtype))
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype(dtype)).reshape(shape)
 
 
 def to_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
     """Cast ``tensor`` to ``dtype`` and return its little-endian bytes."""
-    return (
-        tensor.detach()
-        .to("cpu")
-        .to(TORCH_DTYPE[dtype])
-        .contiguous()
-        .view(torch.uint8)
-        .numpy()
-        .tobytes()
-    )
+    import torch
+
+    out = tensor.detach().to("cpu").to(torch_dtype(dtype)).contiguous()
+    return out.view(torch.uint8).numpy().tobytes()

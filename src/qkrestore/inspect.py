@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .adapters import ROUTING_TARGETS, Kind, resolve
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES
@@ -59,6 +57,8 @@ def compare(
     Where a target has several weight tensors (Kimi's K rows in two projections, Zamba2's adapters),
     they count together: squared norms are summed before the ratio.
     """
+    import torch
+
     out = []
     for layer in description["layers"]:
         row: dict[str, Any] = {"layer": layer["layer"], "kind": layer["kind"]}

@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import PlanError, QKRestoreError
 
 METHOD_RESTORE = "qk-restore"
+METHOD_PRO = "qk-pro"
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, to_bytes
 from .errors import PlanError
 from .merge import MergeOptions
-from .plan import RestorePlan, TensorPatch, build_plan
+from .plan import METHOD_PRO, RestorePlan, TensorPatch, build_plan
 from .pro_math import resolve_device, solve_fix_key_batched, solve_fix_query_batched
 from .tensors import read_rows
 
-METHOD_PRO = "qk-pro"
 # Families whose softmax layers have no single W_Q/W_K pair per head (MLA's low-rank K, Zamba2's
 # shared blocks with per-layer adapters): the closed form is not defined there.
 UNSUPPORTED = {"kimi_linear": "MLA layers", "zamba2": "shared blocks with LoRA adapters"}

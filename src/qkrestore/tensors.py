@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint
 from .dtypes import to_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_rows(
     ckpt: Checkpoint, name: str, rows: Sequence[Sequence[int]], dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """The given row ranges of a tensor, concatenated in order (optionally converted)."""
+    import torch
+
     info = ckpt.info(name)
     parts = []
     for r0, r1 in rows:
