@@ -192,7 +192,10 @@ class Checkpoint:
                 if fd is None:
                     fd = os.open(self.shards[file].path, os.O_RDONLY)
                     self._fds[file] = fd
-        out = bytearray()
+        got = os.pread(fd, length, offset)
+        if len(got) == length:  # the usual case: no extra copies of the chunk
+            return got
+        out = bytearray(got)
         while len(out) < length:
             got = os.pread(fd, length - len(out), offset + len(out))
             if not got:

@@ -244,7 +244,6 @@ def write_output(
 
     with staging_dir(out, overwrite) as tmp:
         result = WriteResult(out=out, files=files, skipped=skipped, tensor_sha256={})
-        range_sha: dict[str, str] = {}
         lock = threading.Lock()
         cancel = threading.Event()
 
@@ -264,20 +263,26 @@ def write_output(
                 step(src.stat().st_size)
                 return
             copy_file(src, dst, step)
-            if rel in shard_files:
-                _check_shard_unchanged(post, rel, dst)
-            if rel not in touched:
+            if rel not in shard_files:
                 return
-            fd = os.open(dst, os.O_WRONLY)
-            try:
-                for patch in (p for p in plan.patches if p.file == rel):
-                    digest = hashlib.sha256()
-                    n = apply_patch(fd, patch, pre, post, computed, digest)
-                    with lock:
-                        result.bytes_from_pre += n
-                        range_sha[patch.name] = digest.hexdigest()
-            finally:
-                os.close(fd)
+            _check_shard_unchanged(post, rel, dst)
+            patches = [p for p in plan.patches if p.file == rel]
+            local_sha: dict[str, str] = {}
+            if patches:
+                fd = os.open(dst, os.O_WRONLY)
+                try:
+                    for patch in patches:
+                        digest = hashlib.sha256()
+                        n = apply_patch(fd, patch, pre, post, computed, digest)
+                        local_sha[patch.name] = digest.hexdigest()
+                        with lock:
+                            result.bytes_from_pre += n
+                finally:
+                    os.close(fd)
+            # Re-read in this worker, so the check overlaps the copies still running.
+            sha = check_written_file(rel, dst, patches, pre, post, local_sha)
+            with lock:
+                result.tensor_sha256.update(sha)
 
         # Biggest files first so the parallel copies finish together.
         order = sorted(files, key=lambda f: -(post.root / f).stat().st_size)
@@ -293,7 +298,7 @@ def write_output(
                 pool.shutdown(wait=True)
                 raise
         result.linked.sort()
-        result.tensor_sha256 = reread_and_check(plan, pre, post, tmp, range_sha)
+        result.tensor_sha256 = dict(sorted(result.tensor_sha256.items()))
         if finalize:
             finalize(tmp, result)
     return result
@@ -314,30 +319,54 @@ def _check_shard_unchanged(post: Checkpoint, rel: str, dst: Path) -> None:
         )
 
 
+def check_written_file(
+    rel: str,
+    dst: Path,
+    patches: list[TensorPatch],
+    pre: Checkpoint,
+    post: Checkpoint,
+    range_sha: Mapping[str, str],
+) -> dict[str, str]:
+    """Re-read one written shard: header equal to POST's, each patched range hashing as written.
+
+    One pass over each patched tensor feeds both digests: the planned ranges (compared with what
+    was written) and the whole tensor (recorded in the provenance). Returns the whole-tensor sha256s.
+    """
+    if read_header_bytes(dst) != read_header_bytes(post.shards[rel].path):
+        raise OutputError(f"{dst}: written header differs from POST's")
+    tensor_sha: dict[str, str] = {}
+    with open(dst, "rb") as fh:
+        fd = fh.fileno()
+        for patch in patches:
+            info = post.tensors[patch.name]
+            spans = [(off, off + n) for off, n, _, _ in patch_ranges(patch, pre, post)]
+            if spans != sorted(spans):
+                raise OutputError(f"'{patch.name}': plan rows are not in ascending order")
+            ranges, whole = hashlib.sha256(), hashlib.sha256()
+            pos, end = info.start, info.start + info.nbytes
+            while pos < end:
+                piece = os.pread(fd, min(CHUNK, end - pos), pos)
+                if not piece:
+                    raise OutputError(f"{dst}: ends inside tensor '{patch.name}'")
+                whole.update(piece)
+                view = memoryview(piece)
+                for a, b in spans:
+                    lo, hi = max(a, pos), min(b, pos + len(piece))
+                    if lo < hi:
+                        ranges.update(view[lo - pos : hi - pos])
+                pos += len(piece)
+            if ranges.hexdigest() != range_sha[patch.name]:
+                raise OutputError(f"{dst}: tensor '{patch.name}' reads back differently")
+            tensor_sha[patch.name] = whole.hexdigest()
+    return tensor_sha
+
+
 def reread_and_check(
     plan: RestorePlan, pre: Checkpoint, post: Checkpoint, tmp: Path, range_sha: Mapping[str, str]
 ) -> dict[str, str]:
-    """Re-read what was written: headers equal POST's, each patched range hashes as it was written.
-
-    Returns the sha256 of every patched tensor's full output bytes (recorded in the provenance).
-    """
+    """Re-read every written shard (see :func:`check_written_file`); whole-tensor sha256s of patches."""
     tensor_sha: dict[str, str] = {}
-    with Checkpoint.open(tmp) as written:
-        for rel, shard in post.shards.items():
-            if read_header_bytes(tmp / rel) != read_header_bytes(shard.path):
-                raise OutputError(f"{tmp / rel}: written header differs from POST's")
-        for patch in plan.patches:
-            digest = hashlib.sha256()
-            for dst_off, dst_len, _, _ in patch_ranges(patch, pre, post):
-                for piece in written.iter_chunks(patch.file, dst_off, dst_len, CHUNK):
-                    digest.update(piece)
-            if digest.hexdigest() != range_sha[patch.name]:
-                raise OutputError(
-                    f"{tmp / patch.file}: tensor '{patch.name}' reads back differently"
-                )
-            info = written.tensors[patch.name]
-            whole = hashlib.sha256()
-            for piece in written.iter_chunks(patch.file, info.start, info.nbytes, CHUNK):
-                whole.update(piece)
-            tensor_sha[patch.name] = whole.hexdigest()
+    for rel in post.shards:
+        patches = [p for p in plan.patches if p.file == rel]
+        tensor_sha.update(check_written_file(rel, tmp / rel, patches, pre, post, range_sha))
     return tensor_sha
