@@ -254,26 +254,9 @@ def test_pro_on_jet_nemotron_and_generic(tmp_path: Path, cli) -> None:
 
 
 def test_pro_refuses_mla(tmp_path: Path, cli) -> None:
-    kimi = {
-        "num_hidden_layers": 4,
-        "num_key_value_heads": 2,
-        "kv_lora_rank": 8,
-        "q_lora_rank": None,
-        "qk_rope_head_dim": 4,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "linear_attn_config": {
-            "full_attn_layers": [2, 4],
-            "kda_layers": [1, 3],
-            "num_heads": 2,
-            "head_dim": 8,
-            "short_conv_kernel_size": 4,
-        },
-        "num_experts": 4,
-        "num_experts_per_token": 2,
-        "moe_intermediate_size": 12,
-    }
-    pre, post = build_hf_pair(tmp_path, "kimi_linear", kimi)
+    from test_families_kimi_zamba import KIMI
+
+    pre, post = build_hf_pair(tmp_path, "kimi_linear", KIMI)
     res = cli("pro", pre, post, "-o", tmp_path / "out")
     assert res.code == 2 and "MLA" in res.err and "merge" in res.err and len(res.err_lines) == 1
     assert not (tmp_path / "out").exists()
