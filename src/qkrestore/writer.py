@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -101,25 +102,55 @@ def check_free_space(parent: Path, needed: int) -> None:
 
 @contextlib.contextmanager
 def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of OUT, renamed onto OUT on success and removed on any failure."""
+    """A temporary sibling of OUT, renamed onto OUT on success and removed on any failure.
+
+    Ctrl-C and SIGTERM are held back while the folder is created and while OUT is swapped in, so an
+    interruption lands either before anything exists or inside the ``try`` that removes it; it can
+    never strand a temporary folder or leave OUT half-replaced.
+    """
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists", hint="pass --overwrite to replace it")
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: the folder for OUT does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-tmp-", dir=parent))
+    held = _hold_signals()
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-tmp-", dir=parent))
+    except BaseException:
+        _release_signals(held)
+        raise
+    try:
+        _release_signals(held)  # a signal that came meanwhile is raised here, inside the try
         yield tmp
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-old-", dir=parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        held = _hold_signals()
+        try:
+            if out.exists() or out.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-old-", dir=parent))
+                os.rename(out, old / "x")
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
+        finally:
+            _release_signals(held)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _hold_signals() -> set[int] | None:
+    """Defer SIGINT/SIGTERM (main thread only); returns the mask to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release_signals(previous: set[int] | None) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # -- copying --------------------------------------------------------------------------------------
@@ -286,17 +317,26 @@ def write_output(
 
         # Biggest files first so the parallel copies finish together.
         order = sorted(files, key=lambda f: -(post.root / f).stat().st_size)
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(one_file, rel) for rel in order]
-            try:
-                for fut in as_completed(futures):
-                    fut.result()
-            except BaseException:
-                cancel.set()
-                for fut in futures:
-                    fut.cancel()
-                pool.shutdown(wait=True)
-                raise
+        # A signal landing inside Thread.start() can leave a worker the pool does not know of, one
+        # that would write into the staging folder after it is removed: hold signals while the
+        # workers start, and take them inside the try that stops and joins every worker.
+        held = _hold_signals()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                futures = [pool.submit(one_file, rel) for rel in order]
+                try:
+                    _release_signals(held)
+                    held = None
+                    for fut in as_completed(futures):
+                        fut.result()
+                except BaseException:
+                    cancel.set()
+                    for fut in futures:
+                        fut.cancel()
+                    pool.shutdown(wait=True)
+                    raise
+        finally:
+            _release_signals(held)
         result.linked.sort()
         result.tensor_sha256 = dict(sorted(result.tensor_sha256.items()))
         if finalize:
