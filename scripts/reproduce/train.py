@@ -1,0 +1,89 @@
+"""Model construction and the two training stages (pre-training, CoT-SFT)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def build_model(vocab_size: int, size: str, seed: int):
+    """A Qwen3.5-text hybrid (gated-DeltaNet linear layers + a few full-attention layers)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if size == "gpu":
+        dims = dict(
+            hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+            linear_key_head_dim=32, linear_value_head_dim=32,
+        )  # fmt: skip
+    else:
+        dims = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=16, linear_value_head_dim=16,
+        )  # fmt: skip
+    cfg = AutoConfig.for_model(
+        "qwen3_5_text",
+        vocab_size=vocab_size,
+        full_attention_interval=4,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=8192,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **dims,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def train(
+    model,
+    batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    seconds: float | None = None,
+    warmup: int = 50,
+    log: Callable[[str], None] = print,
+    name: str = "train",
+) -> dict:
+    """AdamW, linear warm-up, cosine decay over ``steps`` or ``seconds`` of wall time, whichever
+    runs out first (training stops there)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = min(warmup, max(1, steps // 10))
+
+    def lr_at(i: int) -> float:
+        if i < warmup:
+            return lr * (i + 1) / warmup
+        p = (i - warmup) / max(1, steps - warmup)
+        if seconds is not None:  # the schedule follows whichever runs out first: steps or time
+            p = max(p, (time.time() - t0) / seconds)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    model.train()
+    t0, losses, done = time.time(), [], 0
+    for i in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i)
+        ids, labels = batch_fn(i)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        done = i + 1
+        if i % max(1, steps // 10) == 0 or i == steps - 1:
+            log(f"[{name}] step {i}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if seconds is not None and time.time() - t0 > seconds:
+            log(f"[{name}] time budget {seconds:.0f}s reached at step {done}/{steps}")
+            break
+    model.eval()
+    return {"steps": done, "planned_steps": steps, "seconds": round(time.time() - t0, 1),
+            "final_loss": float(sum(losses[-10:]) / len(losses[-10:]))}  # fmt: skip
