@@ -102,9 +102,7 @@ def _root(
     ] = False,
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Print the version."
-        ),
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
     STATE["debug"] = debug or bool(os.environ.get("QKRESTORE_DEBUG"))
@@ -158,9 +156,7 @@ def merge(
         allow_arch_mismatch=allow_arch_mismatch,
         tensor_pattern=tensor_pattern,
         jobs=jobs,
-        adapter_options={"mla_latent": mla_latent.value}
-        if mla_latent is MlaLatent.pre
-        else {},
+        adapter_options={"mla_latent": mla_latent.value} if mla_latent is MlaLatent.pre else {},
     )
     job = JobFlags(
         output,
@@ -195,9 +191,7 @@ def pro(
     output: OutputOpt,
     fix: Annotated[
         FixSide,
-        typer.Option(
-            "--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."
-        ),
+        typer.Option("--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."),
     ] = FixSide.key,
     ridge: Annotated[
         float,
@@ -209,9 +203,7 @@ def pro(
     ] = 1.0,
     device: Annotated[
         DeviceChoice,
-        typer.Option(
-            "--device", help="Where to solve: auto (CUDA if present), cpu, cuda."
-        ),
+        typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),
     ] = DeviceChoice.auto,
     layers: LayersOpt = "auto",
     include_sliding: SlidingOpt = False,
@@ -274,9 +266,7 @@ def inspect_layers(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
     compare_with: Annotated[
         Path | None,
-        typer.Option(
-            "--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."
-        ),
+        typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -306,9 +296,7 @@ def inspect_layers(
     for layer in desc["layers"]:
         for t in layer["tensors"]:
             rows = t["rows"]
-            rtext = ", ".join(f"{a}:{b}" for a, b in rows[:4]) + (
-                " …" if len(rows) > 4 else ""
-            )
+            rtext = ", ".join(f"{a}:{b}" for a, b in rows[:4]) + (" …" if len(rows) > 4 else "")
             short = t["name"].removeprefix(f"{desc['layer_prefix']}{layer['layer']}.")
             table.add_row(
                 str(layer["layer"]),
@@ -347,12 +335,8 @@ VERIFY_EPILOG = (
 
 @app.command(epilog=VERIFY_EPILOG)
 def verify(
-    out: Annotated[
-        Path, typer.Argument(help="An output folder written by merge or pro.")
-    ],
-    pre: Annotated[
-        Path | None, typer.Option("--pre", help="Override PRE's recorded path.")
-    ] = None,
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
     post: Annotated[
         Path | None, typer.Option("--post", help="Override POST's recorded path.")
     ] = None,
@@ -404,12 +388,8 @@ PUSH_EPILOG = """[bold]Examples[/bold]
 
 @app.command(epilog=PUSH_EPILOG)
 def push(
-    out: Annotated[
-        Path, typer.Argument(help="An output folder written by merge or pro.")
-    ],
-    repo_id: Annotated[
-        str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")
-    ],
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")],
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
@@ -485,26 +465,18 @@ def main(argv: list[str] | None = None) -> int:
     except QKRestoreError as exc:
         if STATE["debug"]:
             raise
-        err_console.print(
-            f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except (
-        typer.TyperException
-    ) as exc:  # usage errors: unknown option, missing argument, ...
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, ...
         exc.show()
         return EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
-        err_console.print(
-            "interrupted: no partial output was left behind", highlight=False
-        )
+        err_console.print("interrupted: no partial output was left behind", highlight=False)
         return EXIT_INTERRUPTED
     except Terminated:
-        err_console.print(
-            "terminated: no partial output was left behind", highlight=False
-        )
+        err_console.print("terminated: no partial output was left behind", highlight=False)
         return EXIT_TERMINATED
     except OSError as exc:
         if STATE["debug"]:

@@ -57,9 +57,7 @@ def human_console(json_mode: bool, quiet: bool = False) -> Console | None:
 
 def note(msg: str, quiet: bool = False) -> None:
     if not quiet:
-        err_console.print(
-            f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True
-        )
+        err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
 def open_checkpoint(path: Path, label: str, partial: bool = False) -> Checkpoint:
@@ -96,11 +94,7 @@ class ByteProgress:
 
     def advance(self, n: int) -> None:
         self.bar.advance(self.task, n)
-        if (
-            self.enabled
-            and not self.shown
-            and time.monotonic() - self.started_at > self.DELAY_S
-        ):
+        if self.enabled and not self.shown and time.monotonic() - self.started_at > self.DELAY_S:
             with self.lock:
                 if not self.shown:
                     self.shown = True
@@ -115,15 +109,11 @@ class ByteProgress:
 
 
 def plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
-    table = Table(
-        title=f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}"
-    )
+    table = Table(title=f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}")
     for col in ("layer", "kind", "tensor", "rows", "dtype", "file", "from"):
         table.add_column(col, overflow="fold", no_wrap=col == "tensor")
     for p in plan.patches:
-        rows = ", ".join(f"{a}:{b}" for a, b in p.rows[:4]) + (
-            " …" if len(p.rows) > 4 else ""
-        )
+        rows = ", ".join(f"{a}:{b}" for a, b in p.rows[:4]) + (" …" if len(p.rows) > 4 else "")
         dtype = p.dtype if not p.cast else f"{p.pre_dtype}→{p.dtype}"
         table.add_row(
             str(p.layer),

@@ -67,12 +67,8 @@ def _needed_pre_names(
     make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
 ) -> list[str]:
     """Names of the tensors PRE must supply, known from PRE's index before its shards are fetched."""
-    index = json.loads(
-        (meta / "model.safetensors.index.json").read_text(encoding="utf-8")
-    )
-    return pre_names_for(
-        make_plan(post_ck, post_ck), post_ck, index.get("weight_map", {})
-    )
+    index = json.loads((meta / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    return pre_names_for(make_plan(post_ck, post_ck), post_ck, index.get("weight_map", {}))
 
 
 def run_job(
@@ -90,14 +86,10 @@ def run_job(
         _hub_dry_run(pre_src, post_src, job, make_plan)
         return
     with open_checkpoint(fetch_post(post_src), "POST") as post_ck:
-        pre_root = fetch_pre(
-            pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan)
-        )
+        pre_root = fetch_pre(pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan))
         with open_checkpoint(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
             # Output problems are the cheapest to find: report them before any planning.
-            check_output_location(
-                output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root}
-            )
+            check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
             if not job.dry_run and output.exists() and not opts.overwrite:
                 raise OutputError(
                     f"{output}: already exists", hint="pass --overwrite to replace it"
@@ -139,9 +131,7 @@ def run_job(
                 if job.json_out:
                     emit_json(summary)
                 return
-            result = _write(
-                plan, pre_ck, post_ck, output, opts, job, pre_src, post_src, summary
-            )
+            result = _write(plan, pre_ck, post_ck, output, opts, job, pre_src, post_src, summary)
     for skipped in result.skipped:
         note(f"not copied from POST (another weight format): {skipped}", job.quiet)
     summary.update(
@@ -172,9 +162,7 @@ def run_job(
             highlight=False,
         )
         if "pushed" in summary:
-            human.print(
-                f"[green]✓[/green] pushed to {summary['pushed']}", highlight=False
-            )
+            human.print(f"[green]✓[/green] pushed to {summary['pushed']}", highlight=False)
 
 
 def _hub_dry_run(
@@ -216,9 +204,7 @@ def _hub_dry_run(
                 size = f"{f['size'] / 2**20:,.1f} MiB" if f["size"] is not None else "?"
                 table.add_row(side, f["file"], size, "yes" if f["cached"] else "no")
         human.print(table)
-        human.print(
-            f"dry run: nothing downloaded or written; OUT would be {job.output}"
-        )
+        human.print(f"dry run: nothing downloaded or written; OUT would be {job.output}")
     if job.json_out:
         emit_json(summary)
 
