@@ -317,3 +317,17 @@ def test_demo_json(tmp_path: Path, cli) -> None:
     assert res.code == 0, res.err
     doc = json.loads(res.out)
     assert doc["ok"] and (Path(doc["output"]) / "qkrestore.json").is_file()
+
+
+def test_json_is_strict_when_a_drift_is_undefined(tmp_path: Path, cli) -> None:
+    """An all-zero reference tensor has no relative drift: --json says null, never NaN."""
+    pre_t = model_tensors([True, True, True], bias=False, seed=11)
+    pre_t["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 32)
+    pre = write_checkpoint(tmp_path / "pre", CONFIG, pre_t)
+    post = write_checkpoint(tmp_path / "post", CONFIG, perturbed(pre_t, seed=12))
+    res = cli("inspect-layers", pre, "--compare", post, "--json")
+    assert res.code == 0, res.err
+    assert "NaN" not in res.out
+    doc = json.loads(res.out)
+    assert doc["compare"]["layers"][0]["q"] is None
+    assert doc["compare"]["layers"][1]["q"] > 0

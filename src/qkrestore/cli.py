@@ -449,7 +449,7 @@ def demo(
     )
 
 
-register_diagnostics(app, out_console, err_console)
+register_diagnostics(app)
 
 
 # -- entry point ----------------------------------------------------------------------------------

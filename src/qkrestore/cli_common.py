@@ -7,6 +7,7 @@ notes and errors go to stderr.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import threading
@@ -44,8 +45,20 @@ def command_text() -> str:
 # -- helpers --------------------------------------------------------------------------------------
 
 
+def _finite(doc: Any) -> Any:
+    """JSON has no NaN or infinity (e.g. the drift of an all-zero tensor): such values become null."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_finite(v) for v in doc]
+    return doc
+
+
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    """The one JSON document of a --json run, on stdout, always strictly valid JSON."""
+    sys.stdout.write(json.dumps(_finite(doc), indent=2, allow_nan=False) + "\n")
 
 
 def human_console(json_mode: bool, quiet: bool = False) -> Console | None:

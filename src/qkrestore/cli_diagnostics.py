@@ -7,9 +7,7 @@ checked (matplotlib present, folder exists) before any work starts.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_common import emit_json, err_console, note, out_console
+from .cli_options import DeviceChoice, JsonOpt
 from .errors import QKRestoreError
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
 PlotOpt = Annotated[
     Path | None,
     typer.Option(
@@ -36,12 +35,6 @@ RemoteOpt = Annotated[
         "as HypeNet). Off by default: that code runs with your permissions.",
     ),
 ]
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class DType(str, Enum):
@@ -64,7 +57,7 @@ class Task(str, Enum):
 
 
 DeviceOpt = Annotated[
-    Device, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
+    DeviceChoice, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
 ]
 DTypeOpt = Annotated[
     DType,
@@ -72,26 +65,11 @@ DTypeOpt = Annotated[
 ]
 
 
-def _finite(doc: Any) -> Any:
-    """JSON has no NaN or infinity: such values become null."""
-    if isinstance(doc, float):
-        return doc if math.isfinite(doc) else None
-    if isinstance(doc, dict):
-        return {k: _finite(v) for k, v in doc.items()}
-    if isinstance(doc, (list, tuple)):
-        return [_finite(v) for v in doc]
-    return doc
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(_finite(doc), indent=2) + "\n")
-
-
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _devices(device: Device, dtype: DType) -> tuple[Any, Any]:
+def _devices(device: DeviceChoice, dtype: DType) -> tuple[Any, Any]:
     import torch
 
     from .pro_math import resolve_device
@@ -107,14 +85,11 @@ def _devices(device: Device, dtype: DType) -> tuple[Any, Any]:
     return dev, dt
 
 
-def register(app: typer.Typer, out_console: Console, err_console: Console) -> None:
+def register(app: typer.Typer) -> None:
     """Add the diagnostic commands to ``app``; called once by :mod:`qkrestore.cli`."""
 
     def human(json_mode: bool) -> Console:
         return err_console if json_mode else out_console
-
-    def note(msg: str) -> None:
-        err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
     # -- drift ------------------------------------------------------------------------------------
 
@@ -154,7 +129,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
             plots.drift_figure(report, plot)
             report["plot"] = str(plot)
         if json_out:
-            _emit_json(report)
+            emit_json(report)
         c = human(json_out)
         table = Table(
             title="drift PRE → POST: ‖ΔW‖/‖W‖; route = ‖Δ(Q_hᵀK_g)‖/‖Q_hᵀK_g‖ (mean, max over "
@@ -206,7 +181,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
             float,
             typer.Option("--depth", min=0.0, max=1.0, help="Where the needle sits (0 = start)."),
         ] = 0.5,
-        device: DeviceOpt = Device.auto,
+        device: DeviceOpt = DeviceChoice.auto,
         dtype: DTypeOpt = DType.auto,
         layer: Annotated[
             int | None, typer.Option("--layer", help="Layer drawn by --plot (default: picked).")
@@ -300,7 +275,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
             )
             report["plot"] = {"file": str(plot), "layer": layer, "head": head}
         if json_out:
-            _emit_json(report)
+            emit_json(report)
         c = human(json_out)
         table = Table(title=f"mean attention distance D_h (tokens), {length}-token needle prompt")
         table.add_column("layer", justify="right")
@@ -384,7 +359,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
             plots.autocorr_figure(report, plot)
             report["plot"] = str(plot)
         if json_out:
-            _emit_json(report)
+            emit_json(report)
         c = human(json_out)
         c.print(
             f"{report['tokens']:,} tokens in {report['documents']:,} documents, "
@@ -439,7 +414,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
             bool,
             typer.Option("--chat-template", help="Wrap the question in the tokenizer's template."),
         ] = False,
-        device: DeviceOpt = Device.auto,
+        device: DeviceOpt = DeviceChoice.auto,
         dtype: DTypeOpt = DType.auto,
         seed: SeedOpt = 0,
         trust_remote_code: RemoteOpt = False,
@@ -473,7 +448,7 @@ def register(app: typer.Typer, out_console: Console, err_console: Console) -> No
         for n in report["notes"]:
             note(n)
         if json_out:
-            _emit_json(report)
+            emit_json(report)
         c = human(json_out)
         table = Table(title=f"NIAH {task.value} on {model} ({dev}, {report['dtype']})")
         for col in ("length", "accuracy", "correct", "seconds"):
