@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qkrestore.cli import main
+from qkrestore.hf_logging import quiet_transformers
 
 TINY = {
     "vocab_size": 99,
@@ -59,13 +60,6 @@ QWEN3_5_TEXT = {
         "layer_types",
     )
 } | {"full_attention_interval": 2}
-
-
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def build_hf_pair(

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import QKRestoreError
+from .hf_logging import quiet_transformers
 
 TINY_QWEN3_NEXT = {
     "vocab_size": 99,
@@ -43,14 +44,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def quiet_transformers() -> None:
-    """Keep transformers' progress bars and kernel-fallback notices out of the demo's output."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def build_pair(root: Path, seed: int = 0, noise: float = 0.005) -> tuple[Path, Path]:

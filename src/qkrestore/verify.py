@@ -247,7 +247,7 @@ def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
             "ok": True,
             "message": f"skipped: transformers has no causal-LM class for '{model_type}'",
         }
-    from .demo import quiet_transformers
+    from .hf_logging import quiet_transformers
 
     quiet_transformers()
     try:

@@ -221,10 +221,10 @@ def load_model(
 ) -> torch.nn.Module:
     """A causal LM with eager attention (the only implementation that returns the weights)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    from ..hf_logging import quiet_transformers
+
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),

@@ -62,9 +62,10 @@ def _tokenize(texts: Iterable[str], tokenizer_dir: Path | None, what: Path) -> l
 def load_tokenizer(path: Path) -> Any:
     """A tokenizer from a local folder only (``local_files_only``: never a download)."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
+    from ..hf_logging import quiet_transformers
+
+    quiet_transformers()
     if not Path(path).is_dir():
         raise QKRestoreError(f"{path}: not a folder (--tokenizer takes a local tokenizer folder)")
     try:

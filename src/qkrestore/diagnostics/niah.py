@@ -328,10 +328,10 @@ def sample_depths(samples: int, depth: float | None) -> list[float]:
 def load_tokenizer(model_dir: Path) -> Any:
     """The tokenizer saved in the model's folder; a clear error when there is none."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    from ..hf_logging import quiet_transformers
+
+    quiet_transformers()
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((Path(model_dir) / n).is_file() for n in names):
         raise QKRestoreError(
