@@ -401,29 +401,34 @@ def test_post_changed_while_reading(pair, tmp_path) -> None:
 
 
 def test_written_bytes_are_reread_before_the_rename(pair, tmp_path) -> None:
-    """A finalize hook corrupting the staged copy shows the re-read happens on disk, not in memory."""
-    from qkrestore.writer import reread_and_check
+    """The per-shard re-check the writer runs before the rename reads the file on disk.
+
+    It passes on the written output (and yields the sha256s the provenance records), and names the
+    tensor once a byte of a restored range is changed on disk.
+    """
+    from qkrestore.writer import check_written_file
 
     pre_ck, post_ck = Checkpoint.open(pair[0]), Checkpoint.open(pair[1])
     plan = build_plan(pre_ck, post_ck)
     out = tmp_path / "out"
-    write_output(plan, pre_ck, post_ck, out)
+    result = write_output(plan, pre_ck, post_ck, out)
     patch = plan.patches[0]
     info = post_ck.tensors[patch.name]
-    good = {
-        p.name: hashlib.sha256(
-            b"".join(Checkpoint.open(out).read(p.name, r) for r in p.rows)
-        ).hexdigest()
-        for p in plan.patches
-    }
-    assert reread_and_check(plan, pre_ck, post_ck, out, good)
+    patches = [p for p in plan.patches if p.file == patch.file]
+    with Checkpoint.open(out) as written:
+        good = {
+            p.name: hashlib.sha256(b"".join(written.read(p.name, r) for r in p.rows)).hexdigest()
+            for p in patches
+        }
+    shas = check_written_file(patch.file, out / patch.file, patches, pre_ck, post_ck, good)
+    assert shas == {p.name: result.tensor_sha256[p.name] for p in patches}
     with open(out / patch.file, "r+b") as fh:
         fh.seek(info.start)
         b = fh.read(1)
         fh.seek(info.start)
         fh.write(bytes([b[0] ^ 1]))
     with pytest.raises(QKRestoreError, match=patch.name):
-        reread_and_check(plan, pre_ck, post_ck, out, good)
+        check_written_file(patch.file, out / patch.file, patches, pre_ck, post_ck, good)
 
 
 # -- faults in a real process --------------------------------------------------------------------

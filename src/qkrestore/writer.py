@@ -399,14 +399,3 @@ def check_written_file(
                 raise OutputError(f"{dst}: tensor '{patch.name}' reads back differently")
             tensor_sha[patch.name] = whole.hexdigest()
     return tensor_sha
-
-
-def reread_and_check(
-    plan: RestorePlan, pre: Checkpoint, post: Checkpoint, tmp: Path, range_sha: Mapping[str, str]
-) -> dict[str, str]:
-    """Re-read every written shard (see :func:`check_written_file`); whole-tensor sha256s of patches."""
-    tensor_sha: dict[str, str] = {}
-    for rel in post.shards:
-        patches = [p for p in plan.patches if p.file == rel]
-        tensor_sha.update(check_written_file(rel, tmp / rel, patches, pre, post, range_sha))
-    return tensor_sha
