@@ -71,6 +71,23 @@ def _needed_pre_names(
     return pre_names_for(make_plan(post_ck, post_ck), post_ck, index.get("weight_map", {}))
 
 
+def _checked_plan(
+    make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
+    pre_ck: Checkpoint,
+    post_ck: Checkpoint,
+    job: JobFlags,
+) -> RestorePlan:
+    """The plan, refused unless its layers are the ones ``--expect-layers`` (or a recipe) names."""
+    plan = make_plan(pre_ck, post_ck)
+    if job.expect_layers is not None and plan.layers != job.expect_layers:
+        raise PlanError(
+            f"expected softmax-attention layers {job.expect_layers}, but the plan has "
+            f"{plan.layers}",
+            hint="is this the model the recipe was written for?",
+        )
+    return plan
+
+
 def run_job(
     pre: str,
     post: str,
@@ -99,13 +116,7 @@ def run_job(
                     "PRE and POST are the same folder: the output will equal POST",
                     job.quiet,
                 )
-            plan = make_plan(pre_ck, post_ck)
-            if job.expect_layers is not None and plan.layers != job.expect_layers:
-                raise PlanError(
-                    f"expected softmax-attention layers {job.expect_layers}, but the plan has "
-                    f"{plan.layers}",
-                    hint="is this the model the recipe was written for?",
-                )
+            plan = _checked_plan(make_plan, pre_ck, post_ck, job)
             for n in plan.notes:
                 note(n, job.quiet)
             summary: dict[str, Any] = {
@@ -173,11 +184,7 @@ def _hub_dry_run(
 ) -> None:
     """Plan from headers and list what each side would download, fetching no weights."""
     post_ck, pre_ck = metadata_view(post_src), metadata_view(pre_src)
-    plan = make_plan(pre_ck, post_ck)
-    if job.expect_layers is not None and plan.layers != job.expect_layers:
-        raise PlanError(
-            f"expected softmax-attention layers {job.expect_layers}, but the plan has {plan.layers}"
-        )
+    plan = _checked_plan(make_plan, pre_ck, post_ck, job)
     pre_files = sorted({pre_ck.tensors[p.pre_name].file for p in plan.patches})
     downloads = {
         "post": download_list(post_src, ignore=FOREIGN_WEIGHTS),
