@@ -272,6 +272,7 @@ def test_inspect_layers_table_and_compare(pair, cli) -> None:
     assert res.code == 0, res.err
     doc = json.loads(res.out)
     assert doc["model_type"] == "llama" and doc["adapter"] == "llama" and doc["num_layers"] == 3
+    assert "Llama" in doc["adapter_description"] and doc["adapter_notes"] == []
     q = next(t for t in doc["layers"][0]["tensors"] if t["name"].endswith("q_proj.weight"))
     assert q["rows"] == [[0, 32]] and q["shape"] == [32, 32] and q["dtype"] == "F32"
     assert q["file"].startswith("model-0000")

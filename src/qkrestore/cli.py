@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .cli_common import STATE, emit_json, err_console, open_checkpoint, out_console
+from .cli_common import STATE, emit_json, err_console, note, open_checkpoint, out_console
 from .cli_diagnostics import register as register_diagnostics
 from .cli_jobs import JobFlags, parse_expect, run_job
 from .cli_options import (
@@ -290,6 +290,10 @@ def inspect_layers(
         f"local softmax: {desc['local_layers']}",
         highlight=False,
     )
+    if desc["adapter_description"]:
+        c.print(f"family: {escape(desc['adapter_description'])}", highlight=False)
+    for n in desc["adapter_notes"]:
+        note(n)
     table = Table(title=f"routing tensors (names under {desc['layer_prefix']}<layer>.)")
     for col in ("layer", "kind", "tensor", "rows", "shape", "dtype", "shard"):
         table.add_column(col, overflow="fold", no_wrap=col == "tensor")

@@ -41,6 +41,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "model_type": resolved.model_type,
         "adapter": adapter.name,
         "adapter_reason": resolved.reason,
+        "adapter_description": adapter.description,
+        "adapter_notes": list(adapter.notes),
         "num_layers": len(kinds),
         "layer_prefix": prefix,
         "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
