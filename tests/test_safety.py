@@ -543,3 +543,13 @@ def test_layer_types_length_mismatch(pair, tmp_path, cli) -> None:
         json.dumps(CONFIG | {"layer_types": ["full_attention"] * 3})
     )
     merge_checked(cli, pair, tmp_path, "config.json", "num_hidden_layers")
+
+
+def test_shard_that_shrank_after_opening_is_reported(pair) -> None:
+    """docs/safety.md: a read past the end of a shard that shrank is a clear error, not short data."""
+    post_ck = Checkpoint.open(pair[1])
+    info = max(post_ck.tensors.values(), key=lambda t: t.start + t.nbytes)
+    with open(post_ck.shards[info.file].path, "r+b") as fh:
+        fh.truncate(info.start + info.nbytes // 2)
+    with pytest.raises(QKRestoreError, match="changed while reading"):
+        post_ck.read(info.name)
