@@ -32,7 +32,11 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
 
-    for name in ("report.md", "results.json", "recall.png", "drift.png", "drift.json", "log.txt"):
+    for name in (
+        "report.md", "results.json", "recall.png", "log.txt", "drift.png", "drift.json",
+        "drift-long.json", "attn-distance.png", "attn-distance.json", "autocorr-pretrain.json",
+        "autocorr-cot.json",
+    ):  # fmt: skip
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     expected = {
@@ -46,6 +50,13 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= m["reasoning"]["answer"] <= 1.0
     assert "full_attention" in results["layer_types"]
     assert results["drift"]["layers"], "drift found no softmax layer"
+    assert results["drift_long"]["layers"]
+    # attn-distance compared PRE, +SFT-long and its QK-Restore on the softmax layer(s)
+    attn = results["attn_distance"]
+    assert len(attn["models"]) == 3 and attn["models"][0]["layers"]
+    assert (
+        results["autocorr"]["pretrain"]["tokens"] > 0 and results["autocorr"]["cot"]["tokens"] > 0
+    )
 
     # QK-Restore output really is POST with PRE's routing rows (checked by the tool itself)
     ckpt = out / "ckpt"
@@ -58,3 +69,68 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
 
     report = (out / "report.md").read_text()
     assert "| PRE |" in report and "+QK-Restore" in report and "qkrestore merge" in report
+    assert "qkrestore attn-distance" in report and "qkrestore autocorr" in report
+
+
+def _reproduce_modules():
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import data
+        import train
+    finally:
+        sys.path.remove(str(RUN.parent))
+    return data, train
+
+
+def test_haystack_answers_are_the_queried_needles_values() -> None:
+    import numpy as np
+
+    data, _ = _reproduce_modules()
+    vocab = data.Vocab()
+    markov = data.Markov(vocab)
+    rng = np.random.default_rng(3)
+    for far, spread in ((False, False), (True, False), (False, True)):
+        ids, ans = data.haystack_batch(rng, markov, 6, 256, 8, 4, far=far, spread=spread)
+        assert ids.shape == (6, 256)
+        for b in range(6):
+            # a segment is [NEEDLE or QUERY, key, ..., v1, v2]
+            needles = {
+                int(ids[b, p + 1]): (int(ids[b, p + data.SEG - 2]), int(ids[b, p + data.SEG - 1]))
+                for p in np.flatnonzero(ids[b] == data.NEEDLE)
+            }
+            assert len(needles) == 8
+            for j in range(4):
+                v1, v2 = ans[b, j]
+                q = v1 - (data.SEG - 2)
+                assert v2 == v1 + 1 and ids[b, q] == data.QUERY
+                key = int(ids[b, q + 1])
+                assert needles[key] == (int(ids[b, v1]), int(ids[b, v2]))
+                starts = np.flatnonzero(ids[b] == data.NEEDLE)
+                assert starts[ids[b, starts + 1] == key][0] < q  # the needle comes first
+                if not spread:  # the queries close the document
+                    assert q >= 256 - data.SEG * 4
+                if far:  # the queried needle sits in the first half (or is one of the 4 earliest)
+                    starts = np.flatnonzero(ids[b] == data.NEEDLE)
+                    pos = starts[ids[b, starts + 1] == key][0]
+                    assert pos < 128 or pos in starts[:4]
+
+
+def test_lm_loss_adds_the_focused_tokens_mean_once_more() -> None:
+    import torch
+
+    _, train = _reproduce_modules()
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 11)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[1, 5:] = -100
+    per = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="none"
+    ).view(2, 6)
+    valid = labels[:, 1:] != -100
+    plain = train.lm_loss(logits, labels)
+    assert torch.allclose(plain, per[valid].mean())
+    focus = torch.zeros(2, 7, dtype=torch.bool)
+    focus[0, 3] = focus[1, 2] = True
+    focus[1, 6] = True  # an ignored label: must not count
+    both = train.lm_loss(logits, labels, focus)
+    assert torch.allclose(both, per[valid].mean() + (per[0, 2] + per[1, 1]) / 2)

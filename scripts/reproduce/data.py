@@ -3,15 +3,19 @@
 Two sources:
 
 * **Haystack documents** (pre-training and the recall probe): filler text from a fixed first-order
-  Markov source, with *needles* ``NEEDLE key SEP v1 v2`` planted in it and *queries*
-  ``QUERY key SEP v1 v2`` at the end. Answering a query needs the needle, which can be the whole
-  context away: long-range recall.
+  Markov source, with *needles* ``NEEDLE key v1 v2`` planted in it and *queries*
+  ``QUERY key v1 v2`` that ask for them. Answering a query needs the needle, which can be the whole
+  context away: long-range recall. In pre-training the queries are spread through the text, each
+  after its needle, so every document holds many recall examples at every distance; the probe puts
+  them at the end and asks only for needles from the first half.
 * **CoT traces** (SFT and the reasoning metric): a running sum mod 10 of n digits, written out one
   step per line (``s PLUS d EQ s' NL``). Each line depends on the previous one and on one digit of
   the prompt: short-range, local Markov structure, as in Section 4 of the paper.
 
 Pre-training also sees a few *direct-answer* problems (``PROB d1 .. dn EQ ANS s EOS``) inside filler
-text, so PRE knows the tokens but was never shown the step-by-step format.
+text and, unless turned off, a few *short* step-by-step traces (3 to ``cot_max`` digits): like the
+paper's base models, PRE has seen worked reasoning, and SFT makes it longer and reliable. With
+``cot_max=0`` PRE never sees the step-by-step format (the first GPU run's setting).
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAD, BOS, EOS, NEEDLE, QUERY, SEP, PROB, EQ, PLUS, NL, ANS = range(11)
+PAD, BOS, EOS, NEEDLE, QUERY, SEP, PROB, EQ, PLUS, NL, ANS = range(11)  # SEP: kept, unused
 DIGIT0 = 16  # 16..25 are the digits 0..9
 N_SPECIAL = 26
-SEG = 5  # tokens in one needle or query segment
+SEG = 4  # tokens in one needle or query segment: NEEDLE/QUERY, key, v1, v2
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Markov:
 
 
 def _insert(body: np.ndarray, segments: list[np.ndarray], positions: list[int]) -> np.ndarray:
+    """``body`` with each segment inserted before body index ``positions[i]``; segments at the
+    same index keep their list order."""
     parts, last = [], 0
     for pos, seg in sorted(zip(positions, segments, strict=True), key=lambda x: x[0]):
         parts.append(body[last:pos])
@@ -91,8 +97,13 @@ def haystack_batch(
     n_needles: int,
     n_queries: int,
     far: bool = False,
+    spread: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids [B, length], answer_pos [B, n_queries, 2])``: answer_pos are the v1/v2 positions."""
+    """``(ids [B, length], answer_pos [B, n_queries, 2])``: answer_pos are the v1/v2 positions.
+
+    Queries go at the end of the document, in random order, unless ``spread``: then each is
+    inserted at a random point after its needle (pre-training). ``far``: the queried needles are
+    those in the first half of the document (the probe); otherwise any."""
     v = markov.vocab
     body_len = length - 1 - SEG * (n_needles + n_queries)
     if body_len < 8:
@@ -104,20 +115,24 @@ def haystack_batch(
         keys = rng.choice(v.n_keys, n_needles, replace=False) + v.key0
         vals = rng.integers(0, v.n_vals, (n_needles, 2)) + v.val0
         pos = np.sort(rng.choice(body_len + 1, n_needles, replace=True))
-        segs = [np.array([NEEDLE, k, SEP, a, c]) for k, (a, c) in zip(keys, vals, strict=True)]
-        doc = _insert(bodies[b], segs, list(pos))
-        if far:  # queried needles from the first half of the context
-            cand = np.flatnonzero(pos < body_len // 2)
+        segs = [np.array([NEEDLE, k, a, c]) for k, (a, c) in zip(keys, vals, strict=True)]
+        if far:  # queried needles from the first half of the context (else the earliest ones)
+            start_in_doc = 1 + pos + SEG * np.arange(n_needles)  # after BOS and earlier needles
+            cand = np.flatnonzero(start_in_doc < length // 2)
             if len(cand) < n_queries:
                 cand = np.arange(n_queries)
             qi = rng.choice(cand, n_queries, replace=False)
         else:
             qi = rng.choice(n_needles, n_queries, replace=False)
-        tail = [np.array([QUERY, keys[i], SEP, vals[i, 0], vals[i, 1]]) for i in qi]
-        ids[b] = np.concatenate([[BOS], doc, *tail])
-        start = length - SEG * n_queries
-        for j in range(n_queries):
-            ans[b, j] = (start + SEG * j + 3, start + SEG * j + 4)
+        queries = [np.array([QUERY, keys[i], vals[i, 0], vals[i, 1]]) for i in qi]
+        if spread:  # each query somewhere after its needle (a tie keeps the needle first)
+            q_pos = [int(rng.integers(pos[i], body_len + 1)) for i in qi]
+            doc = _insert(bodies[b], segs + queries, [*pos, *q_pos])
+        else:
+            doc = np.concatenate([_insert(bodies[b], segs, list(pos)), *queries])
+        ids[b] = np.concatenate([[BOS], doc])
+        q_at = np.flatnonzero(ids[b] == QUERY)
+        ans[b] = np.stack([q_at + SEG - 2, q_at + SEG - 1], axis=1)
     return ids, ans
 
 
@@ -127,14 +142,32 @@ def direct_problem(rng: np.random.Generator, n_max: int) -> np.ndarray:
     return np.array([PROB, *(d + DIGIT0), EQ, ANS, d.sum() % 10 + DIGIT0, EOS])
 
 
+def worked_problem(rng: np.random.Generator, n_max: int) -> np.ndarray:
+    """A short step-by-step trace as it appears in pre-training text (no BOS)."""
+    prompt, resp = cot_example(rng.integers(0, 10, int(rng.integers(3, n_max + 1))))
+    return np.array(prompt[1:] + resp)
+
+
 def plain_batch(
-    rng: np.random.Generator, markov: Markov, batch: int, length: int, n_problems: int, n_max: int
+    rng: np.random.Generator,
+    markov: Markov,
+    batch: int,
+    length: int,
+    n_problems: int,
+    n_max: int,
+    cot_max: int = 0,
 ) -> np.ndarray:
-    """General next-token text: filler with a few direct-answer arithmetic problems in it."""
+    """General next-token text: filler with a few arithmetic problems in it, half of them worked
+    step by step (3..``cot_max`` digits) when ``cot_max`` >= 3, else all direct-answer."""
     out = np.empty((batch, length), dtype=np.int64)
     bodies = markov.sample(rng, batch, length)
     for b in range(batch):
-        probs = [direct_problem(rng, n_max) for _ in range(n_problems)]
+        probs = [
+            worked_problem(rng, cot_max)
+            if cot_max >= 3 and rng.random() < 0.5
+            else direct_problem(rng, n_max)
+            for _ in range(n_problems)
+        ]
         body_len = length - 1 - sum(len(p) for p in probs)
         pos = list(rng.choice(body_len + 1, n_problems))
         out[b] = np.concatenate([[BOS], _insert(bodies[b, :body_len], probs, pos)])

@@ -42,8 +42,9 @@ def drift_lines(drift: dict | None) -> list[str]:
     if not drift:
         return ["(drift not available)"]
     lines = [
-        "| layer | kind | rel. drift W_Q | rel. drift W_K | rel. drift W_V | rel. drift W_O |",
-        "|---|---|---|---|---|---|",
+        "| layer | kind | rel. drift W_Q | W_K | W_V | W_O | routing form Q_hᵀK_g (mean / max) "
+        "| key-subspace angle (mean / max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for layer in drift.get("layers", []):
 
@@ -51,13 +52,60 @@ def drift_lines(drift: dict | None) -> list[str]:
             v = (layer.get(k) or {}).get("rel_drift")
             return "-" if v is None else f"{v:.3f}"
 
+        rd = layer.get("routing_drift") or {}
+        ks = (layer.get("k_subspace") or {}).get("layer") or {}
+        routing = f"{rd['mean']:.3f} / {rd['max']:.3f}" if "mean" in rd else "-"
+        angle = f"{ks['mean_deg']:.1f}° / {ks['max_deg']:.1f}°" if "mean_deg" in ks else "-"
         lines.append(
-            f"| {layer['layer']} | {layer.get('kind')} | {g('q')} | {g('k')} | {g('v')} | {g('o')} |"
+            f"| {layer['layer']} | {layer.get('kind')} | {g('q')} | {g('k')} | {g('v')} | {g('o')} "
+            f"| {routing} | {angle} |"
         )
     return lines
 
 
-def write(results: dict, out: Path, figure: str, drift_figure: str | None) -> Path:
+def attn_lines(attn: dict | None) -> list[str]:
+    """Mean attention distance per softmax layer for each model, and the fell/rose counts."""
+    if not attn:
+        return ["(attn-distance not available)"]
+    names = ["PRE", "POST", "POST +QK-Restore"][: len(attn["models"])]
+    head = "| layer | " + " | ".join(f"D ({n})" for n in names)
+    head += " | heads whose D fell PRE→POST | rose POST→restored |"
+    lines = [head, "|---" * (len(names) + 3) + "|"]
+    comps = attn.get("comparisons", [])
+    for row in attn["models"][0]["layers"]:
+        i = row["layer"]
+        ds = []
+        for m in attn["models"]:
+            hit = next((x for x in m["layers"] if x["layer"] == i), None)
+            ds.append("-" if not hit or hit["mean"] is None else f"{hit['mean']:.1f}")
+        counts = []
+        for k, key in ((0, "fell"), (1, "rose")):
+            r = (
+                next((x for x in comps[k]["layers"] if x["layer"] == i), None)
+                if k < len(comps)
+                else None
+            )
+            counts.append(f"{r[key]}/{r['heads']}" if r else "-")
+        lines.append(f"| {i} | " + " | ".join(ds) + " | " + " | ".join(counts) + " |")
+    return lines
+
+
+def autocorr_lines(autocorr: dict | None) -> list[str]:
+    if not autocorr:
+        return ["(autocorr not available)"]
+    lines = ["| corpus | tokens | ρ(1) | ρ(8) | decay length τ (tokens) |", "|---|---|---|---|---|"]
+    for name, r in autocorr.items():
+        if not r:
+            lines.append(f"| {name} | - | - | - | - |")
+            continue
+        rho = r["rho"]
+        r8 = f"{rho[7]:.3f}" if len(rho) >= 8 else "-"
+        tau = "-" if r.get("tau") is None else f"{r['tau']:.1f}"
+        lines.append(f"| {name} | {r['tokens']:,} | {rho[0]:.3f} | {r8} | {tau} |")
+    return lines
+
+
+def write(results: dict, out: Path, figure: str) -> Path:
     models = results["models"]
     lengths = results["config"]["lengths"]
     head = (
@@ -74,6 +122,10 @@ def write(results: dict, out: Path, figure: str, drift_figure: str | None) -> Pa
             + f" | {_pct(sum(rec) / len(rec))} | {_pct(m['reasoning']['answer'])} | {_pct(m['reasoning']['trace'])} |"
         )  # fmt: skip
     cfg = results["config"]
+
+    def fig(name: str, alt: str) -> list[str]:
+        return [f"![{alt}]({name}.png)", ""] if (out / f"{name}.png").exists() else []
+
     lines = [
         f"# QK-Restore reproduction ({results['size']})",
         "",
@@ -81,7 +133,8 @@ def write(results: dict, out: Path, figure: str, drift_figure: str | None) -> Pa
         "",
         "Recall = exact match (both value tokens) of needle values queried at the end of a context of the "
         "given length, queried needles in the first half of the context; "
-        f"{cfg['eval_docs']} documents x {cfg['n_queries']} queries per length. "
+        f"{cfg['eval_docs']} documents x {cfg['n_queries']} queries per length "
+        f"(chance {100 / cfg['vocab']['n_vals'] ** 2:.2g} %). "
         "CoT accuracy = greedy step-by-step generation of a running sum mod 10 of "
         f"{cfg['cot_digits'][0]}-{cfg['cot_digits'][1]} digits; *answer* = the final token is right, "
         "*trace* = the whole trace is right. All numbers in %.",
@@ -103,10 +156,29 @@ def write(results: dict, out: Path, figure: str, drift_figure: str | None) -> Pa
         "",
         *drift_lines(results.get("drift")),
         "",
+        *fig("drift", "drift"),
+        "## Weight drift PRE -> +SFT-long",
+        "",
+        *drift_lines(results.get("drift_long")),
+        "",
+        "## Mean attention distance (`qkrestore attn-distance`, random-token needle prompt)",
+        "",
+        *attn_lines(results.get("attn_distance")),
+        "",
+        *fig("attn-distance", "attention maps"),
+        "## Token autocorrelation of the data (`qkrestore autocorr`)",
+        "",
+        *autocorr_lines(results.get("autocorr")),
+        "",
+        *fig("autocorr-pretrain", "autocorrelation, pre-training text"),
+        *fig("autocorr-cot", "autocorrelation, CoT traces"),
+        "## Commands",
+        "",
+        "```bash",
+        *results["commands"],
+        "```",
+        "",
     ]
-    if drift_figure:
-        lines += [f"![drift]({drift_figure})", ""]
-    lines += ["## Commands", "", "```bash", *results["commands"], "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

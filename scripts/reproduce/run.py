@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -38,19 +39,21 @@ REPO = Path(__file__).resolve().parents[2]
 SIZES = {
     "toy": dict(
         vocab=dict(n_keys=32, n_vals=16, n_fill=32), pre_len=96, pre_batch=8, pre_steps=40,
-        pre_lr=3e-3, pre_seconds=None, needles_per_1k=60.0, n_queries=2, plain_frac=0.2,
-        sft_steps=30, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5), lengths=[48, 96],
-        eval_docs=32, eval_batch=32, eval_problems=30, ridges=[0.1, 1.0], sft2_steps=20,
-        sft2_seconds=None,
+        pre_lr=3e-3, pre_seconds=None, needles_per_1k=60.0, n_queries=2, train_needles_per_1k=60.0, train_queries=4,
+        plain_frac=0.2, cot_pretrain=4, sft_steps=30, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5),
+        lengths=[48, 96], eval_docs=32, eval_batch=32, eval_problems=30, ridges=[0.1, 1.0],
+        sft2_steps=20, sft2_seconds=None,
     ),
     "gpu": dict(
-        vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=512, pre_batch=32, pre_steps=6000,
-        pre_lr=1e-3, pre_seconds=190.0, needles_per_1k=32.0, n_queries=4, plain_frac=0.2,
-        sft_steps=400, sft_batch=64, sft_lr=3e-4, cot_digits=(3, 8), lengths=[64, 128, 256, 512],
-        eval_docs=128, eval_batch=64, eval_problems=240, ridges=[0.1, 1.0, 10.0], sft2_steps=1500,
-        sft2_seconds=40.0,
+        vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=1024, pre_batch=16, pre_steps=20000,
+        pre_lr=1e-3, pre_seconds=240.0, needles_per_1k=16.0, n_queries=4, train_needles_per_1k=32.0, train_queries=32,
+        plain_frac=0.2, cot_pretrain=5, sft_steps=400, sft_batch=64, sft_lr=3e-4, cot_digits=(3, 8),
+        lengths=[128, 256, 512, 1024], eval_docs=128, eval_batch=64, eval_problems=240,
+        ridges=[0.1, 1.0, 10.0], sft2_steps=4000, sft2_seconds=45.0,
     ),
 }  # fmt: skip
+OVERRIDES = ("pre_steps", "pre_seconds", "pre_lr", "pre_len", "cot_pretrain", "sft_steps", "sft_lr",
+             "sft2_steps", "sft2_seconds", "ridges", "lengths")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,16 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="toy")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                    help="bfloat16 autocast in training (auto: on CUDA)")  # fmt: skip
     ap.add_argument("--pre-steps", type=int)
-    ap.add_argument("--pre-seconds", type=float)
+    ap.add_argument("--pre-seconds", type=float, help="pre-training wall-time budget")
+    ap.add_argument("--pre-lr", type=float)
+    ap.add_argument("--pre-len", type=int, help="pre-training context length")
+    ap.add_argument("--cot-pretrain", type=int,
+                    help="most digits of the worked traces in pre-training text (0: none)")  # fmt: skip
     ap.add_argument("--sft-steps", type=int)
     ap.add_argument("--sft-lr", type=float)
     ap.add_argument("--sft2-steps", type=int, help="steps of the longer, second SFT (0: none)")
+    ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                    help="probe context lengths")  # fmt: skip
     args = ap.parse_args(argv)
 
     cfg = dict(SIZES[args.size])
-    for k in ("pre_steps", "pre_seconds", "sft_steps", "sft_lr", "ridges", "sft2_steps"):
+    for k in OVERRIDES:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     dev = torch.device(
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    amp = args.amp == "on" or (args.amp == "auto" and dev.type == "cuda")
     out: Path = args.out
     ckpt = out / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -101,25 +114,47 @@ def main(argv: list[str] | None = None) -> int:
     model = train.build_model(vocab.size, args.size, seed).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     layer_types = list(model.config.layer_types)
-    log(f"model: {n_params / 1e6:.2f} M params, layers {layer_types}, device {dev}")
+    # transformers runs the gated-DeltaNet layers with flash-linear-attention's kernels when the
+    # `fla` package imports, else with its PyTorch reference (same maths, several times slower)
+    kernel = "fla" if importlib.util.find_spec("fla") is not None else "torch reference"
+    log(f"model: {n_params / 1e6:.2f} M params, layers {layer_types}, device {dev}, "
+        f"gated-DeltaNet kernel: {kernel}, bf16 autocast: {amp}")  # fmt: skip
     rng = np.random.default_rng(seed)
     n_needles = evaluate.n_needles_for(cfg["pre_len"], cfg["needles_per_1k"])
+    n_train_needles = evaluate.n_needles_for(cfg["pre_len"], cfg["train_needles_per_1k"])
+    n_train_q = min(cfg["train_queries"], n_train_needles)
 
     def pre_batch(i: int):
         B, L = cfg["pre_batch"], cfg["pre_len"]
         n_plain = round(B * cfg["plain_frac"])
-        hay, _ = data.haystack_batch(rng, markov, B - n_plain, L, n_needles, cfg["n_queries"])
-        plain = data.plain_batch(rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1])
-        ids = torch.from_numpy(np.concatenate([hay, plain])).to(dev)
-        return ids, ids
+        hay, ans = data.haystack_batch(
+            rng, markov, B - n_plain, L, n_train_needles, n_train_q, spread=True
+        )
+        plain = data.plain_batch(
+            rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1], cfg["cot_pretrain"]
+        )
+        ids = np.concatenate([hay, plain])
+        focus = np.zeros(ids.shape, dtype=bool)
+        focus[np.arange(B - n_plain)[:, None, None], ans] = True  # the queried needle values
+        ids_t = torch.from_numpy(ids).to(dev)
+        return ids_t, ids_t, torch.from_numpy(focus).to(dev)
+
+    def recall_probe(m: torch.nn.Module) -> str:
+        r = evaluate.recall(
+            m, markov, [cfg["pre_len"]], n_docs=32, batch=32,
+            needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=50_000,
+            device=dev,
+        )  # fmt: skip
+        return f"recall@{cfg['pre_len']} {100 * r[cfg['pre_len']]:.0f}%"
 
     pre_info = train.train(
         model, pre_batch, steps=cfg["pre_steps"], lr=cfg["pre_lr"], seconds=cfg["pre_seconds"],
-        warmup=100, log=log, name="pretrain",
+        warmup=100, log=log, name="pretrain", amp=amp, probe=recall_probe,
     )  # fmt: skip
     pre_info.update(
-        batch=cfg["pre_batch"], length=cfg["pre_len"], lr=cfg["pre_lr"], needles=n_needles
-    )
+        batch=cfg["pre_batch"], length=cfg["pre_len"], lr=cfg["pre_lr"], needles=n_train_needles,
+        queries=n_train_q, amp=amp,
+    )  # fmt: skip
     model.save_pretrained(ckpt / "pre")
 
     # 2. CoT-SFT -----------------------------------------------------------------------------
@@ -130,15 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         return torch.from_numpy(ids).to(dev), torch.from_numpy(labels).to(dev)
 
     sft_info = train.train(
-        model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log, name="sft"
-    )
+        model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log, name="sft",
+        amp=amp,
+    )  # fmt: skip
     sft_info.update(batch=cfg["sft_batch"], lr=cfg["sft_lr"], digits=list(cfg["cot_digits"]))
     model.save_pretrained(ckpt / "sft")
     sft2_info = None
     if cfg["sft2_steps"]:  # continue the same SFT for longer: does more SFT break recall more?
         sft2_info = train.train(
             model, sft_batch, steps=cfg["sft2_steps"], lr=cfg["sft_lr"], seconds=cfg["sft2_seconds"],
-            warmup=20, log=log, name="sft-long",
+            warmup=20, log=log, name="sft-long", amp=amp,
         )  # fmt: skip
         sft2_info["total_sft_steps"] = sft_info["steps"] + sft2_info["steps"]
         model.save_pretrained(ckpt / "sft-long")
@@ -178,14 +214,44 @@ def main(argv: list[str] | None = None) -> int:
         cli("pro", pre, long, "-o", str(ckpt / "long-qkpro"), "--fix", "key", "--ridge", "1",
             "--device", pro_dev, "--overwrite", "--quiet")  # fmt: skip
         variants["+SFT-long +QK-Pro (R=1)"] = str(ckpt / "long-qkpro")
-    drift = None
-    try:
-        drift = json.loads(
-            cli("drift", pre, sft, "--json", "--plot", str(out / "drift.png"), capture=True)
-        )
-        (out / "drift.json").write_text(json.dumps(drift, indent=1))
-    except (RuntimeError, json.JSONDecodeError) as exc:  # a diagnostic: report, do not fail the run
-        log(f"drift failed: {exc}")
+
+    def diagnostic(name: str, *a: str) -> dict | None:
+        """Run one diagnostic command with --json; a failure is logged, never fatal."""
+        try:
+            res = json.loads(cli(*a, "--json", "--plot", str(out / f"{name}.png"), capture=True))
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            log(f"{name} failed: {exc}")
+            return None
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        return res
+
+    # Diagnostics (all through the real CLI): weight drift, attention distance, and the data's
+    # token autocorrelation (pre-training haystack text against the CoT-SFT traces).
+    last_post, last_restored = (
+        (long, str(ckpt / "long-qkrestore")) if sft2_info else (sft, str(ckpt / "qkrestore"))
+    )
+    drift = diagnostic("drift", "drift", pre, sft)
+    drift_long = diagnostic("drift-long", "drift", pre, long) if sft2_info else None
+    attn = diagnostic(
+        "attn-distance", "attn-distance", pre, last_post, last_restored,
+        "--length", str(cfg["lengths"][-1]), "--device", "auto" if dev.type == "cuda" else "cpu",
+    )  # fmt: skip
+    rng_c = np.random.default_rng(30_000 + seed)
+    hay, _ = data.haystack_batch(
+        rng_c, markov, 64, cfg["pre_len"], n_needles, min(cfg["n_queries"], n_needles)
+    )
+    np.save(out / "corpus-pretrain.npy", hay)
+    with open(out / "corpus-cot.jsonl", "w") as f:
+        for _ in range(512):
+            p_, r_ = data.cot_example(rng_c.integers(0, 10, int(rng_c.integers(3, 9))))
+            f.write(json.dumps({"input_ids": p_ + r_}) + "\n")
+    max_d = str(min(128, cfg["pre_len"] // 2))
+    autocorr = {
+        "pretrain": diagnostic("autocorr-pretrain", "autocorr", str(out / "corpus-pretrain.npy"),
+                               "--max-distance", max_d),
+        "cot": diagnostic("autocorr-cot", "autocorr", str(out / "corpus-cot.jsonl"),
+                          "--max-distance", "32"),
+    }  # fmt: skip
 
     # 4. evaluation ---------------------------------------------------------------------------
     from transformers import AutoModelForCausalLM
@@ -193,18 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     def finish(models: dict) -> Path:
         results = {
             "size": args.size, "seed": seed, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-            "params": n_params, "layer_types": layer_types, "pretrain": pre_info, "sft": sft_info, "sft_long": sft2_info,
+            "params": n_params, "layer_types": layer_types, "kernel": kernel, "pretrain": pre_info, "sft": sft_info, "sft_long": sft2_info,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-            "models": models, "drift": drift, "commands": commands,
+            "models": models, "drift": drift, "drift_long": drift_long, "attn_distance": attn,
+            "autocorr": autocorr, "commands": commands,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }  # fmt: skip
         results["wall_seconds"] = time.time() - t_start
         report.plot(results, out / "recall.png")
         (out / "results.json").write_text(json.dumps(results, indent=1))
-        path = report.write(
-            results, out, "recall.png", "drift.png" if (out / "drift.png").exists() else None
-        )
-        return path
+        return report.write(results, out, "recall.png")
 
     models = {}
     for name, path in variants.items():

@@ -42,9 +42,32 @@ def build_model(vocab_size: int, size: str, seed: int):
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, focus: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens (-100 = ignored), plus, when ``focus`` (a
+    bool mask over label positions) is given, the mean loss of the focused tokens once more.
+
+    Pre-training focuses the needle answers: they are ~2 % of a haystack document's tokens, and
+    without the extra term their gradient is drowned by the filler's, so recall is learned only
+    after a long plateau (the first GPU run never left it)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    per_tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).view_as(target)
+    valid = target != -100
+    loss = per_tok[valid].mean()
+    if focus is not None:
+        f = focus[:, 1:] & valid
+        if f.any():
+            loss = loss + per_tok[f].mean()
+    return loss
+
+
 def train(
     model,
-    batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    batch_fn: Callable[[int], tuple[torch.Tensor, ...]],
     *,
     steps: int,
     lr: float,
@@ -52,9 +75,15 @@ def train(
     warmup: int = 50,
     log: Callable[[str], None] = print,
     name: str = "train",
+    amp: bool = False,
+    probe: Callable[[torch.nn.Module], str] | None = None,
+    log_every: float = 30.0,
 ) -> dict:
     """AdamW, linear warm-up, cosine decay over ``steps`` or ``seconds`` of wall time, whichever
-    runs out first (training stops there)."""
+    runs out first (training stops there). ``batch_fn(i)`` gives ``(ids, labels)`` or
+    ``(ids, labels, focus)`` (see ``lm_loss``). ``amp``: bfloat16 autocast (CUDA); the weights and
+    the optimizer stay float32. Progress is logged every tenth of ``steps`` and every ``log_every``
+    seconds, with ``probe(model)``'s text (e.g. a quick recall check) when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(warmup, max(1, steps // 10))
 
@@ -68,19 +97,30 @@ def train(
 
     model.train()
     t0, losses, done = time.time(), [], 0
+    t_log = t0
     for i in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(i)
-        ids, labels = batch_fn(i)
-        loss = model(input_ids=ids, labels=labels).loss
+        ids, labels, *focus = batch_fn(i)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids=ids).logits
+        loss = lm_loss(logits, labels, focus[0] if focus else None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         done = i + 1
-        if i % max(1, steps // 10) == 0 or i == steps - 1:
-            log(f"[{name}] step {i}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if i % max(1, steps // 10) == 0 or i == steps - 1 or time.time() - t_log > log_every:
+            t_log = time.time()
+            extra = ""
+            if probe is not None:
+                model.eval()
+                extra = " " + probe(model)
+                model.train()
+            log(
+                f"[{name}] step {i}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s){extra}"
+            )
         if seconds is not None and time.time() - t0 > seconds:
             log(f"[{name}] time budget {seconds:.0f}s reached at step {done}/{steps}")
             break
