@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Check that flash-linear-attention's gated-delta-rule kernel runs here, and agrees with
-transformers' PyTorch reference; exit 1 if not (the caller then runs without it).
+"""Check that flash-linear-attention's gated-delta-rule kernel runs here and agrees with
+transformers' PyTorch reference (exit 1 if not: the caller then runs without it), and that a small
+Qwen3.5 model trains a step under bfloat16 autocast with it (exit 2 if not: run with --amp off).
 
 transformers uses the ``fla`` package for Qwen3.5's gated-DeltaNet layers when it can be imported,
-and falls back to a reference PyTorch loop (about 5 x slower in training) when it cannot.
+and falls back to a reference PyTorch loop (several times slower in training) when it cannot.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,20 @@ def main() -> int:
         print(f"fla: kernel failed ({type(exc).__name__}: {exc})")
         return 1
     print(f"fla: ok (first call incl. compile {dt:.1f}s)")
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import train
+
+        model = train.build_model(64, "toy", 0).to(dev)
+        ids = torch.randint(0, 64, (2, 128), device=dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        train.lm_loss(logits, ids).backward()
+        torch.cuda.synchronize()
+    except Exception as exc:
+        print(f"bf16 autocast with fla failed ({type(exc).__name__}: {exc})")
+        return 2
+    print("bf16 autocast: ok")
     return 0
 
 

@@ -9,6 +9,7 @@
 # OUTROOT/NAME/ (log.txt, report.md, results.json, figures, ckpt/); the archive holds everything
 # but the checkpoints. Exits non-zero if any run failed. RUN_TIMEOUT (seconds) stops runs still going
 # then; a run rewrites its report after each model it evaluates, so a stopped one still has one.
+# RUN_ARGS is appended to every run's options.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root=$1
@@ -20,7 +21,7 @@ names=()
 for spec in "$@"; do
   read -r name args <<<"$spec"
   # shellcheck disable=SC2086  # args is a list of options on purpose
-  timeout "${RUN_TIMEOUT:-0}" python3 "$here/run.py" --out "$root/$name" --size gpu $args >"$root/$name.stdout" 2>&1 &
+  timeout "${RUN_TIMEOUT:-0}" python3 "$here/run.py" --out "$root/$name" --size gpu $args ${RUN_ARGS:-} >"$root/$name.stdout" 2>&1 &
   pids+=($!)
   names+=("$name")
 done
