@@ -27,7 +27,8 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     res = subprocess.run(
-        [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu"],
+        [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
+         "--also-targets", "q,k,v,o", "--locate"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
@@ -40,7 +41,7 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     expected = {
-        "PRE", "+SFT", "+QK-Restore", "+QK-Pro (R=0.1)", "+QK-Pro (R=1)",
+        "PRE", "+SFT", "+QK-Restore", "+Restore {q,k,v,o}", "+QK-Pro (R=0.1)", "+QK-Pro (R=1)",
         "+SFT-long", "+SFT-long +QK-Restore", "+SFT-long +QK-Pro (R=1)",
     }  # fmt: skip
     assert set(results["models"]) == expected
@@ -67,9 +68,30 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert verify.returncode == 0, verify.stderr[-2000:]
 
+    # --locate measured +SFT and +SFT-long with each parameter group of PRE put back
+    assert set(results["located"]) == {"+SFT", "+SFT-long"}
+    groups = results["located"]["+SFT"]
+    assert {"embeddings", "linear-attention layers", "softmax W_Q, W_K, q/k norms"} <= set(groups)
+    assert all(set(g["recall"]) == {"48", "96"} and g["tensors"] > 0 for g in groups.values())
+
+    # the +Restore {q,k,v,o} ablation is a real merge with those targets
+    meta = json.loads((ckpt / "restore-qkvo" / "qkrestore.json").read_text())
+    assert "--targets" in meta["command"] and "q,k,v,o" in meta["command"]
+
+    # summary.py turns runs into one table and one figure
+    summ = subprocess.run(
+        [sys.executable, str(RUN.parent / "summary.py"), str(out), str(out), "--out",
+         str(tmp_path / "summary")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert summ.returncode == 0, summ.stderr[-2000:]
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    assert len(table) == 2 + 2 * len(expected)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
     report = (out / "report.md").read_text()
     assert "| PRE |" in report and "+QK-Restore" in report and "qkrestore merge" in report
     assert "qkrestore attn-distance" in report and "qkrestore autocorr" in report
+    assert "Where the damage lives" in report
 
 
 def _reproduce_modules():
@@ -134,3 +156,38 @@ def test_lm_loss_adds_the_focused_tokens_mean_once_more() -> None:
     focus[1, 6] = True  # an ignored label: must not count
     both = train.lm_loss(logits, labels, focus)
     assert torch.allclose(both, per[valid].mean() + (per[0, 2] + per[1, 1]) / 2)
+
+
+def test_locate_measures_each_group_swapped_in_and_leaves_post_unchanged() -> None:
+    import torch
+
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import locate
+    finally:
+        sys.path.remove(str(RUN.parent))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.embed_tokens = torch.nn.Parameter(torch.full((2,), fill))
+            self.mlp = torch.nn.Linear(2, 2)
+            torch.nn.init.constant_(self.mlp.weight, fill)
+
+    pre, post = Tiny(1.0), Tiny(5.0)
+    before = {k: v.clone() for k, v in post.state_dict().items()}
+    seen = []
+
+    def measure(m: torch.nn.Module) -> dict[str, float]:
+        seen.append((float(m.embed_tokens[0]), float(m.mlp.weight[0, 0])))
+        return {"8": 0.5}
+
+    groups = {"embeddings": r"embed_tokens", "MLPs": r"mlp\.", "none": r"nothing"}
+    out = locate.locate(pre, post, measure, groups)
+    # each group was PRE's while measured, the other POST's; a group with no tensor is skipped
+    assert seen == [(1.0, 5.0), (5.0, 1.0)]
+    assert out == {
+        "embeddings": {"tensors": 1, "recall": {"8": 0.5}},
+        "MLPs": {"tensors": 2, "recall": {"8": 0.5}},
+    }
+    assert all(torch.equal(before[k], v) for k, v in post.state_dict().items())

@@ -105,6 +105,25 @@ def autocorr_lines(autocorr: dict | None) -> list[str]:
     return lines
 
 
+def located_lines(located: dict | None, lengths: list[int]) -> list[str]:
+    """Recall of +SFT (and +SFT-long) with one group of PRE's parameters put back (--locate)."""
+    if not located:
+        return []
+    lines = [
+        "## Where the damage lives (`--locate`: one group of PRE's parameters put back)",
+        "",
+        "| model | PRE's group put back | tensors | "
+        + " | ".join(f"recall@{L}" for L in lengths)
+        + " |",
+        "|---" * (len(lengths) + 3) + "|",
+    ]
+    for model, groups in located.items():
+        for group, r in groups.items():
+            rec = " | ".join(_pct(r["recall"][str(L)]) for L in lengths)
+            lines.append(f"| {model} | {group} | {r['tensors']} | {rec} |")
+    return [*lines, ""]
+
+
 def write(results: dict, out: Path, figure: str) -> Path:
     models = results["models"]
     lengths = results["config"]["lengths"]
@@ -143,6 +162,7 @@ def write(results: dict, out: Path, figure: str) -> Path:
         "",
         f"![recall and reasoning]({figure})",
         "",
+        *located_lines(results.get("located"), lengths),
         "## Training",
         "",
         f"- model: `qwen3_5_text`, {results['params'] / 1e6:.1f} M parameters, layer types "

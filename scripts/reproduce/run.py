@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data
 import evaluate
+import locate
 import report
 import train
 
@@ -39,21 +40,48 @@ REPO = Path(__file__).resolve().parents[2]
 SIZES = {
     "toy": dict(
         vocab=dict(n_keys=32, n_vals=16, n_fill=32), pre_len=96, pre_batch=8, pre_steps=40,
-        pre_lr=3e-3, pre_seconds=None, needles_per_1k=60.0, n_queries=2, train_needles_per_1k=60.0, train_queries=4,
+        pre_lr=3e-3, pre_seconds=None, pre_curriculum=[1, 1], needles_per_1k=60.0, n_queries=2,
+        train_needles_per_1k=60.0, train_queries=4,
         plain_frac=0.2, cot_pretrain=4, sft_steps=30, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5),
         lengths=[48, 96], eval_docs=32, eval_batch=32, eval_problems=30, ridges=[0.1, 1.0],
         sft2_steps=20, sft2_seconds=None,
     ),
+    "cpu": dict(
+        vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=256, pre_batch=16, pre_steps=20000,
+        pre_lr=1e-3, pre_seconds=300.0, pre_curriculum=[1, 1], needles_per_1k=16.0, n_queries=4,
+        train_needles_per_1k=32.0, train_queries=8,
+        plain_frac=0.2, cot_pretrain=5, sft_steps=300, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 8),
+        lengths=[64, 128, 256], eval_docs=64, eval_batch=64, eval_problems=60,
+        ridges=[1.0], sft2_steps=0, sft2_seconds=None,
+    ),
     "gpu": dict(
         vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=1024, pre_batch=16, pre_steps=20000,
-        pre_lr=1e-3, pre_seconds=240.0, needles_per_1k=16.0, n_queries=4, train_needles_per_1k=32.0, train_queries=32,
+        pre_lr=1e-3, pre_seconds=240.0, pre_curriculum=[3, 2, 2, 3], needles_per_1k=16.0, n_queries=4,
+        train_needles_per_1k=32.0, train_queries=32,
         plain_frac=0.2, cot_pretrain=5, sft_steps=400, sft_batch=64, sft_lr=3e-4, cot_digits=(3, 8),
         lengths=[128, 256, 512, 1024], eval_docs=128, eval_batch=64, eval_problems=240,
         ridges=[0.1, 1.0, 10.0], sft2_steps=4000, sft2_seconds=45.0,
     ),
 }  # fmt: skip
-OVERRIDES = ("pre_steps", "pre_seconds", "pre_lr", "pre_len", "cot_pretrain", "sft_steps", "sft_lr",
+OVERRIDES = ("pre_steps", "pre_seconds", "pre_lr", "pre_len", "pre_curriculum", "cot_pretrain", "sft_steps", "sft_lr",
              "sft2_steps", "sft2_seconds", "ridges", "lengths")  # fmt: skip
+
+
+def curriculum(length: int, shares: list[float]) -> list[tuple[int, float]]:
+    """Pre-training context lengths ``length / 2^k``, shortest first, as ``(length, end)`` with
+    ``end`` the training progress at which that stage ends. ``shares`` are the stages' shares of
+    training, shortest first (normalised); one share is no curriculum.
+
+    Recall is learned in a few hundred steps at 128 tokens but not in a thousand at 1 024 (the
+    first runs), where a needle is one of a thousand places to look; once learned short, it
+    carries over to longer contexts."""
+    n = len(shares)
+    total = float(sum(shares))
+    out, acc = [], 0.0
+    for k, share in enumerate(shares):
+        acc += share / total
+        out.append((length >> (n - 1 - k), 1.0 if k == n - 1 else acc))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pre-seconds", type=float, help="pre-training wall-time budget")
     ap.add_argument("--pre-lr", type=float)
     ap.add_argument("--pre-len", type=int, help="pre-training context length")
+    ap.add_argument("--pre-curriculum", type=lambda s: [float(x) for x in s.split(",")],
+                    help="shares of pre-training at pre_len/2^k, shortest first (e.g. 3,2,2,3)")  # fmt: skip
     ap.add_argument("--cot-pretrain", type=int,
                     help="most digits of the worked traces in pre-training text (0: none)")  # fmt: skip
     ap.add_argument("--sft-steps", type=int)
@@ -75,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft2-steps", type=int, help="steps of the longer, second SFT (0: none)")
     ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--also-targets", action="append", metavar="LIST",
+                    help="also merge with --targets LIST (e.g. q,k,v,o), as an ablation; repeatable")  # fmt: skip
+    ap.add_argument("--locate", action="store_true",
+                    help="also measure POST's recall with each group of PRE's parameters put back")  # fmt: skip
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
                     help="probe context lengths")  # fmt: skip
     args = ap.parse_args(argv)
@@ -121,15 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         f"gated-DeltaNet kernel: {kernel}, bf16 autocast: {amp}")  # fmt: skip
     rng = np.random.default_rng(seed)
     n_needles = evaluate.n_needles_for(cfg["pre_len"], cfg["needles_per_1k"])
-    n_train_needles = evaluate.n_needles_for(cfg["pre_len"], cfg["train_needles_per_1k"])
-    n_train_q = min(cfg["train_queries"], n_train_needles)
 
-    def pre_batch(i: int):
-        B, L = cfg["pre_batch"], cfg["pre_len"]
+    stages = curriculum(cfg["pre_len"], cfg["pre_curriculum"])
+    seen_stages: list[int] = []
+
+    def pre_batch(i: int, progress: float):
+        L = next(length for length, end in stages if progress < end or end == 1.0)
+        if not seen_stages or seen_stages[-1] != L:
+            seen_stages.append(L)
+            log(f"[pretrain] step {i}: context length {L}")
+        B = cfg["pre_batch"] * cfg["pre_len"] // L  # the same number of tokens per step
+        n_needles = evaluate.n_needles_for(L, cfg["train_needles_per_1k"])
+        n_q = min(cfg["train_queries"] * L // cfg["pre_len"], n_needles)
         n_plain = round(B * cfg["plain_frac"])
-        hay, ans = data.haystack_batch(
-            rng, markov, B - n_plain, L, n_train_needles, n_train_q, spread=True
-        )
+        hay, ans = data.haystack_batch(rng, markov, B - n_plain, L, n_needles, n_q, spread=True)
         plain = data.plain_batch(
             rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1], cfg["cot_pretrain"]
         )
@@ -140,27 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         return ids_t, ids_t, torch.from_numpy(focus).to(dev)
 
     def recall_probe(m: torch.nn.Module) -> str:
+        lengths = sorted({seen_stages[-1], cfg["pre_len"]}) if seen_stages else [cfg["pre_len"]]
         r = evaluate.recall(
-            m, markov, [cfg["pre_len"]], n_docs=32, batch=32,
-            needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=50_000,
-            device=dev,
+            m, markov, lengths, n_docs=32, batch=32, needles_per_1k=cfg["needles_per_1k"],
+            n_queries=cfg["n_queries"], seed=50_000, device=dev,
         )  # fmt: skip
-        return f"recall@{cfg['pre_len']} {100 * r[cfg['pre_len']]:.0f}%"
+        return " ".join(f"recall@{L} {100 * r[L]:.0f}%" for L in lengths)
 
     pre_info = train.train(
         model, pre_batch, steps=cfg["pre_steps"], lr=cfg["pre_lr"], seconds=cfg["pre_seconds"],
         warmup=100, log=log, name="pretrain", amp=amp, probe=recall_probe,
     )  # fmt: skip
     pre_info.update(
-        batch=cfg["pre_batch"], length=cfg["pre_len"], lr=cfg["pre_lr"], needles=n_train_needles,
-        queries=n_train_q, amp=amp,
+        batch=cfg["pre_batch"], length=cfg["pre_len"], lr=cfg["pre_lr"], amp=amp,
+        curriculum=[[L, round(end, 3)] for L, end in stages],
     )  # fmt: skip
     model.save_pretrained(ckpt / "pre")
 
     # 2. CoT-SFT -----------------------------------------------------------------------------
     rng_sft = np.random.default_rng(seed + 1)
 
-    def sft_batch(i: int):
+    def sft_batch(i: int, progress: float):
         ids, labels = data.cot_batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
         return torch.from_numpy(ids).to(dev), torch.from_numpy(labels).to(dev)
 
@@ -200,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"PRE": pre, "+SFT": sft}
     cli("merge", pre, sft, "-o", str(ckpt / "qkrestore"), "--overwrite", "--quiet")
     variants["+QK-Restore"] = str(ckpt / "qkrestore")
+    for targets in args.also_targets or []:  # ablations: restore more of the softmax layers
+        o = ckpt / f"restore-{targets.replace(',', '')}"
+        cli("merge", pre, sft, "-o", str(o), "--targets", targets, "--overwrite", "--quiet")
+        variants[f"+Restore {{{targets}}}"] = str(o)
     pro_dev = "cpu" if dev.type == "cpu" else "auto"
     for r in cfg["ridges"]:
         o = ckpt / f"qkpro-r{r:g}"
@@ -256,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     # 4. evaluation ---------------------------------------------------------------------------
     from transformers import AutoModelForCausalLM
 
+    located: dict[str, dict] = {}
+
     def finish(models: dict) -> Path:
         results = {
             "size": args.size, "seed": seed, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             "params": n_params, "layer_types": layer_types, "kernel": kernel, "pretrain": pre_info, "sft": sft_info, "sft_long": sft2_info,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "models": models, "drift": drift, "drift_long": drift_long, "attn_distance": attn,
-            "autocorr": autocorr, "commands": commands,
+            "autocorr": autocorr, "located": located, "commands": commands,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }  # fmt: skip
         results["wall_seconds"] = time.time() - t_start
@@ -292,6 +337,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * rea['answer']:.1f}/{100 * rea['trace']:.1f} ({time.time() - t0:.0f}s)")  # fmt: skip
         del m
         finish(models)  # after every model, so a run cut short still leaves a report
+
+    if args.locate:  # which of PRE's parameter groups, put back alone, brings recall back?
+
+        def load(path: str):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+
+        def measure(m) -> dict[str, float]:
+            rec = evaluate.recall(
+                m, markov, cfg["lengths"], n_docs=cfg["eval_docs"], batch=cfg["eval_batch"],
+                needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"],
+                seed=10_000 + seed, device=dev,
+            )  # fmt: skip
+            return {str(k): v for k, v in rec.items()}
+
+        pre_m = load(pre)
+        for name in ("+SFT", "+SFT-long"):
+            if name in variants:
+                located[name] = locate.locate(pre_m, load(variants[name]), measure)
+                for group, r in located[name].items():
+                    log(f"{name} with PRE's {group}: recall "
+                        f"{[round(100 * v, 1) for v in r['recall'].values()]}")  # fmt: skip
+        del pre_m
 
     path = finish(models)
     log(f"report: {path} ({time.time() - t_start:.0f}s)")

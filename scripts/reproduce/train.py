@@ -8,27 +8,36 @@ from collections.abc import Callable
 
 import torch
 
+MODEL_DIMS: dict[str, dict] = {
+    # 22.5 M parameters, 8 layers, full attention at 3 and 7
+    "gpu": dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+        linear_key_head_dim=32, linear_value_head_dim=32, full_attention_interval=4,
+    ),
+    # 0.7 M parameters, 4 layers, full attention at 1 and 3: learns recall on 2 CPU cores in minutes
+    "cpu": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=32, linear_value_head_dim=32, full_attention_interval=2,
+    ),
+    # 0.2 M parameters, 4 layers, full attention at 3: the CI smoke test
+    "toy": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, full_attention_interval=4,
+    ),
+}  # fmt: skip
+
 
 def build_model(vocab_size: int, size: str, seed: int):
     """A Qwen3.5-text hybrid (gated-DeltaNet linear layers + a few full-attention layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if size == "gpu":
-        dims = dict(
-            hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
-            linear_key_head_dim=32, linear_value_head_dim=32,
-        )  # fmt: skip
-    else:
-        dims = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            linear_key_head_dim=16, linear_value_head_dim=16,
-        )  # fmt: skip
+    dims = MODEL_DIMS[size]
     cfg = AutoConfig.for_model(
         "qwen3_5_text",
         vocab_size=vocab_size,
-        full_attention_interval=4,
         linear_conv_kernel_dim=4,
         max_position_embeddings=8192,
         hidden_act="silu",
@@ -67,7 +76,7 @@ def lm_loss(
 
 def train(
     model,
-    batch_fn: Callable[[int], tuple[torch.Tensor, ...]],
+    batch_fn: Callable[[int, float], tuple[torch.Tensor, ...]],
     *,
     steps: int,
     lr: float,
@@ -79,21 +88,29 @@ def train(
     probe: Callable[[torch.nn.Module], str] | None = None,
     log_every: float = 30.0,
 ) -> dict:
-    """AdamW, linear warm-up, cosine decay over ``steps`` or ``seconds`` of wall time, whichever
-    runs out first (training stops there). ``batch_fn(i)`` gives ``(ids, labels)`` or
+    """AdamW, linear warm-up, cosine decay to lr/10 over ``steps`` or ``seconds`` of wall time, whichever
+    runs out first (training stops there). ``batch_fn(i, progress)`` (progress in [0, 1], by the
+    same rule, so data can follow a curriculum) gives ``(ids, labels)`` or
     ``(ids, labels, focus)`` (see ``lm_loss``). ``amp``: bfloat16 autocast (CUDA); the weights and
     the optimizer stay float32. Progress is logged every tenth of ``steps`` and every ``log_every``
     seconds, with ``probe(model)``'s text (e.g. a quick recall check) when given."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(warmup, max(1, steps // 10))
 
+    def progress(i: int) -> float:
+        """Whichever runs out first, steps or time."""
+        p = i / steps
+        if seconds is not None:
+            p = max(p, (time.time() - t0) / seconds)
+        return min(1.0, p)
+
     def lr_at(i: int) -> float:
         if i < warmup:
             return lr * (i + 1) / warmup
         p = (i - warmup) / max(1, steps - warmup)
-        if seconds is not None:  # the schedule follows whichever runs out first: steps or time
+        if seconds is not None:
             p = max(p, (time.time() - t0) / seconds)
-        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))  # floor: lr / 10
 
     model.train()
     t0, losses, done = time.time(), [], 0
@@ -101,7 +118,7 @@ def train(
     for i in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(i)
-        ids, labels, *focus = batch_fn(i)
+        ids, labels, *focus = batch_fn(i, progress(i))
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(input_ids=ids).logits
         loss = lm_loss(logits, labels, focus[0] if focus else None)
