@@ -28,7 +28,7 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     res = subprocess.run(
         [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
-         "--also-targets", "q,k,v,o", "--locate"],
+         "--also-targets", "q,k,v,o", "--locate", "--sft-freeze-embeddings"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
@@ -71,12 +71,23 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     # --locate measured +SFT and +SFT-long with each parameter group of PRE put back
     assert set(results["located"]) == {"+SFT", "+SFT-long"}
     groups = results["located"]["+SFT"]
-    assert {"embeddings", "linear-attention layers", "softmax W_Q, W_K, q/k norms"} <= set(groups)
+    assert set(groups) == set(_reproduce_modules()[2].GROUPS)  # the toy model has every group
     assert all(set(g["recall"]) == {"48", "96"} and g["tensors"] > 0 for g in groups.values())
 
     # the +Restore {q,k,v,o} ablation is a real merge with those targets
     meta = json.loads((ckpt / "restore-qkvo" / "qkrestore.json").read_text())
     assert "--targets" in meta["command"] and "q,k,v,o" in meta["command"]
+
+    # --sft-freeze-embeddings: SFT moved the weights but not the (tied) token embeddings
+    from safetensors.numpy import load_file
+
+    pre_w = load_file(ckpt / "pre" / "model.safetensors")
+    sft_w = load_file(ckpt / "sft" / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert (pre_w[emb] == sft_w[emb]).all()
+    assert results["sft"]["frozen_embeddings"] is True
+    moved = [k for k in pre_w if k != emb and not (pre_w[k] == sft_w[k]).all()]
+    assert len(moved) > len(pre_w) // 2
 
     # summary.py turns runs into one table and one figure
     summ = subprocess.run(
@@ -98,16 +109,17 @@ def _reproduce_modules():
     sys.path.insert(0, str(RUN.parent))
     try:
         import data
+        import locate
         import train
     finally:
         sys.path.remove(str(RUN.parent))
-    return data, train
+    return data, train, locate
 
 
 def test_haystack_answers_are_the_queried_needles_values() -> None:
     import numpy as np
 
-    data, _ = _reproduce_modules()
+    data, _, _ = _reproduce_modules()
     vocab = data.Vocab()
     markov = data.Markov(vocab)
     rng = np.random.default_rng(3)
@@ -140,7 +152,7 @@ def test_haystack_answers_are_the_queried_needles_values() -> None:
 def test_lm_loss_adds_the_focused_tokens_mean_once_more() -> None:
     import torch
 
-    _, train = _reproduce_modules()
+    _, train, _ = _reproduce_modules()
     torch.manual_seed(0)
     logits = torch.randn(2, 7, 11)
     labels = torch.randint(0, 11, (2, 7))
@@ -161,33 +173,54 @@ def test_lm_loss_adds_the_focused_tokens_mean_once_more() -> None:
 def test_locate_measures_each_group_swapped_in_and_leaves_post_unchanged() -> None:
     import torch
 
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import locate
-    finally:
-        sys.path.remove(str(RUN.parent))
+    locate = _reproduce_modules()[2]
+
+    class Attn(torch.nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            # 2 heads of head_dim 2, gated: rows [q0 q0 g0 g0 q1 q1 g1 g1]
+            self.q_proj = torch.nn.Linear(3, 8, bias=False)
+            torch.nn.init.constant_(self.q_proj.weight, fill)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.self_attn = Attn(fill)
 
     class Tiny(torch.nn.Module):
         def __init__(self, fill: float) -> None:
             super().__init__()
             self.embed_tokens = torch.nn.Parameter(torch.full((2,), fill))
-            self.mlp = torch.nn.Linear(2, 2)
-            torch.nn.init.constant_(self.mlp.weight, fill)
+            self.layer = Layer(fill)  # names like the model's: "layer.self_attn.q_proj.weight"
+
+        def state_dict(self, *a, **k):  # a tied lm_head, as in the reproduction's models
+            sd = super().state_dict(*a, **k)
+            sd["lm_head"] = sd["embed_tokens"]
+            return sd
 
     pre, post = Tiny(1.0), Tiny(5.0)
     before = {k: v.clone() for k, v in post.state_dict().items()}
     seen = []
 
     def measure(m: torch.nn.Module) -> dict[str, float]:
-        seen.append((float(m.embed_tokens[0]), float(m.mlp.weight[0, 0])))
+        q = m.layer.self_attn.q_proj.weight.detach()
+        seen.append((float(m.embed_tokens.detach()[0]), q[:, 0].tolist()))
         return {"8": 0.5}
 
-    groups = {"embeddings": r"embed_tokens", "MLPs": r"mlp\.", "none": r"nothing"}
-    out = locate.locate(pre, post, measure, groups)
-    # each group was PRE's while measured, the other POST's; a group with no tensor is skipped
-    assert seen == [(1.0, 5.0), (5.0, 1.0)]
-    assert out == {
-        "embeddings": {"tensors": 1, "recall": {"8": 0.5}},
-        "MLPs": {"tensors": 2, "recall": {"8": 0.5}},
+    groups = {
+        "embeddings": locate.Group(r"embed_tokens|lm_head"),
+        "query rows": locate.Group(r"\.self_attn\.q_proj\.", q_rows="query"),
+        "gate rows": locate.Group(r"\.self_attn\.q_proj\.", q_rows="gate"),
+        "none": locate.Group(r"nothing"),
     }
+    out = locate.locate(pre, post, measure, head_dim=2, groups=groups)
+    # each group was PRE's while measured, the rest POST's (the tied embeddings too, after their
+    # turn); a group with no tensor is skipped
+    assert seen == [
+        (1.0, [5.0] * 8),
+        (5.0, [1.0, 1.0, 5.0, 5.0, 1.0, 1.0, 5.0, 5.0]),
+        (5.0, [5.0, 5.0, 1.0, 1.0, 5.0, 5.0, 1.0, 1.0]),
+    ]
+    assert set(out) == {"embeddings", "query rows", "gate rows"}
+    assert out["embeddings"] == {"tensors": 2, "recall": {"8": 0.5}}
     assert all(torch.equal(before[k], v) for k, v in post.state_dict().items())

@@ -34,6 +34,25 @@ def recall(
     return out
 
 
+def load(path: str, device: torch.device):
+    """A saved checkpoint, float32, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+
+
+def run_recall(
+    model, markov: Markov, cfg: dict, seed: int, device: torch.device
+) -> dict[str, float]:
+    """The recall probe as a run of size ``cfg`` measures it (``run.SIZES``), keyed by length."""
+    rec = recall(
+        model, markov, cfg["lengths"], n_docs=cfg["eval_docs"], batch=cfg["eval_batch"],
+        needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=10_000 + seed,
+        device=device,
+    )  # fmt: skip
+    return {str(k): v for k, v in rec.items()}
+
+
 def n_needles_for(length: int, per_1k: float) -> int:
     return max(2, round(length * per_1k / 1000))
 

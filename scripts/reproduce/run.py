@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="most digits of the worked traces in pre-training text (0: none)")  # fmt: skip
     ap.add_argument("--sft-steps", type=int)
     ap.add_argument("--sft-lr", type=float)
+    ap.add_argument("--sft-freeze-embeddings", action="store_true",
+                    help="keep the (tied) token embeddings fixed during SFT")  # fmt: skip
     ap.add_argument("--sft2-steps", type=int, help="steps of the longer, second SFT (0: none)")
     ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. CoT-SFT -----------------------------------------------------------------------------
     rng_sft = np.random.default_rng(seed + 1)
+    if args.sft_freeze_embeddings:  # tied: input and output embeddings stay PRE's through SFT
+        model.get_input_embeddings().weight.requires_grad_(False)
 
     def sft_batch(i: int, progress: float):
         ids, labels = data.cot_batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
@@ -207,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log, name="sft",
         amp=amp,
     )  # fmt: skip
-    sft_info.update(batch=cfg["sft_batch"], lr=cfg["sft_lr"], digits=list(cfg["cot_digits"]))
+    sft_info.update(
+        batch=cfg["sft_batch"], lr=cfg["sft_lr"], digits=list(cfg["cot_digits"]),
+        frozen_embeddings=args.sft_freeze_embeddings,
+    )  # fmt: skip
     model.save_pretrained(ckpt / "sft")
     sft2_info = None
     if cfg["sft2_steps"]:  # continue the same SFT for longer: does more SFT break recall more?
@@ -297,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     # 4. evaluation ---------------------------------------------------------------------------
-    from transformers import AutoModelForCausalLM
-
     located: dict[str, dict] = {}
 
     def finish(models: dict) -> Path:
@@ -318,18 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for name, path in variants.items():
         t0 = time.time()
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
-        rec = evaluate.recall(
-            m, markov, cfg["lengths"], n_docs=cfg["eval_docs"], batch=cfg["eval_batch"],
-            needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=10_000 + seed,
-            device=dev,
-        )  # fmt: skip
+        m = evaluate.load(path, dev)
+        rec = evaluate.run_recall(m, markov, cfg, seed, dev)
         rea = evaluate.reasoning(
             m, n_problems=cfg["eval_problems"], n_min=cfg["cot_digits"][0],
             n_max=cfg["cot_digits"][1], seed=20_000 + seed, device=dev,
         )  # fmt: skip
         models[name] = {
-            "recall": {str(k): v for k, v in rec.items()},
+            "recall": rec,
             "reasoning": rea,
             "path": path,
         }
@@ -340,21 +341,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.locate:  # which of PRE's parameter groups, put back alone, brings recall back?
 
-        def load(path: str):
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
-
         def measure(m) -> dict[str, float]:
-            rec = evaluate.recall(
-                m, markov, cfg["lengths"], n_docs=cfg["eval_docs"], batch=cfg["eval_batch"],
-                needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"],
-                seed=10_000 + seed, device=dev,
-            )  # fmt: skip
-            return {str(k): v for k, v in rec.items()}
+            return evaluate.run_recall(m, markov, cfg, seed, dev)
 
-        pre_m = load(pre)
+        pre_m = evaluate.load(pre, dev)
         for name in ("+SFT", "+SFT-long"):
             if name in variants:
-                located[name] = locate.locate(pre_m, load(variants[name]), measure)
+                located[name] = locate.locate(
+                    pre_m, evaluate.load(variants[name], dev), measure, pre_m.config.head_dim
+                )
                 for group, r in located[name].items():
                     log(f"{name} with PRE's {group}: recall "
                         f"{[round(100 * v, 1) for v in r['recall'].values()]}")  # fmt: skip
