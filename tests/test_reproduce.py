@@ -7,6 +7,7 @@ evaluation and the report all run and produce their files; it does not check the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -71,8 +72,25 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     # --locate measured +SFT and +SFT-long with each parameter group of PRE put back
     assert set(results["located"]) == {"+SFT", "+SFT-long"}
     groups = results["located"]["+SFT"]
-    assert set(groups) == set(_reproduce_modules()[2].GROUPS)  # the toy model has every group
+    assert set(groups) == set(_reproduce_modules()[2].GROUP_NAMES)  # the toy model has every group
     assert all(set(g["recall"]) == {"48", "96"} and g["tensors"] > 0 for g in groups.values())
+    # the in-memory QK-Restore set is the tool's plan: the same recall as the merged checkpoint
+    qk_set = groups["QK-Restore set (W_Q query rows, W_K, q/k norms)"]
+    assert qk_set["recall"] == results["models"]["+QK-Restore"]["recall"]
+
+    # its "restored" rows are the ones the merged checkpoint's recorded plan took from PRE, and
+    # "left" the other rows of those tensors (Qwen3.5's gate rows of q_proj)
+    restored, left = _reproduce_modules()[2].qk_restore_selections(
+        str(ckpt / "pre"), str(ckpt / "sft")
+    )
+    plan = json.loads((ckpt / "qkrestore" / "qkrestore.json").read_text())["plan"]["tensors"]
+    assert restored == {t["name"]: tuple(tuple(r) for r in t["rows"]) for t in plan}
+    assert set(left) == {n for n in restored if "q_proj" in n}
+    for name, rows in left.items():
+        covered = sorted([*restored[name], *rows])
+        n_rows = next(t["shape"][0] for t in plan if t["name"] == name)
+        assert covered[0][0] == 0 and covered[-1][1] == n_rows
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
 
     # the +Restore {q,k,v,o} ablation is a real merge with those targets
     meta = json.loads((ckpt / "restore-qkvo" / "qkrestore.json").read_text())
@@ -140,12 +158,11 @@ def test_haystack_answers_are_the_queried_needles_values() -> None:
                 key = int(ids[b, q + 1])
                 assert needles[key] == (int(ids[b, v1]), int(ids[b, v2]))
                 starts = np.flatnonzero(ids[b] == data.NEEDLE)
-                assert starts[ids[b, starts + 1] == key][0] < q  # the needle comes first
+                pos = starts[ids[b, starts + 1] == key][0]
+                assert pos < q  # the needle comes first
                 if not spread:  # the queries close the document
                     assert q >= 256 - data.SEG * 4
                 if far:  # the queried needle sits in the first half (or is one of the 4 earliest)
-                    starts = np.flatnonzero(ids[b] == data.NEEDLE)
-                    pos = starts[ids[b, starts + 1] == key][0]
                     assert pos < 128 or pos in starts[:4]
 
 
@@ -208,12 +225,12 @@ def test_locate_measures_each_group_swapped_in_and_leaves_post_unchanged() -> No
         return {"8": 0.5}
 
     groups = {
-        "embeddings": locate.Group(r"embed_tokens|lm_head"),
-        "query rows": locate.Group(r"\.self_attn\.q_proj\.", q_rows="query"),
-        "gate rows": locate.Group(r"\.self_attn\.q_proj\.", q_rows="gate"),
-        "none": locate.Group(r"nothing"),
+        "embeddings": locate.by_pattern(pre.state_dict(), r"embed_tokens|lm_head"),
+        "query rows": {"layer.self_attn.q_proj.weight": ((0, 2), (4, 6))},
+        "gate rows": {"layer.self_attn.q_proj.weight": ((2, 4), (6, 8))},
+        "none": locate.by_pattern(pre.state_dict(), r"nothing"),
     }
-    out = locate.locate(pre, post, measure, head_dim=2, groups=groups)
+    out = locate.locate(pre, post, measure, groups)
     # each group was PRE's while measured, the rest POST's (the tied embeddings too, after their
     # turn); a group with no tensor is skipped
     assert seen == [

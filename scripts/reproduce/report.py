@@ -71,22 +71,16 @@ def attn_lines(attn: dict | None) -> list[str]:
     head = "| layer | " + " | ".join(f"D ({n})" for n in names)
     head += " | heads whose D fell PRE→POST | rose POST→restored |"
     lines = [head, "|---" * (len(names) + 3) + "|"]
-    comps = attn.get("comparisons", [])
-    for row in attn["models"][0]["layers"]:
-        i = row["layer"]
-        ds = []
-        for m in attn["models"]:
-            hit = next((x for x in m["layers"] if x["layer"] == i), None)
-            ds.append("-" if not hit or hit["mean"] is None else f"{hit['mean']:.1f}")
-        counts = []
-        for k, key in ((0, "fell"), (1, "rose")):
-            r = (
-                next((x for x in comps[k]["layers"] if x["layer"] == i), None)
-                if k < len(comps)
-                else None
-            )
-            counts.append(f"{r[key]}/{r['heads']}" if r else "-")
-        lines.append(f"| {i} | " + " | ".join(ds) + " | " + " | ".join(counts) + " |")
+    means = [{x["layer"]: x["mean"] for x in m["layers"]} for m in attn["models"]]
+    # first comparison PRE->POST counts "fell", second POST->restored counts "rose"
+    counts = [
+        {x["layer"]: f"{x[key]}/{x['heads']}" for x in comp["layers"]}
+        for comp, key in zip(attn.get("comparisons", []), ("fell", "rose"))
+    ]
+    counts += [{}] * (2 - len(counts))
+    for i in means[0]:
+        ds = ["-" if m.get(i) is None else f"{m[i]:.1f}" for m in means]
+        lines.append(f"| {i} | " + " | ".join([*ds, *(c.get(i, "-") for c in counts)]) + " |")
     return lines
 
 

@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             seen_stages.append(L)
             log(f"[pretrain] step {i}: context length {L}")
         B = cfg["pre_batch"] * cfg["pre_len"] // L  # the same number of tokens per step
-        n_needles = evaluate.n_needles_for(L, cfg["train_needles_per_1k"])
-        n_q = min(cfg["train_queries"] * L // cfg["pre_len"], n_needles)
+        n_train = evaluate.n_needles_for(L, cfg["train_needles_per_1k"])
+        n_q = min(cfg["train_queries"] * L // cfg["pre_len"], n_train)
         n_plain = round(B * cfg["plain_frac"])
-        hay, ans = data.haystack_batch(rng, markov, B - n_plain, L, n_needles, n_q, spread=True)
+        hay, ans = data.haystack_batch(rng, markov, B - n_plain, L, n_train, n_q, spread=True)
         plain = data.plain_batch(
             rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1], cfg["cot_pretrain"]
         )
@@ -347,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         pre_m = evaluate.load(pre, dev)
         for name in ("+SFT", "+SFT-long"):
             if name in variants:
+                groups = locate.default_groups(pre_m.state_dict(), pre, variants[name])
                 located[name] = locate.locate(
-                    pre_m, evaluate.load(variants[name], dev), measure, pre_m.config.head_dim
+                    pre_m, evaluate.load(variants[name], dev), measure, groups
                 )
                 for group, r in located[name].items():
                     log(f"{name} with PRE's {group}: recall "

@@ -97,9 +97,10 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(warmup, max(1, steps // 10))
 
-    def progress(i: int) -> float:
-        """Whichever runs out first, steps or time."""
-        p = i / steps
+    def progress(i: int, skip: int = 0) -> float:
+        """Share of training done, by steps (past the first ``skip``) or time, whichever is
+        further."""
+        p = (i - skip) / max(1, steps - skip)
         if seconds is not None:
             p = max(p, (time.time() - t0) / seconds)
         return min(1.0, p)
@@ -107,10 +108,8 @@ def train(
     def lr_at(i: int) -> float:
         if i < warmup:
             return lr * (i + 1) / warmup
-        p = (i - warmup) / max(1, steps - warmup)
-        if seconds is not None:
-            p = max(p, (time.time() - t0) / seconds)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))  # floor: lr / 10
+        cos = 0.5 * (1 + math.cos(math.pi * progress(i, warmup)))
+        return lr * (0.1 + 0.9 * cos)  # floor: lr / 10
 
     model.train()
     t0, losses, done = time.time(), [], 0
