@@ -35,14 +35,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
-from qkrestore.pro_math import (
-    resolve_device,
-    solve_fix_key_batched,
-    solve_fix_query_batched,
-)
+from qkrestore.pro_math import solve
+from qkrestore.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -118,10 +116,10 @@ def make_inputs(case: Case, n_layers: int, device: torch.device, seed: int) -> d
 def call_for(fix: str, inputs: dict, case: Case, ridge: float, device, method: str) -> Callable:
     if fix == "key":
         args = (inputs["q_pre"], inputs["q_post"], inputs["k_pre"])
-        fn = solve_fix_key_batched
+        fn = partial(solve, "key")
     else:
         args = (inputs["k_pre"], inputs["k_post"], inputs["q_pre"])
-        fn = solve_fix_query_batched
+        fn = partial(solve, "query")
 
     def run() -> torch.Tensor:
         return fn(*args, case.n_heads, case.n_kv_heads, ridge, device=device, method=method)

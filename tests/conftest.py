@@ -19,35 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qkrestore.cli import main
-from qkrestore.hf_logging import quiet_transformers
+from qkrestore.runtime import quiet_transformers
+from qkrestore.tiny import FULL, LIN, QWEN3_NEXT, TINY, build_pair
 
-TINY = {
-    "vocab_size": 99,
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-LIN, FULL = "linear_attention", "full_attention"
-QWEN3_NEXT = {
-    "num_hidden_layers": 4,
-    "head_dim": 16,
-    "hidden_act": "silu",
-    "layer_types": [LIN, FULL, LIN, FULL],
-    "linear_conv_kernel_dim": 2,
-    "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
-    "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 12,
-    "shared_expert_intermediate_size": 12,
-}
+# Re-exported for the test modules (``from conftest import ...``).
+__all__ = ["FULL", "LIN", "QWEN3_NEXT", "TINY", "build_hf_pair", "quiet_transformers"]
+
+build_hf_pair = build_pair  # the same tiny models the demo shows
 QWEN3_5_TEXT = {
     k: v
     for k, v in QWEN3_NEXT.items()
@@ -60,39 +38,6 @@ QWEN3_5_TEXT = {
         "layer_types",
     )
 } | {"full_attention_interval": 2}
-
-
-def build_hf_pair(
-    root: Path,
-    model_type: str,
-    kwargs: dict,
-    *,
-    seed: int = 0,
-    noise: float = 0.01,
-    shard: str | None = "40KB",
-    vlm: bool = False,
-) -> tuple[Path, Path]:
-    """PRE from transformers' own classes; POST = PRE + noise on every parameter, sharded."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    quiet_transformers()
-    torch.manual_seed(seed)
-    if vlm:
-        config = AutoConfig.for_model(model_type, **kwargs)
-        model = AutoModelForImageTextToText.from_config(config)
-    else:
-        config = AutoConfig.for_model(model_type, **(TINY | kwargs))
-        model = AutoModelForCausalLM.from_config(config)
-    pre, post = root / "pre", root / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * noise)
-    if shard:
-        model.save_pretrained(post, max_shard_size=shard)
-    else:
-        model.save_pretrained(post)
-    return pre, post
 
 
 def write_checkpoint(

@@ -31,7 +31,7 @@ from conftest import TINY, assert_merged, load_all, quiet_transformers, write_ch
 from qkrestore.adapters import resolve
 from qkrestore.checkpoint import Checkpoint
 from qkrestore.errors import ConfigError
-from qkrestore.plan import build_plan
+from qkrestore.plan import PlanOptions, build_plan
 
 KIMI = {
     "num_hidden_layers": 4,
@@ -270,7 +270,7 @@ def global_layers(cli, post: Path) -> list[int]:
 
 def plan_names(pre: Path, post: Path, **kw) -> list[str]:
     with Checkpoint.open(pre) as a, Checkpoint.open(post) as b:
-        return [p.name for p in build_plan(a, b, **kw).patches]
+        return [p.name for p in build_plan(a, b, PlanOptions(**kw)).patches]
 
 
 # -- Kimi Linear --------------------------------------------------------------------------------
@@ -314,10 +314,10 @@ def test_kimi_latent_option_and_q_lora(pairs, tmp_path: Path, cli) -> None:
     merge(cli, pre, post, out2)
     assert_merged(out2, pre, post, kimi_expected(cfg))
     # the option also works from Python, and 'post' means the default
-    names = plan_names(pre, post, options={"mla_latent": "pre"})
+    names = plan_names(pre, post, adapter_options={"mla_latent": "pre"})
     assert "model.layers.1.self_attn.kv_a_layernorm.weight" in names
     assert "model.layers.1.self_attn.kv_a_layernorm.weight" not in plan_names(
-        pre, post, options={"mla_latent": "post"}
+        pre, post, adapter_options={"mla_latent": "post"}
     )
 
 

@@ -16,8 +16,7 @@ from test_handwritten_families import hypenet_config, model_tensors, perturbed
 
 from qkrestore.checkpoint import Checkpoint
 from qkrestore.hub import parse_source, pre_shards_needed
-from qkrestore.merge import MergeOptions, plan_merge
-from qkrestore.plan import pre_names_for
+from qkrestore.plan import build_plan, pre_names_for
 
 REPO = Path(__file__).resolve().parents[1]
 SOFTMAX = [False, True, False, False, False, True]
@@ -71,9 +70,8 @@ def hub_env(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
     pre, post = make_models(tmp_path)
     cache = tmp_path / "hf" / "hub"
     # PRE's snapshot holds only the shards that the plan needs: the run must not want the others.
-    opts = MergeOptions()
     with Checkpoint.open(pre) as pre_ck, Checkpoint.open(post) as post_ck:
-        plan = plan_merge(pre_ck, post_ck, opts)
+        plan = build_plan(pre_ck, post_ck)
         index = json.loads((pre / "model.safetensors.index.json").read_text())["weight_map"]
         needed = set(pre_shards_needed(index, pre_names_for(plan, post_ck, index)))
     cache_repo(cache, "org/pre", pre, only={"config.json", "model.safetensors.index.json", *needed})
@@ -103,7 +101,7 @@ def test_pre_download_list_names_only_needed_shards(tmp_path: Path) -> None:
     pre, post = make_models(tmp_path)
     index = json.loads((pre / "model.safetensors.index.json").read_text())["weight_map"]
     with Checkpoint.open(pre) as pre_ck, Checkpoint.open(post) as post_ck:
-        plan = plan_merge(pre_ck, post_ck, MergeOptions())
+        plan = build_plan(pre_ck, post_ck)
         names = pre_names_for(plan, post_ck, index)
     want = sorted(
         {

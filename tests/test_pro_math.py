@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,15 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkrestore.pro_math import (
-    objective,
-    resolve_device,
-    solve_fix_key,
-    solve_fix_key_batched,
-    solve_fix_query,
-    solve_fix_query_batched,
-    stationarity_residual,
-)
+from qkrestore.pro_math import objective, solve, stationarity_residual
+from qkrestore.runtime import resolve_device
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None)
 RIDGES = st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 2.5, 50.0])
@@ -128,7 +122,7 @@ def test_fix_key_matches_per_head_numpy_reference(shape, ridge, method):
     seed, n_kv, rep, d_h, d = shape
     q0, q1, k0, _ = make_layer(seed, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
-    got = solve_fix_key(q0, q1, k0, n_heads, n_kv, ridge, method=method)
+    got = solve("key", q0, q1, k0, n_heads, n_kv, ridge, method=method)
     assert got.dtype == torch.float64 and got.shape == q0.shape
     assert rel(got, ref_fix_key(q0, q1, k0, n_heads, n_kv, ridge)) < 1e-9
 
@@ -139,7 +133,7 @@ def test_fix_query_matches_per_group_numpy_reference(shape, ridge, method):
     seed, n_kv, rep, d_h, d = shape
     q0, _, k0, k1 = make_layer(seed, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
-    got = solve_fix_query(k0, k1, q0, n_heads, n_kv, ridge, method=method)
+    got = solve("query", k0, k1, q0, n_heads, n_kv, ridge, method=method)
     assert got.dtype == torch.float64 and got.shape == k0.shape
     assert rel(got, ref_fix_query(k0, k1, q0, n_heads, n_kv, ridge)) < 1e-9
 
@@ -151,11 +145,11 @@ def test_stationarity_residual_is_zero(shape, ridge, fix):
     q0, q1, k0, k1 = make_layer(seed, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
     if fix == "key":
-        x = solve_fix_key(q0, q1, k0, n_heads, n_kv, ridge)
+        x = solve("key", q0, q1, k0, n_heads, n_kv, ridge)
         r = stationarity_residual(x, q0, q1, k0, n_heads, n_kv, ridge, fix="key")
         r_post = stationarity_residual(q1, q0, q1, k0, n_heads, n_kv, ridge, fix="key")
     else:
-        x = solve_fix_query(k0, k1, q0, n_heads, n_kv, ridge)
+        x = solve("query", k0, k1, q0, n_heads, n_kv, ridge)
         r = stationarity_residual(x, k0, k1, q0, n_heads, n_kv, ridge, fix="query")
         r_post = stationarity_residual(k1, k0, k1, q0, n_heads, n_kv, ridge, fix="query")
     assert r < 1e-10
@@ -170,10 +164,10 @@ def test_beats_random_perturbations(shape, ridge, fix):
     n_heads = n_kv * rep
     if fix == "key":
         args = (q0, q1, k0)
-        x = solve_fix_key(*args, n_heads, n_kv, ridge)
+        x = solve("key", *args, n_heads, n_kv, ridge)
     else:
         args = (k0, k1, q0)
-        x = solve_fix_query(*args, n_heads, n_kv, ridge)
+        x = solve("query", *args, n_heads, n_kv, ridge)
     best = objective(x, *args, n_heads, n_kv, ridge, fix=fix)
     g = torch.Generator().manual_seed(seed + 1)
     for scale in (1e-3, 1e-1, 1.0):
@@ -213,12 +207,12 @@ def test_ridge_to_zero_gives_pre(fix):
     q0, q1, k0, k1 = make_layer(1, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
     if fix == "key":
-        near = solve_fix_key(q0, q1, k0, n_heads, n_kv, 1e-10)
-        exact = solve_fix_key(q0, q1, k0, n_heads, n_kv, 0.0)
+        near = solve("key", q0, q1, k0, n_heads, n_kv, 1e-10)
+        exact = solve("key", q0, q1, k0, n_heads, n_kv, 0.0)
         pre = q0
     else:
-        near = solve_fix_query(k0, k1, q0, n_heads, n_kv, 1e-10)
-        exact = solve_fix_query(k0, k1, q0, n_heads, n_kv, 0.0)
+        near = solve("query", k0, k1, q0, n_heads, n_kv, 1e-10)
+        exact = solve("query", k0, k1, q0, n_heads, n_kv, 0.0)
         pre = k0
     assert rel(near, pre) < 1e-5
     assert torch.equal(exact, pre.double())
@@ -230,12 +224,12 @@ def test_ridge_to_infinity_gives_post(fix):
     q0, q1, k0, k1 = make_layer(2, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
     if fix == "key":
-        far = solve_fix_key(q0, q1, k0, n_heads, n_kv, 1e10)
-        inf = solve_fix_key(q0, q1, k0, n_heads, n_kv, math.inf)
+        far = solve("key", q0, q1, k0, n_heads, n_kv, 1e10)
+        inf = solve("key", q0, q1, k0, n_heads, n_kv, math.inf)
         post = q1
     else:
-        far = solve_fix_query(k0, k1, q0, n_heads, n_kv, 1e10)
-        inf = solve_fix_query(k0, k1, q0, n_heads, n_kv, math.inf)
+        far = solve("query", k0, k1, q0, n_heads, n_kv, 1e10)
+        inf = solve("query", k0, k1, q0, n_heads, n_kv, math.inf)
         post = k1
     assert rel(far, post) < 1e-5
     assert torch.equal(inf, post.double())
@@ -243,7 +237,7 @@ def test_ridge_to_infinity_gives_post(fix):
 
 def test_ridge_zero_is_exact_for_bf16_inputs():
     q0, q1, k0, _ = make_layer(3, 2, 2, 4, 8, dtype=torch.bfloat16)
-    out = solve_fix_key(q0, q1, k0, 4, 2, 0.0)
+    out = solve("key", q0, q1, k0, 4, 2, 0.0)
     assert out.dtype == torch.float64
     assert torch.equal(out.to(torch.bfloat16), q0)
 
@@ -256,7 +250,7 @@ def test_ridge_sweep_is_monotone():
     target = logits(q0, k0, n_heads, n_kv)
     drift, move = [], []
     for ridge in (1e3, 10.0, 1.0, 0.1, 1e-3):
-        x = solve_fix_key(q0, q1, k0, n_heads, n_kv, ridge)
+        x = solve("key", q0, q1, k0, n_heads, n_kv, ridge)
         drift.append(float((logits(x, k0, n_heads, n_kv) - target).norm()))
         move.append(float((x - q1).norm()))
     assert all(a > b for a, b in itertools.pairwise(drift))
@@ -268,7 +262,7 @@ def test_singular_gram_small_ridge_restores_logits():
     n_kv, rep, d_h, d = 2, 2, 6, 3
     q0, q1, k0, _ = make_layer(5, n_kv, rep, d_h, d)
     n_heads = n_kv * rep
-    x = solve_fix_key(q0, q1, k0, n_heads, n_kv, 1e-9)
+    x = solve("key", q0, q1, k0, n_heads, n_kv, 1e-9)
     target = logits(q0, k0, n_heads, n_kv)
     assert rel(logits(x, k0, n_heads, n_kv), target) < 1e-6
     # Off G's range (directions K cannot see) the solution keeps POST's weights.
@@ -280,21 +274,21 @@ def test_zero_key_group_gives_post():
     n_kv, rep, d_h, d = 2, 2, 3, 6
     q0, q1, k0, _ = make_layer(6, n_kv, rep, d_h, d)
     k0[:d_h] = 0.0  # group 0 dead
-    x = solve_fix_key(q0, q1, k0, n_kv * rep, n_kv, 0.1)
+    x = solve("key", q0, q1, k0, n_kv * rep, n_kv, 0.1)
     assert torch.equal(x[: rep * d_h], q1[: rep * d_h])
     # The live group is solved as if it were alone.
-    alone = solve_fix_key(q0[rep * d_h :], q1[rep * d_h :], k0[d_h:], rep, 1, 0.1)
+    alone = solve("key", q0[rep * d_h :], q1[rep * d_h :], k0[d_h:], rep, 1, 0.1)
     assert torch.equal(x[rep * d_h :], alone)
 
 
 def test_ridge_is_scale_free():
     """λ = ridge·trace(G)/d_h: scaling the held side does not change the answer."""
     q0, q1, k0, k1 = make_layer(8, 2, 2, 4, 12)
-    a = solve_fix_key(q0, q1, k0, 4, 2, 0.2)
-    b = solve_fix_key(q0, q1, 37.0 * k0, 4, 2, 0.2)
+    a = solve("key", q0, q1, k0, 4, 2, 0.2)
+    b = solve("key", q0, q1, 37.0 * k0, 4, 2, 0.2)
     assert rel(b, a) < 1e-12
-    c = solve_fix_query(k0, k1, q0, 4, 2, 0.2)
-    e = solve_fix_query(k0, k1, 1e-3 * q0, 4, 2, 0.2)
+    c = solve("query", k0, k1, q0, 4, 2, 0.2)
+    e = solve("query", k0, k1, 1e-3 * q0, 4, 2, 0.2)
     assert rel(e, c) < 1e-12
 
 
@@ -305,11 +299,11 @@ def test_each_head_uses_its_own_kv_group():
     n_kv, rep, d_h, d = 3, 2, 4, 10
     n_heads = n_kv * rep
     q0, q1, k0, _ = make_layer(9, n_kv, rep, d_h, d)
-    base = solve_fix_key(q0, q1, k0, n_heads, n_kv, 0.05)
+    base = solve("key", q0, q1, k0, n_heads, n_kv, 0.05)
     for grp in range(n_kv):
         k_mod = k0.clone()
         k_mod[grp * d_h : (grp + 1) * d_h] = torch.randn(d_h, d, dtype=torch.float64)
-        out = solve_fix_key(q0, q1, k_mod, n_heads, n_kv, 0.05)
+        out = solve("key", q0, q1, k_mod, n_heads, n_kv, 0.05)
         for h in range(n_heads):
             rows = slice(h * d_h, (h + 1) * d_h)
             if h // rep == grp:
@@ -322,11 +316,11 @@ def test_fix_query_group_uses_only_its_heads():
     n_kv, rep, d_h, d = 3, 2, 4, 10
     n_heads = n_kv * rep
     q0, _, k0, k1 = make_layer(10, n_kv, rep, d_h, d)
-    base = solve_fix_query(k0, k1, q0, n_heads, n_kv, 0.05)
+    base = solve("query", k0, k1, q0, n_heads, n_kv, 0.05)
     q_mod = q0.clone()
     h = 3  # group 1
     q_mod[h * d_h : (h + 1) * d_h] *= -2.0
-    out = solve_fix_query(k0, k1, q_mod, n_heads, n_kv, 0.05)
+    out = solve("query", k0, k1, q_mod, n_heads, n_kv, 0.05)
     for grp in range(n_kv):
         rows = slice(grp * d_h, (grp + 1) * d_h)
         if grp == h // rep:
@@ -338,8 +332,8 @@ def test_fix_query_group_uses_only_its_heads():
 def test_mha_fix_query_mirrors_fix_key():
     """With one head per group the two problems are the same with Q and K swapped."""
     q0, _, k0, k1 = make_layer(11, 4, 1, 5, 9)
-    a = solve_fix_query(k0, k1, q0, 4, 4, 0.3)
-    b = solve_fix_key(k0, k1, q0, 4, 4, 0.3)
+    a = solve("query", k0, k1, q0, 4, 4, 0.3)
+    b = solve("key", k0, k1, q0, 4, 4, 0.3)
     assert rel(a, b) < 1e-13
 
 
@@ -349,7 +343,7 @@ def test_fix_query_restores_logits_of_every_head_in_group():
     q0, _, k0, k1 = make_layer(12, n_kv, rep, d_h, d)
     target = logits(q0, k0, n_heads, n_kv)
     before = rel(logits(q0, k1, n_heads, n_kv), target)
-    k = solve_fix_query(k0, k1, q0, n_heads, n_kv, 1e-8)
+    k = solve("query", k0, k1, q0, n_heads, n_kv, 1e-8)
     assert rel(logits(q0, k, n_heads, n_kv), target) < 1e-6 * max(before, 1.0)
 
 
@@ -366,15 +360,15 @@ def test_batched_equals_per_layer(fix, as_list, method):
     if fix == "key":
         cols = [[layer[i] for layer in layers] for i in (0, 1, 2)]
         single = [
-            solve_fix_key(a, b, c, n_heads, n_kv, ridge) for a, b, c in zip(*cols, strict=True)
+            solve("key", a, b, c, n_heads, n_kv, ridge) for a, b, c in zip(*cols, strict=True)
         ]
-        fn = solve_fix_key_batched
+        fn = partial(solve, "key")
     else:
         cols = [[layer[i] for layer in layers] for i in (2, 3, 0)]
         single = [
-            solve_fix_query(a, b, c, n_heads, n_kv, ridge) for a, b, c in zip(*cols, strict=True)
+            solve("query", a, b, c, n_heads, n_kv, ridge) for a, b, c in zip(*cols, strict=True)
         ]
-        fn = solve_fix_query_batched
+        fn = partial(solve, "query")
     args = cols if as_list else [torch.stack(c) for c in cols]
     # chunk_bytes small enough to force several chunks, one of them partial.
     per_layer = max(c[0].numel() for c in cols) * 8
@@ -390,8 +384,14 @@ def test_batched_layers_do_not_mix():
     n_kv, rep, d_h, d = 2, 2, 3, 7
     a = make_layer(200, n_kv, rep, d_h, d)
     b = make_layer(201, n_kv, rep, d_h, d)
-    got = solve_fix_key_batched(
-        torch.stack([a[0], b[0]]), torch.stack([a[1], b[1]]), torch.stack([a[2], b[2]]), 4, 2, 0.4
+    got = solve(
+        "key",
+        torch.stack([a[0], b[0]]),
+        torch.stack([a[1], b[1]]),
+        torch.stack([a[2], b[2]]),
+        4,
+        2,
+        0.4,
     )
     assert rel(got[0], ref_fix_key(a[0], a[1], a[2], 4, 2, 0.4)) < 1e-12
     assert rel(got[1], ref_fix_key(b[0], b[1], b[2], 4, 2, 0.4)) < 1e-12
@@ -406,17 +406,17 @@ def test_bf16_inputs(fix):
     n_heads = n_kv * rep
     q0, q1, k0, k1 = make_layer(13, n_kv, rep, d_h, d, dtype=torch.bfloat16)
     if fix == "key":
-        out = solve_fix_key(q0, q1, k0, n_heads, n_kv, 0.1)
+        out = solve("key", q0, q1, k0, n_heads, n_kv, 0.1)
         ref = ref_fix_key(q0, q1, k0, n_heads, n_kv, 0.1)  # on the bf16 values, in float64
     else:
-        out = solve_fix_query(k0, k1, q0, n_heads, n_kv, 0.1)
+        out = solve("query", k0, k1, q0, n_heads, n_kv, 0.1)
         ref = ref_fix_query(k0, k1, q0, n_heads, n_kv, 0.1)
     assert out.dtype == torch.float64
     assert rel(out, ref) < 1e-12
     cast = (
-        solve_fix_key(q0, q1, k0, n_heads, n_kv, 0.1, out_dtype=torch.bfloat16)
+        solve("key", q0, q1, k0, n_heads, n_kv, 0.1, out_dtype=torch.bfloat16)
         if fix == "key"
-        else solve_fix_query(k0, k1, q0, n_heads, n_kv, 0.1, out_dtype=torch.bfloat16)
+        else solve("query", k0, k1, q0, n_heads, n_kv, 0.1, out_dtype=torch.bfloat16)
     )
     assert cast.dtype == torch.bfloat16
     assert torch.equal(cast, out.to(torch.bfloat16))
@@ -424,12 +424,12 @@ def test_bf16_inputs(fix):
 
 def test_float16_and_float32_inputs_and_compute_dtype_override():
     q0, q1, k0, _ = make_layer(14, 2, 2, 4, 12)
-    ref = solve_fix_key(q0, q1, k0, 4, 2, 0.3)
+    ref = solve("key", q0, q1, k0, 4, 2, 0.3)
     for dt in (torch.float16, torch.float32):
-        out = solve_fix_key(q0.to(dt), q1.to(dt), k0.to(dt), 4, 2, 0.3)
+        out = solve("key", q0.to(dt), q1.to(dt), k0.to(dt), 4, 2, 0.3)
         assert out.dtype == torch.float64
         assert rel(out, ref) < 5e-3
-    f32 = solve_fix_key(q0, q1, k0, 4, 2, 0.3, compute_dtype=torch.float32)
+    f32 = solve("key", q0, q1, k0, 4, 2, 0.3, compute_dtype=torch.float32)
     assert f32.dtype == torch.float32
     assert rel(f32, ref) < 1e-5
 
@@ -440,27 +440,27 @@ def test_float16_and_float32_inputs_and_compute_dtype_override():
 def test_rejects_bad_inputs():
     q0, q1, k0, _ = make_layer(15, 2, 2, 4, 8)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        solve_fix_key(q0, q1, k0, 4, 3, 0.1)
+        solve("key", q0, q1, k0, 4, 3, 0.1)
     with pytest.raises(ValueError, match="ridge"):
-        solve_fix_key(q0, q1, k0, 4, 2, -1.0)
+        solve("key", q0, q1, k0, 4, 2, -1.0)
     with pytest.raises(ValueError, match="ridge"):
-        solve_fix_key(q0, q1, k0, 4, 2, float("nan"))
+        solve("key", q0, q1, k0, 4, 2, float("nan"))
     with pytest.raises(ValueError, match="PRE and POST"):
-        solve_fix_key(q0, q1[:-4], k0, 4, 2, 0.1)
+        solve("key", q0, q1[:-4], k0, 4, 2, 0.1)
     with pytest.raises(ValueError, match="head size mismatch"):
-        solve_fix_key(q0, q1, k0[:4], 4, 2, 0.1)
+        solve("key", q0, q1, k0[:4], 4, 2, 0.1)
     with pytest.raises(ValueError, match="columns"):
-        solve_fix_key(q0, q1, k0[:, :-1], 4, 2, 0.1)
+        solve("key", q0, q1, k0[:, :-1], 4, 2, 0.1)
     with pytest.raises(ValueError, match="2-D"):
-        solve_fix_key(q0[None], q1, k0, 4, 2, 0.1)
+        solve("key", q0[None], q1, k0, 4, 2, 0.1)
     with pytest.raises(ValueError, match="layers"):
-        solve_fix_key_batched([q0, q0], [q1, q1], [k0], 4, 2, 0.1)
+        solve("key", [q0, q0], [q1, q1], [k0], 4, 2, 0.1)
     with pytest.raises(ValueError, match="method"):
-        solve_fix_key(q0, q1, k0, 4, 2, 0.1, method="qr")  # type: ignore[arg-type]
+        solve("key", q0, q1, k0, 4, 2, 0.1, method="qr")  # type: ignore[arg-type]
     bad = k0.clone()
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
-        solve_fix_key(q0, q1, bad, 4, 2, 0.1)
+        solve("key", q0, q1, bad, 4, 2, 0.1)
     with pytest.raises(ValueError, match="0 < ridge"):
         objective(q0, q0, q1, k0, 4, 2, 0.0)
 
@@ -477,7 +477,7 @@ def test_resolve_device():
             resolve_device("cuda")
         q0, q1, k0, _ = make_layer(16, 1, 1, 2, 3)
         with pytest.raises(ValueError, match="no CUDA GPU"):
-            solve_fix_key(q0, q1, k0, 1, 1, 0.1, device="cuda")
+            solve("key", q0, q1, k0, 1, 1, 0.1, device="cuda")
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -494,7 +494,7 @@ def test_cuda_matches_cpu(fix, method, ridge):
     layers = [make_layer(300 + i, n_kv, rep, d_h, d, dtype=torch.bfloat16) for i in range(n_layers)]
     idx = (0, 1, 2) if fix == "key" else (2, 3, 0)
     args = [torch.stack([layer[i] for layer in layers]) for i in idx]
-    fn = solve_fix_key_batched if fix == "key" else solve_fix_query_batched
+    fn = partial(solve, fix)
     cpu = fn(*args, n_heads, n_kv, ridge, device="cpu", method=method)
     gpu = fn(*[a.cuda() for a in args], n_heads, n_kv, ridge, device="cuda", method=method)
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
@@ -514,7 +514,7 @@ def test_cuda_from_cpu_inputs_in_chunks(fix):
     layers = [make_layer(400 + i, n_kv, rep, d_h, d, dtype=torch.bfloat16) for i in range(n_layers)]
     idx = (0, 1, 2) if fix == "key" else (2, 3, 0)
     cols = [[layer[i] for layer in layers] for i in idx]
-    fn = solve_fix_key_batched if fix == "key" else solve_fix_query_batched
+    fn = partial(solve, fix)
     ref = fn(*cols, n_heads, n_kv, 0.05, device="cpu")
     per_layer = max(c[0].numel() for c in cols) * 4
     got = fn(

@@ -63,9 +63,9 @@ def qk_restore_selections(pre_dir: str, post_dir: str) -> tuple[Selection, Selec
     if str(REPO / "src") not in sys.path:
         sys.path.insert(0, str(REPO / "src"))
     from qkrestore.checkpoint import Checkpoint
-    from qkrestore.merge import MergeOptions, plan_merge
+    from qkrestore.plan import build_plan
 
-    plan = plan_merge(Checkpoint.open(pre_dir), Checkpoint.open(post_dir), MergeOptions())
+    plan = build_plan(Checkpoint.open(pre_dir), Checkpoint.open(post_dir))
     restored: Selection = {p.name: p.rows for p in plan.patches}
     left: Selection = {}
     for p in plan.patches:

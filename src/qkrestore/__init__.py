@@ -1,3 +1,34 @@
-"""qkrestore: restore the query/key routing of softmax-attention layers after CoT fine-tuning."""
+"""qkrestore: restore the query/key routing of softmax-attention layers after CoT fine-tuning.
 
-__version__ = "0.1.0"
+The Python API (see :mod:`qkrestore.api`)::
+
+    import qkrestore
+
+    result = qkrestore.merge("./base", "./sft", "./sft-qkrestore")
+    report = qkrestore.verify("./sft-qkrestore")
+"""
+
+from ._version import __version__
+from .api import inspect_layers, merge, pro, verify
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    OutputError,
+    PlanError,
+    QKRestoreError,
+    VerifyError,
+)
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "OutputError",
+    "PlanError",
+    "QKRestoreError",
+    "VerifyError",
+    "__version__",
+    "inspect_layers",
+    "merge",
+    "pro",
+    "verify",
+]

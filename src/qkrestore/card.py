@@ -10,14 +10,20 @@ import json
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import __version__
+from ._version import __version__
 from .plan import RestorePlan
-from .writer import CARD_NAME, PROVENANCE_NAME, WriteResult
+
+if TYPE_CHECKING:
+    from .writer import WriteResult
+
+CARD_NAME = "README.md"
+PROVENANCE_NAME = "qkrestore.json"
 
 PAPER = (
     "Wang & Guo, *Attention Amnesia in Hybrid LLMs: When CoT Fine-Tuning Breaks Long-Range Recall, "
@@ -41,9 +47,9 @@ METHOD_TEXT = {
 }
 
 
-def command_line() -> str:
-    args = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else ["qkrestore"]
-    return shlex.join(args)
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command as the user typed it (``argv`` after the program name; default: this process's)."""
+    return shlex.join(["qkrestore", *(sys.argv[1:] if argv is None else argv)])
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:

@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CHUNK = 8 * 1024 * 1024  # bytes moved at a time wherever bytes pass through Python
 # The safetensors library refuses headers above 100 MB; a larger length field is a lie or an attack,
 # and must be refused before anything is allocated for it.
 MAX_HEADER_BYTES = 100 * 1024 * 1024

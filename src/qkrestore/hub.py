@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, Shard, TensorInfo, read_config
+from .checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, Shard, TensorInfo, read_config
 from .errors import CheckpointError, QKRestoreError
 
 HUB_PATTERN = re.compile(
     r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$"
 )
-META_FILES = ["config.json", "model.safetensors.index.json"]
+META_FILES = [CONFIG_NAME, INDEX_NAME]
 FOREIGN_WEIGHTS = [
     "*.bin",
     "*.pth",
@@ -121,7 +121,7 @@ def fetch_pre(source: Source, needed_names: Callable[[Path], list[str]]) -> Path
     if not source.is_hub:
         return Path(source.text)
     meta = _download(source, allow_patterns=META_FILES)
-    index = meta / "model.safetensors.index.json"
+    index = meta / INDEX_NAME
     if not index.is_file():
         return _download(source, allow_patterns=[*META_FILES, "model.safetensors"])
     import json

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import ROUTING_TARGETS, Kind, resolve
+from .adapters import ROUTING_TARGETS, layer_map
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES
 from .errors import PlanError
 from .tensors import read_rows
 
 
-def describe(ckpt: Checkpoint) -> dict[str, Any]:
+@dataclass
+class LayerReport:
+    """What ``inspect-layers`` reports (and ``--json`` prints): family, layer map, routing tensors.
+
+    ``layers`` holds one entry per softmax-attention layer with its routing tensors (name, target,
+    role, rows, shape, dtype, file); ``compare`` the Q/K drift against another model, when asked.
+    """
+
+    path: str
+    model_type: str
+    adapter: str
+    adapter_reason: str
+    adapter_description: str
+    adapter_notes: list[str]
+    num_layers: int
+    layer_prefix: str
+    global_layers: list[int]
+    local_layers: list[int]
+    layers: list[dict[str, Any]]
+    compare: dict[str, Any] | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        if doc["compare"] is None:
+            del doc["compare"]
+        return doc
+
+
+def describe(ckpt: Checkpoint) -> LayerReport:
     """The model's family, layer kinds, and every softmax layer's routing tensors with row ranges."""
-    resolved = resolve(ckpt.config)
-    adapter = resolved.adapter
-    kinds = adapter.layer_kinds(ckpt.config)
-    prefix = adapter.layer_prefix(list(ckpt.tensors))
+    lmap = layer_map(ckpt.config, ckpt.tensors)
     layers = []
-    for i, kind in enumerate(kinds):
-        if kind is Kind.OTHER:
-            continue
+    for i in lmap.softmax_layers:
         tensors = []
-        for rt in adapter.layer_tensors(ckpt.config, i, ckpt.tensors, ROUTING_TARGETS, prefix):
+        for rt in lmap.routing(i, ROUTING_TARGETS):
             info = ckpt.tensors[rt.name]
             tensors.append(
                 {
@@ -35,25 +59,23 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
                     "file": info.file,
                 }
             )
-        layers.append({"layer": i, "kind": kind.value, "tensors": tensors})
-    return {
-        "path": str(ckpt.root),
-        "model_type": resolved.model_type,
-        "adapter": adapter.name,
-        "adapter_reason": resolved.reason,
-        "adapter_description": adapter.description,
-        "adapter_notes": list(adapter.notes),
-        "num_layers": len(kinds),
-        "layer_prefix": prefix,
-        "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
-        "local_layers": [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
-        "layers": layers,
-    }
+        layers.append({"layer": i, "kind": lmap.kinds[i].value, "tensors": tensors})
+    return LayerReport(
+        path=str(ckpt.root),
+        model_type=lmap.model_type,
+        adapter=lmap.adapter.name,
+        adapter_reason=lmap.reason,
+        adapter_description=lmap.adapter.description,
+        adapter_notes=list(lmap.adapter.notes),
+        num_layers=len(lmap.kinds),
+        layer_prefix=lmap.prefix,
+        global_layers=lmap.global_layers,
+        local_layers=lmap.local_layers,
+        layers=layers,
+    )
 
 
-def compare(
-    ref: Checkpoint, other: Checkpoint, description: dict[str, Any]
-) -> list[dict[str, Any]]:
+def compare(ref: Checkpoint, other: Checkpoint, report: LayerReport) -> list[dict[str, Any]]:
     """Relative drift ‖W_other − W_ref‖_F / ‖W_ref‖_F of the Q and K weight rows of each softmax layer.
 
     Where a target has several weight tensors (Kimi's K rows in two projections, Zamba2's adapters),
@@ -62,7 +84,7 @@ def compare(
     import torch
 
     out = []
-    for layer in description["layers"]:
+    for layer in report.layers:
         row: dict[str, Any] = {"layer": layer["layer"], "kind": layer["kind"]}
         sums: dict[str, list[float]] = {}
         for t in layer["tensors"]:

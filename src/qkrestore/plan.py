@@ -7,17 +7,42 @@ prints, ``qkrestore.json`` records and ``verify`` replays, so what was done can 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapters import GENERIC, TARGETS, Adapter, Kind, RoutingTensor, resolve, text_config, whole
+from .adapters import (
+    GENERIC,
+    TARGETS,
+    Kind,
+    LayerMap,
+    RoutingTensor,
+    layer_map,
+    text_config,
+    whole,
+)
 from .adapters.base import merge_rows
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import PlanError, QKRestoreError
 
 METHOD_RESTORE = "qk-restore"
 METHOD_PRO = "qk-pro"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to restore: the planning half of ``merge``/``pro``'s options (writing has its own).
+
+    ``adapter_options`` are family switches named by the adapters (e.g. Kimi's
+    ``{MLA_LATENT: "pre"}``); ``tensor_pattern`` names tensors by hand for unknown families.
+    """
+
+    layers: list[int] | None = None
+    include_sliding: bool = False
+    targets: tuple[str, ...] = ("q", "k")
+    allow_arch_mismatch: bool = False
+    tensor_pattern: str | None = None
+    adapter_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -159,16 +184,6 @@ def parse_layers(text: str) -> list[int] | None:
 # -- planning -------------------------------------------------------------------------------------
 
 
-def layer_map(ckpt: Checkpoint) -> tuple[Adapter, str, str, list[Kind]]:
-    resolved = resolve(ckpt.config)
-    return (
-        resolved.adapter,
-        resolved.model_type,
-        resolved.reason,
-        resolved.adapter.layer_kinds(ckpt.config),
-    )
-
-
 def choose_layers(
     kinds: Sequence[Kind], layers: list[int] | None, include_sliding: bool
 ) -> list[int]:
@@ -198,15 +213,10 @@ def choose_layers(
 def build_plan(
     pre: Checkpoint,
     post: Checkpoint,
+    opts: PlanOptions | None = None,
     *,
-    layers: list[int] | None = None,
-    include_sliding: bool = False,
-    targets: Sequence[str] = ("q", "k"),
-    allow_arch_mismatch: bool = False,
     method: str = METHOD_RESTORE,
     source: str = "pre",
-    options: Mapping[str, Any] | None = None,
-    tensor_pattern: str | None = None,
 ) -> RestorePlan:
     """Plan the surgery and check everything headers and configs can tell before a byte is written.
 
@@ -214,6 +224,9 @@ def build_plan(
     ``tensor_pattern`` (a regular expression with ``{i}`` standing for the layer index) the user
     names the tensors by hand, for families the tool does not know; ``layers`` must then be given.
     """
+    opts = opts or PlanOptions()
+    layers, include_sliding, targets = opts.layers, opts.include_sliding, opts.targets
+    tensor_pattern, options = opts.tensor_pattern, opts.adapter_options
     notes: list[str] = []
     if tensor_pattern is not None:
         kinds, chosen, model_type, adapter_name = _manual_layers(post, layers)
@@ -221,19 +234,16 @@ def build_plan(
         post_prefix = pre_prefix = ""
         notes.append(f"tensors chosen by --tensor-pattern {tensor_pattern!r}")
     else:
-        adapter, model_type, reason, kinds = layer_map(post)
-        adapter_name = adapter.name
-        if not allow_arch_mismatch:
-            _check_same_architecture(pre, adapter, model_type, kinds)
+        lmap = layer_map(post.config, post.tensors)
+        kinds = list(lmap.kinds)
+        model_type, adapter_name = lmap.model_type, lmap.adapter.name
+        if not opts.allow_arch_mismatch:
+            _check_same_architecture(pre, lmap)
         chosen = choose_layers(kinds, layers, include_sliding)
-        post_prefix, pre_prefix = layer_prefixes(adapter, post.tensors, pre.tensors)
-        if adapter is GENERIC:
-            notes.append(reason)
-        found = []
-        for layer in chosen:
-            found += adapter.layer_tensors(
-                post.config, layer, post.tensors, targets, post_prefix, options
-            )
+        post_prefix, pre_prefix = lmap.prefix, lmap.adapter.layer_prefix(list(pre.tensors))
+        if lmap.adapter is GENERIC:
+            notes.append(lmap.reason)
+        found = [rt for layer in chosen for rt in lmap.routing(layer, targets, options)]
     # A tensor shared by several layers (Zamba2's shared blocks) is planned once.
     found = merge_rows([*found, *_fp8_scales(found, post)])
 
@@ -276,31 +286,25 @@ def build_plan(
         targets=list(targets),
         patches=patches,
         notes=notes,
-        params={"include_sliding": include_sliding, **dict(options or {})}
+        params={"include_sliding": include_sliding, **dict(options)}
         | ({"tensor_pattern": tensor_pattern} if tensor_pattern else {}),
     )
-
-
-def layer_prefixes(
-    adapter: Adapter, post_names: Iterable[str], pre_names: Iterable[str]
-) -> tuple[str, str]:
-    """POST's and PRE's layer name prefixes: a VLM save and a text-only save may differ."""
-    return adapter.layer_prefix(list(post_names)), adapter.layer_prefix(list(pre_names))
 
 
 def pre_names_for(plan: RestorePlan, post: Checkpoint, pre_names: Iterable[str]) -> list[str]:
     """PRE's names of the plan's tensors, from PRE's index alone (before its shards are fetched)."""
     if plan.adapter == "manual":
         return [p.name for p in plan.patches]
-    adapter = resolve(post.config).adapter
-    post_prefix, pre_prefix = layer_prefixes(adapter, post.tensors, pre_names)
+    # A VLM save and a text-only save of one family name their layers differently.
+    lmap = layer_map(post.config, post.tensors)
+    post_prefix, pre_prefix = lmap.prefix, lmap.adapter.layer_prefix(list(pre_names))
     return [pre_prefix + p.name[len(post_prefix) :] for p in plan.patches]
 
 
-def _check_same_architecture(
-    pre: Checkpoint, adapter: Adapter, model_type: str, kinds: list[Kind]
-) -> None:
-    pre_adapter, pre_type, _, pre_kinds = layer_map(pre)
+def _check_same_architecture(pre: Checkpoint, post_map: LayerMap) -> None:
+    pre_map = layer_map(pre.config)
+    adapter, model_type, kinds = post_map.adapter, post_map.model_type, post_map.kinds
+    pre_adapter, pre_type, pre_kinds = pre_map.adapter, pre_map.model_type, pre_map.kinds
     if pre_adapter.name != adapter.name or pre_type != model_type:
         raise PlanError(
             f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
@@ -326,7 +330,8 @@ def _manual_layers(
         raise PlanError("--tensor-pattern needs explicit --layers (e.g. --layers 3,7,11)")
     model_type = str(post.config.get("model_type", ""))
     try:
-        _, model_type, _, kinds = layer_map(post)
+        lmap = layer_map(post.config)
+        model_type, kinds = lmap.model_type, list(lmap.kinds)
     except QKRestoreError:
         n = text_config(post.config).get("num_hidden_layers")
         count = n if isinstance(n, int) and n > 0 else max(layers) + 1
@@ -414,4 +419,22 @@ def _check_pair(
         raise PlanError(
             f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; PRE and POST must share the "
             "same quantisation"
+        )
+
+
+def patch_ranges(
+    patch: TensorPatch, pre: Checkpoint, post: Checkpoint
+) -> Iterator[tuple[int, int, int, int]]:
+    """(dst offset, dst length, src offset, src length) for each row range of a patch.
+
+    Plans record rows, not bytes; byte offsets come from the headers at write and verify time.
+    """
+    out = post.tensors[patch.name]
+    src = pre.tensors[patch.pre_name]
+    for r0, r1 in patch.rows:
+        yield (
+            out.start + r0 * out.row_bytes,
+            (r1 - r0) * out.row_bytes,
+            src.start + r0 * src.row_bytes,
+            (r1 - r0) * src.row_bytes,
         )

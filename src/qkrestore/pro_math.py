@@ -13,25 +13,23 @@ group ``g = h // (n_heads // n_kv_heads)``, the ``d_h × d`` block ``K_g`` of
 
 Entry points
 ------------
-``solve_fix_key(q_pre, q_post, k_pre, n_heads, n_kv_heads, ridge, *, device="cpu")``
-    ``K := K^pre``; returns the new ``W_Q`` (``n_heads*d_h × d``). Per head
+``solve(fix, free_pre, free_post, fixed_pre, n_heads, n_kv_heads, ridge, *, device="cpu")``
+    ``fix="key"``: ``K := K^pre``; returns the new ``W_Q``. Per head
     ``Q_h = Q_h^post + G_h (G_h + λ_h I)⁻¹ (Q_h^pre − Q_h^post)``,
     ``G_h = K_g^pre K_g^preᵀ``, ``λ_h = ridge · trace(G_h) / d_h``.
-``solve_fix_query(k_pre, k_post, q_pre, n_heads, n_kv_heads, ridge, *, device="cpu")``
-    ``Q := Q^pre``; returns the new ``W_K`` (``n_kv_heads*d_h × d``). Per group
+    ``fix="query"``: ``Q := Q^pre``; returns the new ``W_K``. Per group
     ``K_g = K_g^post + G_g (G_g + λ_g I)⁻¹ (K_g^pre − K_g^post)``,
     ``G_g = Σ_{h∈g} Q_h^pre Q_h^preᵀ``, ``λ_g = ridge · trace(G_g) / d_h``.
-``solve_fix_key_batched`` / ``solve_fix_query_batched``
-    The same over many layers at once: inputs are ``(L, rows, d)`` tensors or
-    sequences of ``L`` 2-D tensors; every head of every layer becomes one
-    ``d_h × d_h`` system and all of them go to ``torch.linalg.solve`` as a
-    single ``(n_systems, d_h, d_h)`` batch with a ``(n_systems, d_h, d)``
-    right-hand side (split into a few layer chunks only to bound memory).
+    One layer (2-D inputs) or many (``(L, rows, d)`` tensors or sequences of
+    ``L`` matrices): every head of every layer becomes one ``d_h × d_h``
+    system and all of them go to ``torch.linalg.solve`` as a single
+    ``(n_systems, d_h, d_h)`` batch with a ``(n_systems, d_h, d)`` right-hand
+    side (split into a few layer chunks only to bound memory).
 ``objective`` / ``stationarity_residual``
     The penalty objective being minimised and the relative residual of its
     stationarity condition, both in float64 on CPU, for tests and benchmarks.
-``resolve_device``
-    ``"auto" | "cpu" | "cuda"`` to a ``torch.device`` (``auto`` prefers CUDA).
+
+Device choice lives in :mod:`qkrestore.runtime`.
 
 Results come back on the compute device in float64 (CPU) or float32 (CUDA),
 unless ``out_dtype`` asks otherwise; casting to the checkpoint's dtype is the
@@ -59,19 +57,9 @@ from typing import Literal
 
 import torch
 
-__all__ = [
-    "Fix",
-    "LayerStack",
-    "Method",
-    "compute_dtype_for",
-    "objective",
-    "resolve_device",
-    "solve_fix_key",
-    "solve_fix_key_batched",
-    "solve_fix_query",
-    "solve_fix_query_batched",
-    "stationarity_residual",
-]
+from .runtime import compute_dtype_for, resolve_device
+
+__all__ = ["Fix", "LayerStack", "Method", "objective", "solve", "stationarity_residual"]
 
 Fix = Literal["key", "query"]
 """Which side is held at PRE: ``"key"`` moves W_Q, ``"query"`` moves W_K."""
@@ -94,51 +82,6 @@ LayerStack = torch.Tensor | Sequence[torch.Tensor]
 _DEFAULT_CPU_CHUNK_BYTES = 512 * 2**20
 _MIN_CUDA_CHUNK_BYTES = 256 * 2**20
 _MAX_CUDA_CHUNK_BYTES = 4 * 2**30
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a usable ``torch.device``.
-
-    ``auto`` picks CUDA when ``torch.cuda.is_available()`` so that a GPU box
-    gets the fast path without a flag. Asking for CUDA explicitly without one
-    is an error rather than a silent CPU fallback: a 70B solve on CPU takes
-    minutes instead of seconds, and the user should know why.
-    """
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu' or 'cuda'") from exc
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"unsupported device {device!r}; expected 'auto', 'cpu' or 'cuda'")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} was requested but no CUDA GPU is usable "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-            "use device 'cpu' or 'auto'"
-        )
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device {device!r} was requested but only {torch.cuda.device_count()} "
-            "CUDA device(s) are visible"
-        )
-    return dev
-
-
-def compute_dtype_for(device: torch.device) -> torch.dtype:
-    """float64 on CPU (cheap enough, and exact-looking limits); float32 on CUDA.
-
-    GPUs run float64 at a small fraction of their float32 rate, and float32 is
-    far more precise than the bf16/fp16 weights this ends up cast to.
-    """
-    return torch.float32 if device.type == "cuda" else torch.float64
 
 
 # --------------------------------------------------------------------------- checks
@@ -421,10 +364,11 @@ def _solve_batched(
 # --------------------------------------------------------------------------- public
 
 
-def solve_fix_key_batched(
-    q_pre: LayerStack,
-    q_post: LayerStack,
-    k_pre: LayerStack,
+def solve(
+    fix: Fix,
+    free_pre: LayerStack,
+    free_post: LayerStack,
+    fixed_pre: LayerStack,
     n_heads: int,
     n_kv_heads: int,
     ridge: float,
@@ -435,29 +379,43 @@ def solve_fix_key_batched(
     method: Method = "solve",
     chunk_bytes: int | None = None,
 ) -> torch.Tensor:
-    """New W_Q for many layers at once, holding W_K at PRE (``fix="key"``).
+    """QK-Pro's free-side weights, for one layer or many at once.
 
     Args:
-        q_pre, q_post: query weights, ``(L, n_heads*d_h, d)`` or ``L`` × ``(n_heads*d_h, d)``.
-        k_pre: key weights of PRE, ``(L, n_kv_heads*d_h, d)`` or a sequence.
-        n_heads, n_kv_heads: attention heads and KV groups (same for every layer).
-        ridge: relaxation strength, ``>= 0``; 0 → PRE's W_Q exactly, inf → POST's.
+        fix: the side held at PRE. ``"key"``: the free side is W_Q (``n_heads*d_h`` rows), one
+            system per query head with ``G_h = K_g^pre K_g^preᵀ``. ``"query"``: the free side is
+            W_K (``n_kv_heads*d_h`` rows), one system per KV group with
+            ``G_g = Σ_{h∈g} Q_h^pre Q_h^preᵀ`` (every query head that reads the group constrains it).
+        free_pre, free_post: the free side's weights in PRE and POST.
+        fixed_pre: the held side's weights in PRE.
+            Each is one ``(rows, d)`` matrix (one layer; the result is 2-D too), or a
+            ``(L, rows, d)`` tensor or a sequence of ``L`` matrices (the result is ``(L, rows, d)``).
+        n_heads, n_kv_heads: attention heads and KV groups (the same for every layer).
+        ridge: relaxation strength, ``>= 0``; 0 gives PRE's free side exactly, inf POST's.
         device: ``"auto" | "cpu" | "cuda"``; inputs are moved there chunk by chunk.
         out_dtype: dtype of the result (default: the compute dtype).
         compute_dtype: override float64-on-CPU / float32-on-CUDA.
         method: ``"solve"`` (LU, the default) or ``"inverse"``; see :data:`Method`.
         chunk_bytes: memory budget per chunk of layers (default: automatic).
 
-    Returns:
-        ``(L, n_heads*d_h, d)`` tensor on the compute device. All heads of a
-        chunk of layers are one ``torch.linalg.solve`` on ``(S, d_h, d_h)``
-        with RHS ``(S, d_h, d)``, ``S = layers_in_chunk * n_heads``.
+    All systems of a chunk of layers are one ``torch.linalg.solve`` on ``(S, d_h, d_h)`` with a
+    ``(S, d_h, d)`` right-hand side. The result lives on the compute device.
     """
-    return _solve_batched(
-        "key",
-        q_pre,
-        q_post,
-        k_pre,
+    if fix not in ("key", "query"):
+        raise ValueError(f"fix must be 'key' or 'query', got {fix!r}")
+    inputs = (free_pre, free_post, fixed_pre)
+    single = any(isinstance(t, torch.Tensor) and t.dim() == 2 for t in inputs)
+    if single:  # one layer: all three must be matrices
+        _require_2d(free_pre=free_pre, free_post=free_post, fixed_pre=fixed_pre)
+        free_pre, free_post, fixed_pre = (
+            t.unsqueeze(0)
+            for t in (free_pre, free_post, fixed_pre)  # type: ignore[union-attr]
+        )
+    out = _solve_batched(
+        fix,
+        free_pre,
+        free_post,
+        fixed_pre,
         n_heads,
         n_kv_heads,
         ridge,
@@ -467,42 +425,7 @@ def solve_fix_key_batched(
         method=method,
         chunk_bytes=chunk_bytes,
     )
-
-
-def solve_fix_query_batched(
-    k_pre: LayerStack,
-    k_post: LayerStack,
-    q_pre: LayerStack,
-    n_heads: int,
-    n_kv_heads: int,
-    ridge: float,
-    *,
-    device: str | torch.device = "cpu",
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype | None = None,
-    method: Method = "solve",
-    chunk_bytes: int | None = None,
-) -> torch.Tensor:
-    """New W_K for many layers at once, holding W_Q at PRE (``fix="query"``).
-
-    The mirror of :func:`solve_fix_key_batched`: one system per KV group with
-    ``G_g = Σ_{h∈g} Q_h^pre Q_h^preᵀ`` (every query head that reads the group
-    constrains it). Returns ``(L, n_kv_heads*d_h, d)`` on the compute device.
-    """
-    return _solve_batched(
-        "query",
-        k_pre,
-        k_post,
-        q_pre,
-        n_heads,
-        n_kv_heads,
-        ridge,
-        device=device,
-        out_dtype=out_dtype,
-        compute_dtype=compute_dtype,
-        method=method,
-        chunk_bytes=chunk_bytes,
-    )
+    return out[0] if single else out
 
 
 def _require_2d(**tensors: torch.Tensor) -> None:
@@ -510,74 +433,6 @@ def _require_2d(**tensors: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected a 2-D weight matrix, got {shape}")
-
-
-def solve_fix_key(
-    q_pre: torch.Tensor,
-    q_post: torch.Tensor,
-    k_pre: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    ridge: float,
-    *,
-    device: str | torch.device = "cpu",
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype | None = None,
-    method: Method = "solve",
-) -> torch.Tensor:
-    """New W_Q (``n_heads*d_h × d``) for one layer, holding W_K at PRE.
-
-    Per head: ``Q_h = Q_h^post + G_h (G_h + λ_h I)⁻¹ (Q_h^pre − Q_h^post)`` with
-    ``G_h = K_g^pre K_g^preᵀ`` and ``λ_h = ridge · trace(G_h) / d_h``: the
-    minimiser of ``‖Q_h − Q_h^post‖² + (1/λ_h) ‖(Q_h − Q_h^pre)ᵀ K_g^pre‖²``.
-    Float64 on CPU, float32 on CUDA (see :func:`solve_fix_key_batched`).
-    """
-    _require_2d(q_pre=q_pre, q_post=q_post, k_pre=k_pre)
-    return solve_fix_key_batched(
-        q_pre.unsqueeze(0),
-        q_post.unsqueeze(0),
-        k_pre.unsqueeze(0),
-        n_heads,
-        n_kv_heads,
-        ridge,
-        device=device,
-        out_dtype=out_dtype,
-        compute_dtype=compute_dtype,
-        method=method,
-    )[0]
-
-
-def solve_fix_query(
-    k_pre: torch.Tensor,
-    k_post: torch.Tensor,
-    q_pre: torch.Tensor,
-    n_heads: int,
-    n_kv_heads: int,
-    ridge: float,
-    *,
-    device: str | torch.device = "cpu",
-    out_dtype: torch.dtype | None = None,
-    compute_dtype: torch.dtype | None = None,
-    method: Method = "solve",
-) -> torch.Tensor:
-    """New W_K (``n_kv_heads*d_h × d``) for one layer, holding W_Q at PRE.
-
-    Per group: ``K_g = K_g^post + G_g (G_g + λ_g I)⁻¹ (K_g^pre − K_g^post)`` with
-    ``G_g = Σ_{h∈g} Q_h^pre Q_h^preᵀ`` and ``λ_g = ridge · trace(G_g) / d_h``.
-    """
-    _require_2d(k_pre=k_pre, k_post=k_post, q_pre=q_pre)
-    return solve_fix_query_batched(
-        k_pre.unsqueeze(0),
-        k_post.unsqueeze(0),
-        q_pre.unsqueeze(0),
-        n_heads,
-        n_kv_heads,
-        ridge,
-        device=device,
-        out_dtype=out_dtype,
-        compute_dtype=compute_dtype,
-        method=method,
-    )[0]
 
 
 # --------------------------------------------------------------------------- diagnostics

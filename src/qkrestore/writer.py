@@ -25,19 +25,26 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import Checkpoint, read_header_bytes
+from .card import PROVENANCE_NAME
+from .checkpoint import CHUNK, Checkpoint, read_header_bytes
 from .dtypes import ITEMSIZE, convert
 from .errors import CheckpointError, OutputError
-from .plan import RestorePlan, TensorPatch
+from .plan import RestorePlan, TensorPatch, patch_ranges
 
-CHUNK = 8 * 1024 * 1024
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
 # Weight formats that would carry POST's unrestored weights next to ours; never copied.
 FOREIGN_WEIGHTS = (".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack")
-CARD_NAME = "README.md"
-PROVENANCE_NAME = "qkrestore.json"
 
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How OUT is written: the writing half of ``merge``/``pro``'s options (planning has its own)."""
+
+    overwrite: bool = False
+    link: bool = False
+    jobs: int = 2
 
 
 @dataclass
@@ -186,21 +193,6 @@ def copy_file(src: Path, dst: Path, progress: Progress | None = None) -> None:
                 f"{src}: file changed size while copying ({done} of {size} bytes)"
             )
     shutil.copystat(src, dst)
-
-
-def patch_ranges(
-    patch: TensorPatch, pre: Checkpoint, post: Checkpoint
-) -> Iterator[tuple[int, int, int, int]]:
-    """(dst offset, dst length, src offset, src length) for each row range of a patch."""
-    out = post.tensors[patch.name]
-    src = pre.tensors[patch.pre_name]
-    for r0, r1 in patch.rows:
-        yield (
-            out.start + r0 * out.row_bytes,
-            (r1 - r0) * out.row_bytes,
-            src.start + r0 * src.row_bytes,
-            (r1 - r0) * src.row_bytes,
-        )
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

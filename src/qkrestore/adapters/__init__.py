@@ -1,9 +1,11 @@
-"""Adapter registry: find the family of a checkpoint from its config alone."""
+"""Adapter registry: find the family of a checkpoint from its config alone, and its layer map."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..checkpoint import TensorInfo
 from ..errors import ConfigError
 from . import fused, hybrid, shared
 from .base import (
@@ -22,6 +24,7 @@ from .base import (
 )
 from .families import FAMILIES as CORE_FAMILIES
 from .families import GENERIC
+from .layermap import LayerMap
 
 FAMILIES: tuple[Adapter, ...] = CORE_FAMILIES + hybrid.FAMILIES + fused.FAMILIES + shared.FAMILIES
 
@@ -33,10 +36,12 @@ __all__ = [
     "Adapter",
     "Kind",
     "LayerContext",
+    "LayerMap",
     "Resolved",
     "RoutingTensor",
     "TensorSpec",
     "is_auxiliary",
+    "layer_map",
     "resolve",
     "spec_tensors",
     "text_config",
@@ -82,4 +87,25 @@ def resolve(config: Config) -> Resolved:
         f"config.json: model_type '{model_type or '?'}' is not a known family and has no layer_types",
         hint=f"known families: {known}; for another family name the tensors by hand, e.g. "
         "--layers 3,7 --tensor-pattern 'model\\.layers\\.{i}\\.attn\\.(q|k)_proj\\.weight'",
+    )
+
+
+def layer_map(config: Config, tensors: Mapping[str, TensorInfo] | None = None) -> LayerMap:
+    """The layer map of a model from its config and, optionally, its tensor names.
+
+    Raises ``ConfigError`` when the family or its layer list cannot be read, and ``PlanError`` when
+    ``tensors`` hold no layer the family's adapter recognises.
+    """
+    resolved = resolve(config)
+    adapter = resolved.adapter
+    kinds = tuple(adapter.layer_kinds(config))
+    prefix = adapter.layer_prefix(list(tensors)) if tensors is not None else ""
+    return LayerMap(
+        adapter=adapter,
+        model_type=resolved.model_type,
+        reason=resolved.reason,
+        config=config,
+        kinds=kinds,
+        tensors=tensors or {},
+        prefix=prefix,
     )

@@ -144,6 +144,8 @@ class Adapter:
 
     ``container`` and ``module`` locate a layer's attention block (``<prefix><container>.<i>.<module>.``);
     ``resolve`` replaces the spec-driven lookup for layouts that need code (shared blocks, say).
+    What a family does not support is stated here as data (``no_head_pairs``), so no caller
+    branches on a family's name.
     """
 
     name: str
@@ -156,6 +158,10 @@ class Adapter:
     resolve: Resolver | None = None
     description: str = ""
     notes: tuple[str, ...] = field(default=())
+    no_head_pairs: str = ""
+    """Why a softmax layer of this family has no single W_Q/W_K pair per head (MLA's low-rank keys,
+    shared blocks with per-layer adapters); empty when it has one. QK-Pro's closed form and the
+    per-head drift figures need that pair, so they read this instead of checking family names."""
 
     def layer_kinds(self, config: Config) -> list[Kind]:
         cfg = text_config(config)

@@ -326,6 +326,7 @@ FAMILIES: tuple[Adapter, ...] = (
             "KDA layers also have q_proj/k_proj; only layers the config marks full_attention are "
             "touched",
         ),
+        no_head_pairs="MLA layers",
     ),
     Adapter(
         name="zamba2",
@@ -338,5 +339,6 @@ FAMILIES: tuple[Adapter, ...] = (
         description="Zamba2: hybrid layers; shared block q/k_proj (restored by the block's owner, "
         "for all its users) + per-layer LoRA adapters",
         notes=("restoring a shared block's projections changes every hybrid layer that uses it",),
+        no_head_pairs="shared blocks with LoRA adapters",
     ),
 )

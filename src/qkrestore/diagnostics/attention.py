@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from ..adapters import Kind, resolve, text_config
+from ..adapters import Kind, layer_map, text_config
 from ..checkpoint import read_config
 from ..errors import ConfigError, QKRestoreError
+from ..runtime import load_causal_lm
 
 NEEDLE_LEN = 16  # tokens in the needle span
 CUE_LEN = 8  # the needle's first tokens, repeated at the end of the prompt as the "question"
@@ -160,7 +161,7 @@ def softmax_layers(config: dict[str, Any]) -> tuple[list[int], dict[int, str], l
     """Softmax-attention layers (global and local) from the config, as the adapters read it."""
     notes: list[str] = []
     try:
-        kinds = resolve(config).adapter.layer_kinds(config)
+        kinds = list(layer_map(config).kinds)
     except ConfigError as exc:
         n = text_config(config).get("num_hidden_layers")
         if not isinstance(n, int) or n <= 0:
@@ -220,24 +221,13 @@ def load_model(
     path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> torch.nn.Module:
     """A causal LM with eager attention (the only implementation that returns the weights)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..hf_logging import quiet_transformers
-
-    quiet_transformers()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            attn_implementation="eager",
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QKRestoreError(
-            f"{path}: transformers could not load the model ({first[:200]})"
-        ) from None
-    return model.to(device).eval()
+    return load_causal_lm(
+        path,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="eager",
+    )
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import QKRestoreError
+from ..runtime import load_tokenizer
 
 TEXT_CHUNK_CHARS = 200_000  # a long .txt is tokenised in pieces cut at line ends
 _INTS = re.compile(rb"^[\s0-9]*$")
@@ -47,7 +48,7 @@ def _tokenize(texts: Iterable[str], tokenizer_dir: Path | None, what: Path) -> l
         raise QKRestoreError(
             f"{what}: text input needs --tokenizer (a local folder with the tokenizer files)"
         )
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir, what="--tokenizer")
     out = []
     for text in texts:
         pieces, ids = _chunks(text), []
@@ -57,22 +58,6 @@ def _tokenize(texts: Iterable[str], tokenizer_dir: Path | None, what: Path) -> l
                 ids.extend(enc)
         out.append(np.asarray(ids, dtype=np.int64))
     return out
-
-
-def load_tokenizer(path: Path) -> Any:
-    """A tokenizer from a local folder only (``local_files_only``: never a download)."""
-    from transformers import AutoTokenizer
-
-    from ..hf_logging import quiet_transformers
-
-    quiet_transformers()
-    if not Path(path).is_dir():
-        raise QKRestoreError(f"{path}: not a folder (--tokenizer takes a local tokenizer folder)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QKRestoreError(f"{path}: no usable tokenizer there ({first[:160]})") from None
 
 
 def _chunks(text: str) -> list[str]:

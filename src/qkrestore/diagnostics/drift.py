@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import TARGETS, Kind, RoutingTensor, resolve, text_config
+from ..adapters import TARGETS, Kind, RoutingTensor, layer_map, text_config
 from ..adapters.base import head_dim
 from ..checkpoint import Checkpoint
 from ..dtypes import FLOAT_DTYPES
@@ -170,26 +170,18 @@ def _fallback_tensors(ckpt: Checkpoint, prefix: str, layer: int) -> list[Routing
 
 def layer_specs(ckpt: Checkpoint, all_layers: bool = False) -> tuple[list[LayerSpec], list[str]]:
     """Every softmax-attention layer (and, with ``all_layers``, every other layer with Q and K)."""
-    resolved = resolve(ckpt.config)
-    adapter = resolved.adapter
-    kinds = adapter.layer_kinds(ckpt.config)
-    prefix = adapter.layer_prefix(list(ckpt.tensors))
+    lmap = layer_map(ckpt.config, ckpt.tensors)
     notes: list[str] = []
     specs = []
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(lmap.kinds):
         if kind is Kind.OTHER and not all_layers:
             continue
         try:
-            # one target at a time: the adapters merge the rows of a fused tensor across targets
-            found = [
-                rt
-                for t in TARGETS
-                for rt in adapter.layer_tensors(ckpt.config, i, ckpt.tensors, (t,), prefix)
-            ]
+            found = [rt for rts in lmap.by_target(i, TARGETS).values() for rt in rts]
         except (PlanError, ConfigError):
             if kind is not Kind.OTHER:
                 raise
-            found = _fallback_tensors(ckpt, prefix, i)
+            found = _fallback_tensors(ckpt, lmap.prefix, i)
         spec = LayerSpec(i, kind.value)
         for rt in found:
             part = Part(rt.name, tuple((int(a), int(b)) for a, b in rt.rows))
@@ -202,11 +194,11 @@ def layer_specs(ckpt: Checkpoint, all_layers: bool = False) -> tuple[list[LayerS
         if kind is Kind.OTHER and not ("q" in spec.weights and "k" in spec.weights):
             continue
         specs.append(spec)
-    if adapter.name in ("kimi_linear", "zamba2"):
+    if lmap.adapter.no_head_pairs:
         notes.append(
-            f"{adapter.name}: keys are built from several tensors (MLA latent / shared block with "
-            "adapters), so per-head and routing drift are left out where a layer has no single "
-            "W_Q and W_K; whole-projection drift is still reported"
+            f"{lmap.adapter.name}: keys are built from several tensors "
+            f"({lmap.adapter.no_head_pairs}), so per-head and routing drift are left out where a "
+            "layer has no single W_Q and W_K; whole-projection drift is still reported"
         )
     return specs, notes
 
@@ -487,9 +479,8 @@ def _qk_groups(
 def drift_report(pre: Checkpoint, post: Checkpoint, all_layers: bool = False) -> dict[str, Any]:
     """The ``drift`` command's JSON document (see docs/diagnostics.md for its fields)."""
     specs, notes = layer_specs(pre, all_layers)
-    post_kinds = resolve(post.config).adapter.layer_kinds(post.config)
-    pre_kinds = resolve(pre.config).adapter.layer_kinds(pre.config)
-    if [k.value for k in pre_kinds] != [k.value for k in post_kinds]:
+    pre_map = layer_map(pre.config)
+    if pre_map.kinds != layer_map(post.config).kinds:
         notes.append("PRE and POST configs give different layer maps; PRE's is used")
     if not specs:
         raise PlanError(
@@ -504,7 +495,7 @@ def drift_report(pre: Checkpoint, post: Checkpoint, all_layers: bool = False) ->
     return {
         "pre": str(pre.root),
         "post": str(post.root),
-        "adapter": resolve(pre.config).adapter.name,
+        "adapter": pre_map.adapter.name,
         "layers": layers,
         "ranking": [
             {

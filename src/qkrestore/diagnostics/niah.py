@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import QKRestoreError
+from ..runtime import load_causal_lm, load_tokenizer
 from .attention import forward_errors
 
 TASKS = ("single-1", "single-2", "single-3")
@@ -325,27 +326,6 @@ def sample_depths(samples: int, depth: float | None) -> list[float]:
 # -- running a model ------------------------------------------------------------------------------
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer saved in the model's folder; a clear error when there is none."""
-    from transformers import AutoTokenizer
-
-    from ..hf_logging import quiet_transformers
-
-    quiet_transformers()
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not any((Path(model_dir) / n).is_file() for n in names):
-        raise QKRestoreError(
-            f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) next to the "
-            "model; niah needs the model's own tokenizer",
-            hint="copy the tokenizer files of the base model into the folder",
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QKRestoreError(f"{model_dir}: the tokenizer does not load ({first[:160]})") from None
-
-
 def run_niah(
     model_dir: Path,
     lengths: Sequence[int],
@@ -362,9 +342,7 @@ def run_niah(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Generate an answer for every (length, sample) and score it; the ``niah`` JSON document."""
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, what="niah")
     chat = None
     if use_chat_template:
         if not getattr(tok, "chat_template", None):
@@ -375,16 +353,9 @@ def run_niah(
                 [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
             )
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QKRestoreError(
-            f"{model_dir}: transformers could not load the model ({first[:200]})"
-        ) from None
-    model = model.to(device).eval()
+    model = load_causal_lm(
+        model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     new_tokens = max_new_tokens or (48 if task == "single-3" else 24)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 

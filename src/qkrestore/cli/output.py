@@ -1,4 +1,4 @@
-"""Consoles, run state and rendering helpers shared by the command modules.
+"""Consoles, JSON, progress bars and tables: everything the command modules share for output.
 
 Human output goes to stdout (stderr under ``--json``, which keeps stdout for one JSON document);
 notes and errors go to stderr.
@@ -6,15 +6,17 @@ notes and errors go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shlex
+import re
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,11 +28,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .checkpoint import Checkpoint
-from .errors import (
-    QKRestoreError,
+from ..card import command_line
+from ..plan import RestorePlan
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 verification failed; 2 usage or input error; 3 internal error; "
+    "130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
-from .plan import RestorePlan
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -39,7 +43,7 @@ STATE: dict[str, Any] = {"debug": False, "argv": []}
 
 def command_text() -> str:
     """The command as the user typed it, for the model card and the provenance record."""
-    return shlex.join(["qkrestore", *STATE["argv"]])
+    return command_line(STATE["argv"])
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -71,14 +75,6 @@ def human_console(json_mode: bool, quiet: bool = False) -> Console | None:
 def note(msg: str, quiet: bool = False) -> None:
     if not quiet:
         err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
-
-
-def open_checkpoint(path: Path, label: str, partial: bool = False) -> Checkpoint:
-    try:
-        return Checkpoint.open(path, partial=partial)
-    except QKRestoreError as exc:
-        exc.message = f"{label}: {exc.message}"
-        raise
 
 
 class ByteProgress:
@@ -121,20 +117,58 @@ class ByteProgress:
             self.bar.stop()
 
 
-def plan_table(plan: RestorePlan, post: Checkpoint) -> Table:
-    table = Table(title=f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}")
-    for col in ("layer", "kind", "tensor", "rows", "dtype", "file", "from"):
-        table.add_column(col, overflow="fold", no_wrap=col == "tensor")
+@contextlib.contextmanager
+def byte_progress(description: str, total: int, enabled: bool) -> Iterator[Any]:
+    """A job's progress hook: a :class:`ByteProgress` that is stopped however the job ends."""
+    with ByteProgress(description, total, enabled) as bar:
+        yield bar.advance
+
+
+def rows_text(rows: Sequence[Sequence[int]]) -> str:
+    """Row ranges in a few characters: ``0:64``, ``0:16, 32:48``, or ``64 rows in 8 ranges``."""
+    if len(rows) <= 2:
+        return ", ".join(f"{a}:{b}" for a, b in rows)
+    return f"{sum(b - a for a, b in rows)} rows in {len(rows)} ranges"
+
+
+_SHARD = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
+
+
+def short_file(name: str) -> str:
+    """A weight file's name in a few characters: ``model-00002-of-00004.safetensors`` → ``2/4``."""
+    m = _SHARD.match(name)
+    return f"{int(m.group(1))}/{int(m.group(2))}" if m else name.removesuffix(".safetensors")
+
+
+def narrow_table(title: str, columns: Sequence[str]) -> Table:
+    """A table without outer borders, so that it reads in an 80-column terminal."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def short_tensor(name: str, layer: int) -> str:
+    """A tensor's name below its layer (``self_attn.q_proj.weight``); the full name elsewhere."""
+    _, sep, tail = name.partition(f".{layer}.")
+    return tail if sep else name
+
+
+def plan_table(plan: RestorePlan) -> Table:
+    """The plan, one row per tensor, narrow enough for an 80-column terminal."""
+    table = narrow_table(
+        f"{plan.method}: {len(plan.patches)} tensors in layers {plan.layers}",
+        ("layer", "kind", "tensor", "rows", "dtype", "shard", "from"),
+    )
     for p in plan.patches:
-        rows = ", ".join(f"{a}:{b}" for a, b in p.rows[:4]) + (" …" if len(p.rows) > 4 else "")
         dtype = p.dtype if not p.cast else f"{p.pre_dtype}→{p.dtype}"
         table.add_row(
             str(p.layer),
             plan.layer_kinds[p.layer],
-            p.name,
-            rows,
+            short_tensor(p.name, p.layer),
+            rows_text(p.rows),
             dtype,
-            p.file,
+            short_file(p.file),
             p.source,
         )
     return table

@@ -7,73 +7,48 @@ shards next to a chat template. The demo then runs the real commands on them, pr
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import sys
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.console import Console
 
-from .errors import QKRestoreError
-from .hf_logging import quiet_transformers
+from ..errors import QKRestoreError
+from ..tiny import QWEN3_NEXT, build_pair
+from .app import main
+from .options import JsonOpt
+from .output import emit_json, err_console, out_console
 
-TINY_QWEN3_NEXT = {
-    "vocab_size": 99,
-    "hidden_size": 32,
-    "intermediate_size": 37,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-    "max_position_embeddings": 512,
-    "num_hidden_layers": 4,
-    "hidden_act": "silu",
-    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
-    "linear_conv_kernel_dim": 2,
-    "linear_key_head_dim": 16,
-    "linear_value_head_dim": 16,
-    "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 12,
-    "shared_expert_intermediate_size": 12,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+DEMO_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore demo
+  qkrestore demo --workdir ./qkrestore-demo
+"""
 
 
-def build_pair(root: Path, seed: int = 0, noise: float = 0.005) -> tuple[Path, Path]:
-    """Write a tiny PRE (one shard) and a drifted POST (three shards plus a chat template)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    quiet_transformers()
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model("qwen3_next", **TINY_QWEN3_NEXT)
-    model = AutoModelForCausalLM.from_config(config)
-    pre, post = root / "pre", root / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * noise)
-    model.save_pretrained(post, max_shard_size="60KB")
+def build_demo_pair(root: Path) -> tuple[Path, Path]:
+    """A tiny PRE (one file) and a drifted POST (several shards plus a chat template)."""
+    pre, post = build_pair(root, "qwen3_next", QWEN3_NEXT, noise=0.005, shard="60KB")
     (post / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return pre, post
 
 
 def run_demo(workdir: Path | None, console: Console) -> Path:
-    from .cli import main
-
+    """Build the pair, run inspect-layers, merge and verify through the real CLI, and say where."""
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="qkrestore-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     out = root / "post-qkrestore"
     console.rule("[bold]qkrestore demo")
     console.print("Building a tiny Qwen3-Next-style hybrid (PRE) and a drifted copy (POST) …")
-    pre, post = build_pair(root)
+    pre, post = build_demo_pair(root)
     console.print(f"PRE:  {pre}\nPOST: {post}\n", highlight=False)
 
     steps = [
@@ -93,8 +68,35 @@ def run_demo(workdir: Path | None, console: Console) -> Path:
         f"  pre/              the pre-SFT model\n"
         f"  post/             the fine-tuned model, in several shards\n"
         f"  post-qkrestore/   POST with layers 1 and 3's Q/K routing restored from PRE;\n"
-        f"                    its README.md is the model card, qkrestore.json the provenance.\n"
+        f"                    README.md is its model card, qkrestore.json its provenance.\n"
         f"The last table shows OUT's Q/K drift from PRE is 0 in the restored layers.",
         highlight=False,
     )
     return root
+
+
+def demo(
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir",
+            help="Where to write the demo models (default: a new temp folder).",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build a tiny Qwen3-Next-style hybrid pair offline, then inspect, merge and verify it."""
+    if not json_out:
+        run_demo(workdir, out_console)
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # the steps' own output is for humans
+        root = run_demo(workdir, err_console)
+    emit_json(
+        {
+            "ok": True,
+            "workdir": str(root),
+            "pre": str(root / "pre"),
+            "post": str(root / "post"),
+            "output": str(root / "post-qkrestore"),
+        }
+    )

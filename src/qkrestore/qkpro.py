@@ -15,26 +15,56 @@ import dataclasses
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .adapters import text_config
+from .adapters import layer_map, text_config
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, to_bytes
-from .errors import PlanError
-from .merge import MergeOptions
-from .plan import METHOD_PRO, RestorePlan, TensorPatch, build_plan
-from .pro_math import resolve_device, solve_fix_key_batched, solve_fix_query_batched
+from .errors import OutputError, PlanError
+from .plan import METHOD_PRO, PlanOptions, RestorePlan, TensorPatch, build_plan
+from .pro_math import solve as solve_heads
+from .runtime import resolve_device
 from .tensors import read_rows
 
-# Families whose softmax layers have no single W_Q/W_K pair per head (MLA's low-rank K, Zamba2's
-# shared blocks with per-layer adapters): the closed form is not defined there.
-UNSUPPORTED = {"kimi_linear": "MLA layers", "zamba2": "shared blocks with LoRA adapters"}
 BATCH_BYTES = 1 << 30
 
 
+@dataclass(frozen=True)
+class QKPro:
+    """QK-Pro as a restore method: the fixed side and the routing biases/norms are PRE's bytes, the
+    free side's weight rows are solved per head (see :mod:`qkrestore.pro_math`)."""
+
+    options: PlanOptions = field(default_factory=PlanOptions)
+    fix: str = "key"
+    ridge: float = 1.0
+    device: str = "auto"
+    name: str = METHOD_PRO
+
+    def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
+        return plan_pro(pre, post, self.options, self.fix, self.ridge, self.device)
+
+    def compute(
+        self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
+    ) -> ComputedStore:
+        if not scratch.is_dir():
+            raise OutputError(f"{scratch}: the folder for OUT does not exist")
+        store = ComputedStore(scratch)
+        try:
+            t0 = time.perf_counter()
+            store.stats = solve(plan, pre, post, store)
+            store.stats["seconds"] = round(time.perf_counter() - t0, 4)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+
 def plan_pro(
-    pre: Checkpoint, post: Checkpoint, opts: MergeOptions, fix: str, ridge: float, device: str
+    pre: Checkpoint, post: Checkpoint, opts: PlanOptions, fix: str, ridge: float, device: str
 ) -> RestorePlan:
     if fix not in ("key", "query"):
         raise PlanError(f"--fix {fix!r}: use 'key' or 'query'")
@@ -46,19 +76,11 @@ def plan_pro(
         raise PlanError(f"--device {device}: {exc}") from None
     if opts.tensor_pattern is not None:
         raise PlanError("--tensor-pattern cannot be used with pro: QK-Pro needs the family's heads")
-    plan = build_plan(
-        pre,
-        post,
-        layers=opts.layers,
-        include_sliding=opts.include_sliding,
-        targets=("q", "k"),
-        allow_arch_mismatch=opts.allow_arch_mismatch,
-        method=METHOD_PRO,
-        options=opts.adapter_options,
-    )
-    if plan.adapter in UNSUPPORTED:
+    plan = build_plan(pre, post, dataclasses.replace(opts, targets=("q", "k")), method=METHOD_PRO)
+    missing = layer_map(post.config).adapter.no_head_pairs
+    if missing:
         raise PlanError(
-            f"QK-Pro is not defined for {UNSUPPORTED[plan.adapter]} ({plan.adapter})",
+            f"QK-Pro is not defined for {missing} ({plan.adapter})",
             hint="use 'qkrestore merge' (QK-Restore) for this model",
         )
     heads = text_config(post.config).get("num_attention_heads")
@@ -96,6 +118,7 @@ class ComputedStore(Mapping[str, bytes]):
     """Solved rows (already in POST's dtype), kept in an anonymous temporary file."""
 
     def __init__(self, folder: Path) -> None:
+        self.stats: dict[str, Any] = {}
         # Closed by close(), which the caller runs in a finally block.
         self._file = tempfile.TemporaryFile(dir=folder, prefix=".qkrestore-pro-")  # noqa: SIM115
         self._where: dict[str, tuple[int, int]] = {}
@@ -157,8 +180,9 @@ def solve(
         n_kv = k_rows // d_h
         if n_heads % n_kv:
             raise PlanError(f"layer {batch[0]}: {n_heads} query heads over {n_kv} KV groups")
-        fn = solve_fix_key_batched if fix == "key" else solve_fix_query_batched
-        solved = fn(free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device)
+        solved = solve_heads(
+            fix, free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device
+        )
         for patch, rows in zip(names, solved):
             store.put(patch.name, to_bytes(rows, patch.dtype))
         stats["layers"] += len(batch)
@@ -180,4 +204,4 @@ def solve(
     return stats
 
 
-__all__ = ["METHOD_PRO", "ComputedStore", "plan_pro", "solve"]
+__all__ = ["METHOD_PRO", "ComputedStore", "QKPro", "plan_pro", "solve"]

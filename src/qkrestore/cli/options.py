@@ -1,4 +1,8 @@
-"""The command-line options merge and pro share, as ``Annotated`` types, and the recipe loader hook."""
+"""Every shared command-line option and enum, as ``Annotated`` types, and the recipe loader hook.
+
+Commands declare their parameters with these types, so an option reads the same (name, help,
+bounds) in every command that takes it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,17 @@ from typing import Annotated
 
 import typer
 
-from .recipes import load_recipe
+from ..adapters.shared import MLA_LATENT
+from ..recipes import load_recipe
 
 
 class MlaLatent(str, Enum):
     post = "post"
     pre = "pre"
+
+    def adapter_options(self) -> dict[str, str]:
+        """The planning option the Kimi adapter reads (named once, in the adapter)."""
+        return {MLA_LATENT: self.value} if self is MlaLatent.pre else {}
 
 
 def _recipe_callback(ctx: typer.Context, value: Path | None) -> Path | None:
@@ -144,3 +153,70 @@ class ForwardMode(str, Enum):
     auto = "auto"
     always = "always"
     never = "never"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class InputKind(str, Enum):
+    auto = "auto"
+    ids = "ids"
+    text = "text"
+
+
+class Task(str, Enum):
+    single_1 = "single-1"
+    single_2 = "single-2"
+    single_3 = "single-3"
+
+
+FixOpt = Annotated[
+    FixSide,
+    typer.Option("--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."),
+]
+RidgeOpt = Annotated[
+    float,
+    typer.Option(
+        "--ridge",
+        min=0.0,
+        help="Relaxation R ≥ 0 (λ = R·trace(G)/d_h): 0 gives QK-Restore, large R gives POST.",
+    ),
+]
+SolveDeviceOpt = Annotated[
+    DeviceChoice,
+    typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),
+]
+ForwardOpt = Annotated[
+    ForwardMode,
+    typer.Option(
+        "--forward",
+        help="Load OUT in transformers and run one forward pass: auto (models ≤ 2 GiB), "
+        "always, never.",
+    ),
+]
+DeviceOpt = Annotated[
+    DeviceChoice, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")
+]
+DTypeOpt = Annotated[
+    DType,
+    typer.Option("--dtype", help="Model dtype: auto is bfloat16 on CUDA and float32 on the CPU."),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot", help="Also draw a PNG figure here (needs the 'plot' extra: matplotlib)."
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the synthetic prompt(s).")]
+RemoteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let transformers run the model folder's own Python code (remote-code families such "
+        "as HypeNet). Off by default: that code runs with your permissions.",
+    ),
+]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, read_header_bytes
+from .card import CARD_NAME, PROVENANCE_NAME
+from .checkpoint import CHUNK, Checkpoint, read_header_bytes
 from .dtypes import ITEMSIZE, convert
 from .errors import CheckpointError, QKRestoreError
-from .plan import RestorePlan, TensorPatch
-from .writer import CARD_NAME, CHUNK, PROVENANCE_NAME, patch_ranges
+from .plan import RestorePlan, TensorPatch, patch_ranges
 
 FORWARD_AUTO_MAX_BYTES = 2 * 1024**3
 MAX_REPORTED = 10
@@ -234,26 +234,20 @@ def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
             "message": f"skipped: {got.total_bytes / 2**30:.1f} GiB is above the automatic limit "
             "(pass --forward to force)",
         }
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError as exc:  # pragma: no cover - transformers is a dependency
-        return {"ran": False, "ok": True, "message": f"skipped: transformers unavailable ({exc})"}
+    import torch
+
+    from .runtime import has_causal_lm_class, load_causal_lm
+
     model_type = got.config.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not has_causal_lm_class(model_type):
         return {
             "ran": False,
             "ok": True,
             "message": f"skipped: transformers has no causal-LM class for '{model_type}'",
         }
-    from .hf_logging import quiet_transformers
-
-    quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(out)
-        model = AutoModelForCausalLM.from_pretrained(out, config=config)
-        model.eval()
+        model = load_causal_lm(out)
+        config = model.config
         vocab = int(getattr(config.get_text_config(), "vocab_size", 16) or 16)
         ids = torch.arange(8).remainder(vocab).unsqueeze(0)
         with torch.no_grad():

@@ -1,0 +1,112 @@
+"""The ``qkrestore`` Typer application and its one error map.
+
+Errors of the tool's own type become one line on stderr and a meaningful exit code; a traceback is
+shown only with ``--debug``. ``--json`` puts exactly one JSON document on stdout; everything meant
+for humans goes to stderr in that mode. Commands are added to :data:`app` by the package's
+``__init__``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from .._version import __version__
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    QKRestoreError,
+)
+from .output import EXIT_CODES_HELP, STATE, err_console
+
+app = typer.Typer(
+    name="qkrestore",
+    help="Checkpoint surgery for hybrid LLMs: bring back long-range recall after CoT fine-tuning "
+    "by restoring the query/key routing of softmax-attention layers from the pre-SFT checkpoint.\n\n"
+    + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so that cleanup (temporary folders) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"qkrestore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks for errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    STATE["debug"] = debug or bool(os.environ.get("QKRESTORE_DEBUG"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every failure into a one-line message and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        STATE["argv"] = list(sys.argv[1:] if argv is None else argv)
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except QKRestoreError as exc:
+        if STATE["debug"]:
+            raise
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, ...
+        exc.show()
+        return EXIT_USAGE
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("interrupted: no partial output was left behind", highlight=False)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        err_console.print("terminated: no partial output was left behind", highlight=False)
+        return EXIT_TERMINATED
+    except OSError as exc:
+        if STATE["debug"]:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err_console.print(
+            f"[red]error:[/red] {where}{exc.strerror or exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_USAGE
+    except Exception as exc:
+        if STATE["debug"]:
+            raise
+        err_console.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_INTERNAL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

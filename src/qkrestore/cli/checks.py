@@ -1,0 +1,175 @@
+"""``inspect-layers``, ``verify`` and ``push``: look at a model or an output, check it, upload it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .. import api
+from ..errors import EXIT_VERIFY_FAILED
+from ..hub import push_folder
+from ..inspect import LayerReport
+from ..verification import read_provenance, verify_output
+from .options import ForwardMode, ForwardOpt, JsonOpt, PrivateOpt, RevisionOpt
+from .output import (
+    EXIT_CODES_HELP,
+    emit_json,
+    err_console,
+    narrow_table,
+    note,
+    out_console,
+    rows_text,
+    short_file,
+    short_tensor,
+)
+
+INSPECT_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore inspect-layers ./sft
+  qkrestore inspect-layers ./base --compare ./sft
+  qkrestore inspect-layers ./sft --json
+"""
+
+VERIFY_EPILOG = (
+    """[bold]Examples[/bold]
+
+  qkrestore verify ./sft-qkrestore
+  qkrestore verify ./sft-qkrestore --pre ./moved/base --post ./moved/sft --json
+
+"""
+    + EXIT_CODES_HELP
+)
+
+PUSH_EPILOG = """[bold]Examples[/bold]
+
+  qkrestore push ./sft-qkrestore my-org/sft-qkrestore
+  qkrestore push ./sft-qkrestore my-org/sft-qkrestore --private --revision experiment
+"""
+
+
+def routing_table(report: LayerReport) -> Table:
+    """The routing tensors of every softmax layer, narrow enough for an 80-column terminal."""
+    table = narrow_table(
+        f"routing tensors (names under {report.layer_prefix}<layer>.)",
+        ("layer", "kind", "tensor", "rows", "shape", "dtype", "shard"),
+    )
+    for layer in report.layers:
+        for t in layer["tensors"]:
+            table.add_row(
+                str(layer["layer"]),
+                layer["kind"],
+                short_tensor(t["name"], layer["layer"]),
+                rows_text(t["rows"]),
+                "×".join(map(str, t["shape"])),
+                t["dtype"],
+                short_file(t["file"]),
+            )
+    return table
+
+
+def drift_table(report: LayerReport) -> Table:
+    """Relative Q/K drift per softmax layer against the compared model."""
+    drift = narrow_table("Q/K drift ‖ΔW‖/‖W‖", ("layer", "kind", "q", "k"))
+    for row in (report.compare or {}).get("layers", []):
+        drift.add_row(
+            str(row["layer"]),
+            row["kind"],
+            *(f"{row[t]:.4g}" if t in row else "-" for t in ("q", "k")),
+        )
+    return drift
+
+
+def inspect_layers(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    compare_with: Annotated[
+        Path | None,
+        typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show which layers are softmax attention and where their Q/K tensors are."""
+    report = api.inspect_layers(model, compare_with=compare_with)
+    if json_out:
+        emit_json(report.to_json())
+        return
+    c = out_console
+    c.print(
+        f"[bold]{report.path}[/bold]\n"
+        f"model_type: {report.model_type}   adapter: {report.adapter} ({report.adapter_reason})\n"
+        f"layers: {report.num_layers}   global softmax: {report.global_layers}   "
+        f"local softmax: {report.local_layers}",
+        highlight=False,
+    )
+    if report.adapter_description:
+        c.print(f"family: {escape(report.adapter_description)}", highlight=False)
+    for n in report.adapter_notes:
+        note(n)
+    c.print(routing_table(report))
+    if report.compare is not None:
+        c.print(f"compared with: {report.compare['other']}", highlight=False)
+        c.print(drift_table(report))
+
+
+def verify(
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
+    post: Annotated[
+        Path | None, typer.Option("--post", help="Override POST's recorded path.")
+    ] = None,
+    forward: ForwardOpt = ForwardMode.auto,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check every byte of OUT against its recorded plan, PRE and POST."""
+    report = verify_output(out, pre, post, forward.value)
+    if json_out:
+        emit_json(report.to_json())
+    else:
+        c = out_console
+        if report.ok:
+            c.print(
+                f"[green]✓[/green] {out}: {report.tensors_checked} tensors, {report.files_checked} "
+                f"other files, {report.bytes_checked:,} bytes match the plan",
+                highlight=False,
+            )
+        for m in report.mismatches:
+            err_console.print(f"[red]✗[/red] {m}", highlight=False)
+        if report.forward:
+            mark = "[green]✓[/green]" if report.forward["ok"] else "[red]✗[/red]"
+            (c if report.forward["ok"] else err_console).print(
+                f"{mark} forward pass: {report.forward['message']}", highlight=False
+            )
+    if not report.ok:
+        if not json_out:
+            first = report.mismatches[0] if report.mismatches else None
+            err_console.print(
+                f"error: verification failed{': ' + str(first) if first else ''}",
+                highlight=False,
+            )
+        raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def push(
+    out: Annotated[Path, typer.Argument(help="An output folder written by merge or pro.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")],
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload an output made earlier to the Hugging Face Hub (uses your saved Hub token)."""
+    record = read_provenance(out)
+    method = record.get("plan", {}).get("method", "qk-restore")
+    url = push_folder(
+        out,
+        repo_id,
+        private=private,
+        revision=revision,
+        message=f"{method} with qkrestore",
+    )
+    if json_out:
+        emit_json({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
+    else:
+        out_console.print(f"[green]✓[/green] pushed {out} → {url}", highlight=False)
