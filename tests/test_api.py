@@ -51,7 +51,7 @@ def test_merge_writes_what_the_cli_writes(pair, tmp_path: Path, cli) -> None:
     for f in post.glob("*.safetensors"):
         assert sha(tmp_path / "api" / f.name) == sha(tmp_path / "cli" / f.name), f.name
     record = json.loads((tmp_path / "api" / "qkrestore.json").read_text())
-    assert record["command"].startswith("qkrestore.merge(")
+    assert record["command"] == "qkrestore.merge pre post api"
 
 
 def test_merge_options_and_dry_run(pair, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_merge_writes_post_layout_card_and_provenance(pair, tmp_path: Path, cli)
 
     # same files as POST, index byte-identical, untouched shards byte-identical
     post_files = {p.name for p in post.iterdir()}
-    assert {p.name for p in out.iterdir()} == post_files | {"qkrestore.json"}
+    assert {p.name for p in out.iterdir()} == post_files | {"qkrestore.json", ".cache"}
     assert sha(out / "model.safetensors.index.json") == sha(post / "model.safetensors.index.json")
     expected = resolve_rows(routing_rows(load_all(post)[0], [1]), load_all(post)[0])
     index = json.loads((post / "model.safetensors.index.json").read_text())["weight_map"]
@@ -72,8 +72,8 @@ def test_merge_writes_post_layout_card_and_provenance(pair, tmp_path: Path, cli)
     # model card
     text = (out / "README.md").read_text()
     front = yaml.safe_load(text.split("---")[1])
-    assert front["base_model"] == [str(pre), str(post)]
-    assert front["base_model_relation"] == "merge"
+    # Local folders have no Hub id: the Hub's model tree cannot resolve paths (issue 14, point 11).
+    assert "base_model" not in front and "base_model_relation" not in front
     assert front["library_name"] == "transformers"
     assert {"qk-restore", "merge", "sft"} <= set(front["tags"])
     assert front["license"] == "apache-2.0"
@@ -83,7 +83,7 @@ def test_merge_writes_post_layout_card_and_provenance(pair, tmp_path: Path, cli)
     # provenance: sha256 of each restored tensor as it is in OUT
     record = json.loads((out / "qkrestore.json").read_text())
     assert record["version"] and "merge" in record["command"]
-    assert record["sources"]["pre"]["source"] == str(pre)
+    assert record["sources"]["pre"] == {"source": pre.name, "hub_id": None}
     assert record["plan"]["layers"] == [1]
     got, _ = load_all(out)
     assert set(record["tensor_sha256"]) == set(expected)

@@ -275,8 +275,8 @@ def test_bad_recipe_key(tmp_path: Path, cli) -> None:
 
 
 def test_json_of_every_command(pair_out: Path, tmp_path: Path, cli) -> None:
-    record = json.loads((pair_out / "qkrestore.json").read_text())
-    pre, post = record["sources"]["pre"]["path"], record["sources"]["post"]["path"]
+    record = json.loads((pair_out / ".cache" / "qkrestore" / "sources.json").read_text())
+    pre, post = record["pre"], record["post"]
     docs = {
         "merge": cli("merge", pre, post, "-o", tmp_path / "m", "--json"),
         "pro": cli("pro", pre, post, "-o", tmp_path / "p", "--json"),

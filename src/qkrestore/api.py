@@ -16,6 +16,7 @@ nothing here exits the process or prints.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypedDict
@@ -46,6 +47,9 @@ class JobArgs(TypedDict, total=False):
     push_to_hub: str | None
     private: bool
     revision: str | None
+    pre_id: str | None
+    post_id: str | None
+    record_paths: bool
     on_note: Callable[[str], None] | None
 
 
@@ -83,8 +87,12 @@ def _run(
         push_to_hub=job.get("push_to_hub"),
         private=job.get("private", False),
         revision=job.get("revision"),
+        pre_id=job.get("pre_id"),
+        post_id=job.get("post_id"),
+        record_paths=job.get("record_paths", False),
     )
-    command = f"qkrestore.{call}({os.fspath(pre)!r}, {os.fspath(post)!r}, {os.fspath(output)!r})"
+    # Recorded like a command line (absolute paths are shortened the same way).
+    command = shlex.join([f"qkrestore.{call}", *map(os.fspath, (pre, post, output))])
     hooks = Hooks(note=job.get("on_note") or (lambda message: None), command=command)
     return run_job(os.fspath(pre), os.fspath(post), method, options, hooks)
 

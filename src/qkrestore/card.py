@@ -11,6 +11,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,50 @@ if TYPE_CHECKING:
 
 CARD_NAME = "README.md"
 PROVENANCE_NAME = "qkrestore.json"
+# Where OUT keeps what must not leave this machine (the sources' absolute paths, for ``verify``).
+# Under ``.cache/`` like huggingface_hub's own local-folder metadata; ``push`` leaves it out.
+LOCAL_RECORD_DIR = ".cache/qkrestore"
+LOCAL_RECORD = f"{LOCAL_RECORD_DIR}/sources.json"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """How OUT names one of its sources: by Hub id where one is known, else by folder name only.
+
+    ``root`` (the absolute local path) goes only into the local record, never into the card or,
+    unless asked, the provenance, so that nothing pushed to the Hub holds the user's paths.
+    """
+
+    hub_id: str | None
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.hub_id or self.root.name
+
+    @property
+    def card_text(self) -> str:
+        return f"`{self.hub_id}`" if self.hub_id else f"a local folder (`{self.root.name}`)"
+
+
+def redact_command(command: str) -> str:
+    """The command with every absolute local path shortened to its last component.
+
+    ``qkrestore merge /home/me/base ./sft -o /data/out`` is recorded as
+    ``qkrestore merge base ./sft -o out``: what was run, without where on this machine.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    out = []
+    for word in words:
+        flag, eq, value = word.partition("=") if word.startswith("--") else ("", "", word)
+        if value.startswith(("/", "~")) and len(value) > 1:
+            value = Path(value.rstrip("/")).name or value
+        out.append(f"{flag}{eq}{value}")
+    return shlex.join(out)
+
 
 PAPER = (
     "Wang & Guo, *Attention Amnesia in Hybrid LLMs: When CoT Fine-Tuning Breaks Long-Range Recall, "
@@ -65,8 +110,8 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
 
 def model_card(
     plan: RestorePlan,
-    pre_source: str,
-    post_source: str,
+    pre: SourceRecord,
+    post: SourceRecord,
     command: str,
     post_card: str | None,
     verification: str = "passed (every restored range re-read and hashed before the output was moved into place)",
@@ -78,10 +123,11 @@ def model_card(
     }
     tags = [t for t in post_meta.get("tags", []) or [] if isinstance(t, str)]
     method_tags = [plan.method, "merge"]
+    # The Hub's model tree resolves repo ids only: local folders are named in the text instead.
+    base = [s.hub_id for s in (pre, post) if s.hub_id]
     meta.update(
-        {
-            "base_model": [pre_source, post_source],
-            "base_model_relation": "merge",
+        ({"base_model": base, "base_model_relation": "merge"} if base else {})
+        | {
             "library_name": "transformers",
             "tags": method_tags + [t for t in tags if t not in method_tags],
         }
@@ -92,13 +138,13 @@ def model_card(
         for p in plan.patches
     )
     params = "".join(f"- {k}: `{v}`\n" for k, v in plan.params.items())
-    body = f"""# {title} of `{post_source}`
+    body = f"""# {title} of `{post.name}`
 
 {explanation}
 
 - **Method:** {title} ({PAPER})
-- **Pre-SFT (routing source):** `{pre_source}`
-- **Post-SFT (everything else):** `{post_source}`
+- **Pre-SFT (routing source):** {pre.card_text}
+- **Post-SFT (everything else):** {post.card_text}
 - **Family adapter:** `{plan.adapter}` (model_type `{plan.model_type}`)
 - **Layers:** {", ".join(map(str, plan.layers))} of {plan.num_layers}
 - **Targets:** {", ".join(plan.targets)}
@@ -135,21 +181,25 @@ def _rows_text(rows: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> str
 
 def provenance(
     plan: RestorePlan,
-    pre_source: str,
-    post_source: str,
-    pre_root: Path,
-    post_root: Path,
+    pre: SourceRecord,
+    post: SourceRecord,
     command: str,
     result: WriteResult,
+    record_paths: bool = False,
 ) -> dict[str, Any]:
+    """The record ``verify`` replays: sources by Hub id or name (paths only if asked), the plan,
+    and a sha256 of every restored tensor."""
+
+    def source(s: SourceRecord) -> dict[str, Any]:
+        return {"source": s.name, "hub_id": s.hub_id} | (
+            {"path": str(s.root)} if record_paths else {}
+        )
+
     return {
         "tool": "qkrestore",
         "version": __version__,
         "command": command,
-        "sources": {
-            "pre": {"source": pre_source, "path": str(pre_root.resolve())},
-            "post": {"source": post_source, "path": str(post_root.resolve())},
-        },
+        "sources": {"pre": source(pre), "post": source(post)},
         "plan": plan.to_json(),
         "files": result.files,
         "skipped_files": result.skipped,
@@ -163,20 +213,49 @@ def write_card_and_provenance(
     plan: RestorePlan,
     result: WriteResult,
     *,
-    pre_source: str,
-    post_source: str,
-    pre_root: Path,
-    post_root: Path,
+    pre: SourceRecord,
+    post: SourceRecord,
     command: str,
+    record_paths: bool = False,
 ) -> None:
-    post_card_path = post_root / CARD_NAME
+    """README.md, qkrestore.json and the local record of where the sources are, into ``folder``.
+
+    The command is recorded with absolute paths shortened unless ``record_paths`` asks for them.
+    """
+    if not record_paths:
+        command = redact_command(command)
+    post_card_path = post.root / CARD_NAME
     post_card = (
         post_card_path.read_text(encoding="utf-8", errors="replace")
         if post_card_path.is_file()
         else None
     )
     (folder / CARD_NAME).write_text(
-        model_card(plan, pre_source, post_source, command, post_card), encoding="utf-8"
+        model_card(plan, pre, post, command, post_card), encoding="utf-8"
     )
-    record = provenance(plan, pre_source, post_source, pre_root, post_root, command, result)
+    record = provenance(plan, pre, post, command, result, record_paths)
     (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    local = folder / LOCAL_RECORD
+    local.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"pre": str(pre.root), "post": str(post.root)}
+    local.write_text(json.dumps(paths, indent=2) + "\n", encoding="utf-8")
+
+
+def recorded_source_paths(out: Path, record: dict[str, Any]) -> dict[str, Path | None]:
+    """Where OUT's sources were when it was written: the local record, else the provenance's paths
+    (outputs made with ``--record-paths`` or by earlier versions)."""
+    local = out / LOCAL_RECORD
+    found: dict[str, Path | None] = {"pre": None, "post": None}
+    if local.is_file():
+        try:
+            data = json.loads(local.read_text(encoding="utf-8"))
+        except ValueError:
+            data = {}
+        for side in found:
+            if isinstance(data.get(side), str):
+                found[side] = Path(data[side])
+    for side in found:
+        path = record.get("sources", {}).get(side, {}).get("path")
+        if found[side] is None and isinstance(path, str):
+            found[side] = Path(path)
+    return found

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .card import LOCAL_RECORD_DIR
 from .checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, Shard, TensorInfo, read_config
 from .errors import CheckpointError, QKRestoreError
 
@@ -49,11 +50,6 @@ class Source:
     def is_hub(self) -> bool:
         return self.repo_id is not None
 
-    @property
-    def display(self) -> str:
-        """What the model card's ``base_model`` should say: the repo id, or the path as given."""
-        return self.repo_id or self.text
-
 
 def parse_source(text: str) -> Source:
     """A local folder if one exists at ``text`` (or it looks like a path), else a Hub repo id."""
@@ -68,6 +64,34 @@ def parse_source(text: str) -> Source:
     if m and text.count("/") >= 1:
         return Source(text, m.group("repo"), m.group("rev"))
     return Source(text)
+
+
+def hub_id_for(source: Source, root: Path, config: Mapping[str, Any]) -> str | None:
+    """The Hub id a checkpoint is known by, so that a model card can name it without local paths.
+
+    In order: the id it was given as; the Hugging Face cache entry its folder lies in (a snapshot
+    folder is ``…/models--org--name/snapshots/<commit>``, see huggingface_hub's cache layout); its
+    config's ``_name_or_path`` when that names a Hub repo rather than a folder. ``None`` when none
+    of them does.
+    """
+    if source.repo_id:
+        return source.repo_id
+    parts = Path(root).absolute().parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            org_name = part.removeprefix("models--").split("--", 1)
+            if len(org_name) == 2 and all(org_name):
+                return "/".join(org_name)
+    name = config.get("_name_or_path")
+    if (
+        isinstance(name, str)
+        and HUB_PATTERN.fullmatch(name)
+        and not name.startswith(("hf://", ".", "/", "~"))
+        and "@" not in name
+        and not Path(name).exists()
+    ):
+        return name
+    return None
 
 
 def _download(source: Source, **patterns: Any) -> Path:
@@ -220,6 +244,7 @@ def push_folder(
             repo_type="model",
             revision=revision,
             commit_message=message,
+            ignore_patterns=[f"{LOCAL_RECORD_DIR}/*"],  # where PRE/POST are on this machine
         )
     except HfHubHTTPError as exc:
         raise QKRestoreError(f"{repo_id}: upload failed ({str(exc).splitlines()[0]})") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .card import command_line, write_card_and_provenance
+from .card import SourceRecord, command_line, write_card_and_provenance
 from .checkpoint import INDEX_NAME, Checkpoint
 from .errors import OutputError, PlanError, QKRestoreError
 from .hub import (
@@ -27,6 +27,7 @@ from .hub import (
     download_list,
     fetch_post,
     fetch_pre,
+    hub_id_for,
     metadata_view,
     parse_source,
     push_folder,
@@ -50,6 +51,11 @@ class JobOptions:
     push_to_hub: str | None = None
     private: bool = False
     revision: str | None = None
+    pre_id: str | None = (
+        None  # the Hub ids the card names the sources by, when they cannot be found
+    )
+    post_id: str | None = None
+    record_paths: bool = False  # keep absolute local paths in the command and provenance
 
 
 @contextlib.contextmanager
@@ -176,7 +182,10 @@ def run_job(
             hooks.on_plan(plan)
             if options.dry_run:
                 return JobResult(plan, summary, notes.kept)
-            sources = (pre_src.display, post_src.display)
+            sources = (
+                _source_record("PRE", pre_src, pre_ck, options.pre_id, notes),
+                _source_record("POST", post_src, post_ck, options.post_id, notes),
+            )
             result = _write(plan, method, pre_ck, post_ck, sources, options, hooks, notes, summary)
     for skipped in result.skipped:
         notes(f"not copied from POST (another weight format): {skipped}")
@@ -201,12 +210,26 @@ def run_job(
     return JobResult(plan, summary, notes.kept)
 
 
+def _source_record(
+    label: str, source: Source, ck: Checkpoint, given_id: str | None, notes: _Notes
+) -> SourceRecord:
+    """How OUT names a source: the id the user gave, else one found (see ``hub_id_for``)."""
+    hub_id = given_id or hub_id_for(source, ck.root, ck.config)
+    if hub_id is None:
+        flag = "--pre-id" if label == "PRE" else "--post-id"
+        notes(
+            f"no Hub id is known for {label} ({ck.root.name}): the model card names it as a local "
+            f"folder and leaves it out of base_model (pass {flag} org/name to name it)"
+        )
+    return SourceRecord(hub_id, ck.root.absolute())
+
+
 def _write(
     plan: RestorePlan,
     method: Method,
     pre: Checkpoint,
     post: Checkpoint,
-    sources: tuple[str, str],
+    sources: tuple[SourceRecord, SourceRecord],
     options: JobOptions,
     hooks: Hooks,
     notes: _Notes,
@@ -220,11 +243,10 @@ def _write(
             folder,
             plan,
             result,
-            pre_source=sources[0],
-            post_source=sources[1],
-            pre_root=pre.root,
-            post_root=post.root,
+            pre=sources[0],
+            post=sources[1],
             command=command,
+            record_paths=options.record_paths,
         )
 
     computed: Computed | None = method.compute(plan, pre, post, options.output.absolute().parent)

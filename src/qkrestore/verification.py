@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_NAME, PROVENANCE_NAME
+from .card import CARD_NAME, PROVENANCE_NAME, recorded_source_paths
 from .checkpoint import CHUNK, Checkpoint, read_header_bytes
 from .dtypes import ITEMSIZE, convert
 from .errors import CheckpointError, QKRestoreError
@@ -88,8 +88,17 @@ def verify_output(
     out = Path(out)
     record = read_provenance(out)
     plan = RestorePlan.from_json(record["plan"])
-    pre_root = Path(pre_path or record["sources"]["pre"]["path"])
-    post_root = Path(post_path or record["sources"]["post"]["path"])
+    recorded = recorded_source_paths(out, record)
+    pre_root, post_root = pre_path or recorded["pre"], post_path or recorded["post"]
+    if pre_root is None or post_root is None:
+        missing = " and ".join(
+            s for s, p in (("--pre", pre_root), ("--post", post_root)) if p is None
+        )
+        raise QKRestoreError(
+            f"{out}: OUT does not record where its sources are on this machine",
+            hint=f"pass {missing} (the folders it was made from)",
+        )
+    pre_root, post_root = Path(pre_root), Path(post_root)
     report = VerifyReport(out=str(out), pre=str(pre_root), post=str(post_root))
     with (
         Checkpoint.open(out) as got,

@@ -57,6 +57,26 @@ PushOpt = Annotated[
     str | None,
     typer.Option("--push-to-hub", help="After success, upload OUT to this Hub repo id."),
 ]
+PreIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pre-id",
+        help="Hub id to name PRE by in the model card's base_model, when it is a local folder "
+        "that the tool cannot tie to one (found from the HF cache or config otherwise).",
+    ),
+]
+PostIdOpt = Annotated[
+    str | None,
+    typer.Option("--post-id", help="Hub id to name POST by in the model card (see --pre-id)."),
+]
+RecordPathsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--record-paths",
+        help="Keep the sources' absolute local paths in qkrestore.json and the recorded command "
+        "(by default only Hub ids and folder names are written, so a push leaks no local paths).",
+    ),
+]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo as private.")]
 RevisionOpt = Annotated[
     str | None,

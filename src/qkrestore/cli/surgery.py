@@ -35,11 +35,14 @@ from .options import (
     OverwriteOpt,
     PatternOpt,
     PostArg,
+    PostIdOpt,
     PreArg,
+    PreIdOpt,
     PrivateOpt,
     PushOpt,
     QuietOpt,
     RecipeOpt,
+    RecordPathsOpt,
     RevisionOpt,
     RidgeOpt,
     SlidingOpt,
@@ -98,6 +101,9 @@ def merge(
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
+    pre_id: PreIdOpt = None,
+    post_id: PostIdOpt = None,
+    record_paths: RecordPathsOpt = False,
     config: RecipeOpt = None,
     verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
@@ -135,6 +141,9 @@ def pro(
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
+    pre_id: PreIdOpt = None,
+    post_id: PostIdOpt = None,
+    record_paths: RecordPathsOpt = False,
     config: RecipeOpt = None,
     verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
@@ -169,6 +178,9 @@ class _Flags:
     push_to_hub: str | None
     private: bool
     revision: str | None
+    pre_id: str | None
+    post_id: str | None
+    record_paths: bool
     json_out: bool
     quiet: bool
     verbose: bool
@@ -188,6 +200,9 @@ class _Flags:
             push_to_hub=self.push_to_hub,
             private=self.private,
             revision=self.revision,
+            pre_id=self.pre_id,
+            post_id=self.post_id,
+            record_paths=self.record_paths,
         )
 
 
