@@ -15,7 +15,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
     """The model's family, layer kinds, and every softmax layer's routing tensors with row ranges."""
     resolved = resolve(ckpt.config)
     adapter = resolved.adapter
-    kinds = adapter.layer_kinds(ckpt.config)
+    layer_map = adapter.layer_map(ckpt.config)
+    kinds = layer_map.kinds
     prefix = adapter.layer_prefix(list(ckpt.tensors))
     layers = []
     for i, kind in enumerate(kinds):
@@ -47,6 +48,8 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "layer_prefix": prefix,
         "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
         "local_layers": [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
+        # one line per layer saying why it is global, local or not attention
+        "layer_reasons": layer_map.reasons,
         "layers": layers,
     }
 

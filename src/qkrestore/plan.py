@@ -13,6 +13,7 @@ from typing import Any
 
 from .adapters import GENERIC, TARGETS, Adapter, Kind, RoutingTensor, resolve, text_config, whole
 from .adapters.base import merge_rows
+from .adapters.derived import is_derived
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import PlanError, QKRestoreError
 
@@ -227,7 +228,7 @@ def build_plan(
             _check_same_architecture(pre, adapter, model_type, kinds)
         chosen = choose_layers(kinds, layers, include_sliding)
         post_prefix, pre_prefix = layer_prefixes(adapter, post.tensors, pre.tensors)
-        if adapter is GENERIC:
+        if adapter is GENERIC or is_derived(adapter):
             notes.append(reason)
         found = []
         for layer in chosen:

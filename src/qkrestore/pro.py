@@ -56,9 +56,12 @@ def plan_pro(
         method=METHOD_PRO,
         options=opts.adapter_options,
     )
-    if plan.adapter in UNSUPPORTED:
+    what = UNSUPPORTED.get(plan.adapter)
+    if what is None and any(p.name.endswith(".kv_b_proj.weight") for p in plan.patches):
+        what = "MLA layers"  # a derived layer map of a DeepSeek-style model
+    if what is not None:
         raise PlanError(
-            f"QK-Pro is not defined for {UNSUPPORTED[plan.adapter]} ({plan.adapter})",
+            f"QK-Pro is not defined for {what} ({plan.adapter})",
             hint="use 'qkrestore merge' (QK-Restore) for this model",
         )
     heads = text_config(post.config).get("num_attention_heads")

@@ -18,10 +18,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import TensorInfo
 from ..errors import ConfigError, PlanError
+
+if TYPE_CHECKING:
+    from .window import LayerMap
 
 Config = Mapping[str, Any]
 RowRanges = tuple[tuple[int, int], ...]
@@ -156,8 +159,17 @@ class Adapter:
     resolve: Resolver | None = None
     description: str = ""
     notes: tuple[str, ...] = field(default=())
+    # Optional per-layer words saying where the family's map came from (derived adapters use it).
+    explain: Callable[[Config, int | None], list[str]] | None = None
 
     def layer_kinds(self, config: Config) -> list[Kind]:
+        """The layer kinds, after the window rule (a window as long as the context is global)."""
+        return self.layer_map(config).kinds
+
+    def layer_map(self, config: Config) -> LayerMap:
+        """The layer kinds and, per layer, why it is global, local or not attention."""
+        from .window import apply_window_rule
+
         cfg = text_config(config)
         n = cfg.get("num_hidden_layers")
         if n is not None:
@@ -167,7 +179,8 @@ class Adapter:
             raise ConfigError(
                 f"config.json: the layer list has {len(kinds)} entries but num_hidden_layers is {n}"
             )
-        return kinds
+        base = self.explain(cfg, n) if self.explain else None
+        return apply_window_rule(self.name, cfg, kinds, base)
 
     def layer_tensors(
         self,
