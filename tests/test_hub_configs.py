@@ -301,3 +301,47 @@ def test_mistral_window_against_its_context(
     assert all(reason in why for why in info["layer_reasons"])
     r = cli("merge", pre, post, "-o", tmp_path / "out")
     assert (r.code == 0) is (kind == "global"), r.err
+
+
+def test_kimi_linear_published_prefix(tmp_path: Path, cli) -> None:
+    """Kimi-Linear-48B-A3B's published layer lists (1-based, in linear_attn_config) with a
+    compressed-tensors quantization_config: MLA at 0-based 3, 7, 11, 15, 19, 23, 26."""
+    sizes = SMALL | {"num_key_value_heads": 2, "kv_lora_rank": 8, "qk_rope_head_dim": 4}
+    sizes |= {"qk_nope_head_dim": 8, "v_head_dim": 8, "num_experts": 4}
+    sizes |= {"num_experts_per_token": 2, "moe_intermediate_size": 12}
+    cfg = published("kimi-linear-48b-a3b-instruct-nvfp4.prefix.json") | sizes
+    cfg["linear_attn_config"] = cfg["linear_attn_config"] | {"num_heads": 2, "head_dim": 8}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("kimi_linear", **kwargs))
+    pre, post = tmp_path / "pre", tmp_path / "post"
+    model.save_pretrained(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(post, max_shard_size="200KB")
+    for folder in (pre, post):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    mla = [3, 7, 11, 15, 19, 23, 26]
+    info = json.loads(cli("inspect-layers", post, "--json").out)
+    assert info["adapter"] == "kimi_linear" and info["global_layers"] == mla
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == mla
+    # the test's own MLA statement: q_proj whole (q_lora_rank null); K = rope rows [r, r + rope) of
+    # kv_a_proj_with_mqa and, per head, the first nope rows of kv_b_proj's [nope + v] block
+    heads, nope, rope, v, r_ = 2, 8, 4, 8, 8
+    expected: dict[str, list] = {}
+    for i in mla:
+        a = f"model.layers.{i}.self_attn."
+        expected[a + "q_proj.weight"] = [(0, heads * (nope + rope))]
+        expected[a + "kv_a_proj_with_mqa.weight"] = [(r_, r_ + rope)]
+        expected[a + "kv_b_proj.weight"] = [
+            (h * (nope + v), h * (nope + v) + nope) for h in range(2)
+        ]
+    assert_merged(out, pre, post, expected)
