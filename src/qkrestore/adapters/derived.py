@@ -225,12 +225,35 @@ def _clean(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in DROPPED_KEYS}
 
 
+# Expert counts only decide how many MLP modules a layer builds; the attention modules do not depend
+# on them. Building 128-expert layers module by module costs seconds even on the meta device, so the
+# count is first lowered to what routing needs (top-k, expert groups); if the config class or model
+# rejects that, the config is built as it is.
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_NEEDS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token", "n_group")
+
+
+def _fewer_experts(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    needs = [v for k in EXPERT_NEEDS if isinstance(v := cfg.get(k), int) and v > 0]
+    floor = max([2, *needs])
+    shrunk = {
+        k: floor
+        for k in EXPERT_COUNTS
+        if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] > floor
+    }
+    return cfg | shrunk if shrunk else None
+
+
 def _build(model_type: str, cfg_dict: dict[str, Any]) -> Any:
     """The model, on the meta device, from transformers' own class for ``model_type``."""
     try:
         import torch
         import transformers
         from transformers import CONFIG_MAPPING, AutoModel, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_MAPPING_NAMES,
+        )
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise DeriveError(f"transformers is needed to derive a layer map ({exc})") from None
     if model_type not in CONFIG_MAPPING:
@@ -247,19 +270,22 @@ def _build(model_type: str, cfg_dict: dict[str, Any]) -> Any:
             f"config.json: transformers' {CONFIG_MAPPING[model_type].__name__} rejects it: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
-    last: Exception | None = None
-    for auto in (AutoModelForCausalLM, AutoModel):
-        try:
-            with torch.device("meta"):
-                return cfg, auto.from_config(cfg)
-        except ValueError as exc:  # the auto class has no entry for this config class
-            last = exc
-        except Exception as exc:  # report it, do not crash
-            raise DeriveError(
-                f"config.json: transformers could not build '{model_type}' on the meta device: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from None
-    raise DeriveError(f"config.json: transformers has no model class for '{model_type}' ({last})")
+    # Pick the auto class by its name table: asking AutoModelForCausalLM for a type it lacks makes
+    # transformers import every model module to word its error (seconds).
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        auto = AutoModelForCausalLM
+    elif model_type in MODEL_MAPPING_NAMES:
+        auto = AutoModel
+    else:
+        raise DeriveError(f"config.json: transformers has no model class for '{model_type}'")
+    try:
+        with torch.device("meta"):
+            return cfg, auto.from_config(cfg)
+    except Exception as exc:  # report it, do not crash
+        raise DeriveError(
+            f"config.json: transformers could not build '{model_type}' on the meta device: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=32)
@@ -269,7 +295,14 @@ def _derive_cached(key: str) -> Derived:
     model_type = str(inner.get("model_type") or config.get("model_type") or "")
     if not model_type:
         raise DeriveError("config.json: no 'model_type' to look up in transformers")
-    cfg, model = _build(model_type, _clean(inner))
+    cleaned = _clean(inner)
+    fewer = _fewer_experts(cleaned)
+    try:
+        cfg, model = _build(model_type, fewer if fewer is not None else cleaned)
+    except DeriveError:
+        if fewer is None:
+            raise
+        cfg, model = _build(model_type, cleaned)
     n = getattr(cfg, "num_hidden_layers", None)  # through the config class's attribute_map
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise DeriveError("config.json: 'num_hidden_layers' is missing or not a positive integer")
