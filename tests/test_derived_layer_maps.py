@@ -155,6 +155,17 @@ def test_derived_mla_deepseek_v3(tmp_path: Path, cli) -> None:
     assert_merged(out, pre, post, expected)
     assert _check_loaded(out, pre, post, rows) == len(expected)
 
+    # --mla-latent pre: the latent rows [0, r) of kv_a_proj_with_mqa and kv_a_layernorm too
+    out_latent = tmp_path / "latent"
+    r = cli("merge", pre, post, "-o", out_latent, "--mla-latent", "pre")
+    assert r.code == 0, r.err
+    latent = dict(expected)
+    for i in (0, 1):
+        a = f"model.layers.{i}.self_attn."
+        latent[a + "kv_a_proj_with_mqa.weight"] = [(0, 8 + 4)]
+        latent[a + "kv_a_layernorm.weight"] = [(0, 8)]
+    assert_merged(out_latent, pre, post, latent)
+
     # QK-Pro's closed form needs one W_K per head: refused for MLA, as for Kimi Linear
     r = cli("pro", pre, post, "-o", tmp_path / "pro")
     assert r.code == 2
