@@ -30,6 +30,7 @@ class LayerReport:
     layer_prefix: str
     global_layers: list[int]
     local_layers: list[int]
+    layer_reasons: list[str]  # one line per layer: why it is global, local or not attention
     layers: list[dict[str, Any]]
     compare: dict[str, Any] | None = field(default=None)
 
@@ -71,6 +72,7 @@ def describe(ckpt: Checkpoint) -> LayerReport:
         layer_prefix=lmap.prefix,
         global_layers=lmap.global_layers,
         local_layers=lmap.local_layers,
+        layer_reasons=list(lmap.reasons),
         layers=layers,
     )
 

@@ -22,6 +22,7 @@ from .adapters import (
     whole,
 )
 from .adapters.base import merge_rows
+from .adapters.derived import is_derived
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import PlanError, QKRestoreError
 
@@ -241,7 +242,7 @@ def build_plan(
             _check_same_architecture(pre, lmap)
         chosen = choose_layers(kinds, layers, include_sliding)
         post_prefix, pre_prefix = lmap.prefix, lmap.adapter.layer_prefix(list(pre.tensors))
-        if lmap.adapter is GENERIC:
+        if lmap.adapter is GENERIC or is_derived(lmap.adapter):
             notes.append(lmap.reason)
         found = [rt for layer in chosen for rt in lmap.routing(layer, targets, options)]
     # A tensor shared by several layers (Zamba2's shared blocks) is planned once.

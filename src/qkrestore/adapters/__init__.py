@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import TensorInfo
 from ..errors import ConfigError
-from . import fused, hybrid, shared
+from . import derived, fused, hybrid, shared
 from .base import (
     ROUTING_TARGETS,
     TARGETS,
@@ -65,7 +65,8 @@ class Resolved:
 
 
 def resolve(config: Config) -> Resolved:
-    """Pick the adapter by ``model_type``, then ``architectures``, then a ``layer_types`` list."""
+    """Pick the adapter by ``model_type``, then ``architectures``, then a ``layer_types`` list,
+    then a layer map derived from transformers' own classes (:mod:`.derived`); else refuse."""
     model_type = str(config.get("model_type", ""))
     inner = text_config(config)
     inner_type = str(inner.get("model_type", "")) if inner is not config else ""
@@ -82,9 +83,21 @@ def resolve(config: Config) -> Resolved:
             model_type,
             f"unknown model_type '{model_type}': using the generic adapter on its layer_types",
         )
+    try:
+        found = derived.derive(config)
+    except derived.DeriveError as exc:
+        why = f" ({exc.message.removeprefix('config.json: ')})"
+    else:
+        return Resolved(
+            found.adapter,
+            model_type or found.model_type,
+            f"no adapter for model_type '{found.model_type}': layer map "
+            f"{found.adapter.description}",
+        )
     known = ", ".join(sorted(BY_MODEL_TYPE))
     raise ConfigError(
-        f"config.json: model_type '{model_type or '?'}' is not a known family and has no layer_types",
+        f"config.json: model_type '{model_type or '?'}' is not a known family and has no "
+        f"layer_types, and its layer map could not be derived from transformers{why}",
         hint=f"known families: {known}; for another family name the tensors by hand, e.g. "
         "--layers 3,7 --tensor-pattern 'model\\.layers\\.{i}\\.attn\\.(q|k)_proj\\.weight'",
     )
@@ -98,14 +111,15 @@ def layer_map(config: Config, tensors: Mapping[str, TensorInfo] | None = None) -
     """
     resolved = resolve(config)
     adapter = resolved.adapter
-    kinds = tuple(adapter.layer_kinds(config))
+    read = adapter.read_layer_kinds(config)
     prefix = adapter.layer_prefix(list(tensors)) if tensors is not None else ""
     return LayerMap(
         adapter=adapter,
         model_type=resolved.model_type,
         reason=resolved.reason,
         config=config,
-        kinds=kinds,
+        kinds=tuple(read.kinds),
+        reasons=tuple(read.reasons),
         tensors=tensors or {},
         prefix=prefix,
     )

@@ -17,22 +17,13 @@ import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from ..checkpoint import TensorInfo
 from ..errors import ConfigError, PlanError
+from .window import Config, Kind, LayerKinds, apply_window_rule
 
-Config = Mapping[str, Any]
 RowRanges = tuple[tuple[int, int], ...]
-
-
-class Kind(str, Enum):
-    """What a decoder layer's token mixer is, as far as routing is concerned."""
-
-    GLOBAL = "global"
-    LOCAL = "local"
-    OTHER = "other"
 
 
 TARGETS = ("q", "k", "v", "o")
@@ -162,8 +153,15 @@ class Adapter:
     """Why a softmax layer of this family has no single W_Q/W_K pair per head (MLA's low-rank keys,
     shared blocks with per-layer adapters); empty when it has one. QK-Pro's closed form and the
     per-head drift figures need that pair, so they read this instead of checking family names."""
+    # Optional per-layer words saying where the family's map came from (derived adapters use it).
+    explain: Callable[[Config, int | None], list[str]] | None = None
 
     def layer_kinds(self, config: Config) -> list[Kind]:
+        """The layer kinds, after the window rule (a window as long as the context is global)."""
+        return self.read_layer_kinds(config).kinds
+
+    def read_layer_kinds(self, config: Config) -> LayerKinds:
+        """The layer kinds and, per layer, why it is global, local or not attention."""
         cfg = text_config(config)
         n = cfg.get("num_hidden_layers")
         if n is not None:
@@ -173,7 +171,8 @@ class Adapter:
             raise ConfigError(
                 f"config.json: the layer list has {len(kinds)} entries but num_hidden_layers is {n}"
             )
-        return kinds
+        base = self.explain(cfg, n) if self.explain else None
+        return apply_window_rule(self.name, cfg, kinds, base)
 
     def layer_tensors(
         self,

@@ -164,10 +164,12 @@ FAMILIES: tuple[Adapter, ...] = (
         # (Phi3Model.forward picks create_sliding_window_causal_mask), exactly like Mistral.
         kinds=mistral_kinds,
         tensors=fused_projections(phi3_layout, "qkv_proj", "o_proj"),
-        description="Phi-3: fused qkv_proj [Q|K|V]; every layer local when sliding_window is set",
+        description="Phi-3: fused qkv_proj [Q|K|V]; every layer local when sliding_window is set "
+        "and shorter than the context",
         notes=(
-            "with sliding_window set, transformers 5.24 masks every layer with it, so every layer "
-            "is local and a merge needs --include-sliding",
+            "with sliding_window set, transformers 5.24 masks every layer with it; a window at least "
+            "as long as max_position_embeddings (Phi-3-mini-128k, Phi-3.5-mini: 262144 over 131072) "
+            "never slides, so those layers count as global",
         ),
     ),
     Adapter(

@@ -28,6 +28,7 @@ class LayerMap:
     reason: str
     config: Config
     kinds: tuple[Kind, ...]
+    reasons: tuple[str, ...] = ()  # per layer: why it is global, local or not attention
     tensors: Mapping[str, TensorInfo] = field(default_factory=dict)
     prefix: str = ""
 
