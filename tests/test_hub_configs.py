@@ -299,6 +299,8 @@ def test_mistral_window_against_its_context(
     info = json.loads(cli("inspect-layers", post, "--json").out)
     assert info[f"{kind}_layers"] == [0, 1]
     assert all(reason in why for why in info["layer_reasons"])
+    shown = cli("inspect-layers", post).out  # the human view says why, once for both layers
+    assert sum("why layers 0-1: " in line and reason in line for line in shown.splitlines()) == 1
     r = cli("merge", pre, post, "-o", tmp_path / "out")
     assert (r.code == 0) is (kind == "global"), r.err
 

@@ -83,6 +83,26 @@ def drift_table(report: LayerReport) -> Table:
     return drift
 
 
+def _softmax_reasons(report: LayerReport) -> dict[str, list[int]]:
+    """Softmax layers grouped by why they are global or local (e.g. a window that never slides)."""
+    grouped: dict[str, list[int]] = {}
+    for i in sorted({*report.global_layers, *report.local_layers}):
+        if i < len(report.layer_reasons):
+            grouped.setdefault(report.layer_reasons[i], []).append(i)
+    return grouped
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``0-2,5``."""
+    out: list[str] = []
+    for i in layers:
+        if out and i == int(out[-1].rsplit("-", 1)[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
+
+
 def inspect_layers(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
     compare_with: Annotated[
@@ -106,6 +126,8 @@ def inspect_layers(
     )
     if report.adapter_description:
         c.print(f"family: {escape(report.adapter_description)}", highlight=False)
+    for reason, layers in _softmax_reasons(report).items():
+        c.print(f"why layers {_ranges(layers)}: {escape(reason)}", highlight=False)
     for n in report.adapter_notes:
         note(n)
     c.print(routing_table(report))
