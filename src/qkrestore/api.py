@@ -28,7 +28,7 @@ from .errors import PlanError
 from .inspect import LayerReport, compare, describe
 from .job import Hooks, JobOptions, JobResult, open_side, run_job
 from .methods import Method, QKRestore
-from .plan import PlanOptions, parse_layers, parse_targets
+from .plan import PlanOptions, parse_layers, parse_targets, pre_only_tensors
 from .verification import VerifyReport, verify_output
 from .writer import WriteOptions
 
@@ -108,6 +108,7 @@ def merge(
     allow_arch_mismatch: bool = False,
     tensor_pattern: str | None = None,
     mla_latent: str = "post",
+    carry_missing: bool = False,
     **job: Unpack[JobArgs],
 ) -> JobResult:
     """QK-Restore: write ``output`` = POST with the routing rows of the planned layers from PRE.
@@ -127,6 +128,7 @@ def merge(
             allow_arch_mismatch=allow_arch_mismatch,
             tensor_pattern=tensor_pattern,
             adapter_options={MLA_LATENT: "pre"} if mla_latent == "pre" else {},
+            carry_missing=carry_missing,
         )
     )
     return _run(method, pre, post, output, "merge", job)
@@ -143,6 +145,7 @@ def pro(
     layers: Layers = None,
     include_sliding: bool = False,
     allow_arch_mismatch: bool = False,
+    carry_missing: bool = False,
     **job: Unpack[JobArgs],
 ) -> JobResult:
     """QK-Pro: hold ``fix`` (``"key"`` or ``"query"``) at PRE and solve the other side per head.
@@ -157,6 +160,7 @@ def pro(
             layers=_layers(layers),
             include_sliding=include_sliding,
             allow_arch_mismatch=allow_arch_mismatch,
+            carry_missing=carry_missing,
         ),
         fix=fix,
         ridge=ridge,
@@ -199,6 +203,9 @@ def inspect_layers(model: PathLike, *, compare_with: PathLike | None = None) -> 
                 report.compare = {
                     "other": os.fspath(compare_with),
                     "layers": compare(ck, other, report),
+                    # e.g. mtp.* heads or a vision tower that one side's save dropped
+                    "only_in_model": list(pre_only_tensors(ck.tensors, other.tensors)),
+                    "only_in_other": list(pre_only_tensors(other.tensors, ck.tensors)),
                 }
     return report
 

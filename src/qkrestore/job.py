@@ -18,6 +18,7 @@ from typing import Any
 
 from ._version import __version__
 from .card import SourceRecord, command_line, write_card_and_provenance
+from .carried import check_carry, write_carried
 from .checkpoint import INDEX_NAME, Checkpoint
 from .errors import OutputError, PlanError, QKRestoreError
 from .hub import (
@@ -33,7 +34,7 @@ from .hub import (
     push_folder,
 )
 from .methods import Computed, Method
-from .plan import RestorePlan, pre_names_for
+from .plan import RestorePlan, pre_names_for, pre_only_tensors
 from .writer import WriteOptions, WriteResult, check_output_location, write_output
 
 Advance = Callable[[int], None]
@@ -147,9 +148,11 @@ def run_job(
         def needed(meta: Path) -> list[str]:
             # What PRE must supply is known from POST and PRE's index, before PRE's shards arrive.
             index = json.loads((meta / INDEX_NAME).read_text(encoding="utf-8"))
-            return pre_names_for(
-                method.plan(post_ck, post_ck), post_ck, index.get("weight_map", {})
-            )
+            pre_names = index.get("weight_map", {})
+            names = pre_names_for(method.plan(post_ck, post_ck), post_ck, pre_names)
+            if method.options.carry_missing:
+                names += pre_only_tensors(pre_names, post_ck.tensors).values()
+            return names
 
         pre_root = fetch_pre(pre_src, needed)
         with open_side(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
@@ -162,6 +165,7 @@ def run_job(
             if pre_ck.root.resolve() == post_ck.root.resolve():
                 notes("PRE and POST are the same folder: the output will equal POST")
             plan = checked_plan(method, pre_ck, post_ck, options)
+            check_carry(plan, post_ck)
             for n in plan.notes:
                 notes(n)
             summary: dict[str, Any] = {
@@ -175,6 +179,7 @@ def run_job(
                 },
                 "layers": plan.layers,
                 "tensors": len(plan.patches),
+                "missing_in_post": plan.missing_in_post,
                 "restored_bytes": plan.restored_bytes(post_ck),
                 "touched_files": plan.touched_files,
                 "plan": plan.to_json(),
@@ -239,6 +244,8 @@ def _write(
     command = hooks.command or command_line()
 
     def finalize(folder: Path, result: WriteResult) -> None:
+        if plan.carried:
+            result.tensor_sha256.update(write_carried(folder, plan, pre))
         write_card_and_provenance(
             folder,
             plan,

@@ -39,6 +39,7 @@ class Method(Protocol):
     """A restore method, as the job pipeline sees it."""
 
     name: str
+    options: PlanOptions
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan: ...
 

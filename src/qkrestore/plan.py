@@ -44,6 +44,7 @@ class PlanOptions:
     allow_arch_mismatch: bool = False
     tensor_pattern: str | None = None
     adapter_options: Mapping[str, Any] = field(default_factory=dict)
+    carry_missing: bool = False  # copy tensors PRE has and POST lacks (mtp.*, towers) from PRE
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,23 @@ class TensorPatch:
         return sum(b - a for a, b in self.rows)
 
 
+@dataclass(frozen=True)
+class CarriedTensor:
+    """A tensor PRE has and POST lacks, copied whole from PRE into OUT (``--carry-missing``)."""
+
+    name: str  # as OUT names it (POST's layer prefix)
+    pre_name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CarriedTensor:
+        return cls(d["name"], d["pre_name"], d["dtype"], tuple(int(x) for x in d["shape"]))
+
+
 @dataclass
 class RestorePlan:
     """Everything the writer needs, and everything a reader of the provenance wants to know."""
@@ -106,6 +124,8 @@ class RestorePlan:
     patches: list[TensorPatch]
     notes: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
+    missing_in_post: list[str] = field(default_factory=list)  # PRE has them, POST does not
+    carried: list[CarriedTensor] = field(default_factory=list)  # of those, the ones OUT gets
 
     @property
     def touched_files(self) -> list[str]:
@@ -129,6 +149,8 @@ class RestorePlan:
             "params": self.params,
             "notes": self.notes,
             "tensors": [p.to_json() for p in self.patches],
+            "missing_in_post": self.missing_in_post,
+            "carried": [c.to_json() for c in self.carried],
         }
 
     @classmethod
@@ -144,6 +166,8 @@ class RestorePlan:
             patches=[TensorPatch.from_json(t) for t in d["tensors"]],
             notes=list(d.get("notes", [])),
             params=dict(d.get("params", {})),
+            missing_in_post=list(d.get("missing_in_post", [])),
+            carried=[CarriedTensor.from_json(c) for c in d.get("carried", [])],
         )
 
 
@@ -277,6 +301,15 @@ def build_plan(
             "are cast with torch to POST's dtype"
         )
     patches.sort(key=lambda p: (p.file, post.tensors[p.name].start))
+    missing = pre_only_tensors(pre.tensors, post.tensors, pre_prefix, post_prefix)
+    carried: list[CarriedTensor] = []
+    if missing:
+        notes.append(missing_note(list(missing), opts.carry_missing))
+    if missing and opts.carry_missing:
+        carried = [
+            CarriedTensor(out, src, pre.tensors[src].dtype, pre.tensors[src].shape)
+            for out, src in missing.items()
+        ]
     return RestorePlan(
         method=method,
         adapter=adapter_name,
@@ -289,6 +322,41 @@ def build_plan(
         notes=notes,
         params={"include_sliding": include_sliding, **dict(options)}
         | ({"tensor_pattern": tensor_pattern} if tensor_pattern else {}),
+        missing_in_post=list(missing),
+        carried=carried,
+    )
+
+
+def pre_only_tensors(
+    pre_names: Iterable[str], post_names: Iterable[str], pre_prefix: str = "", post_prefix: str = ""
+) -> dict[str, str]:
+    """Tensors PRE has and POST lacks, as ``{name in OUT: name in PRE}``.
+
+    Trainers' saves sometimes drop tensors that inference engines then miss (Qwen3-Next/Qwen3.5
+    ``mtp.*``, vision towers). Names under PRE's layer prefix are compared under POST's, so a VLM
+    save and a text-only save of one model line up.
+    """
+    post_set = set(post_names)
+    out: dict[str, str] = {}
+    for name in sorted(pre_names):
+        mapped = post_prefix + name[len(pre_prefix) :] if name.startswith(pre_prefix) else name
+        if mapped not in post_set:
+            out[mapped] = name
+    return out
+
+
+def missing_note(names: Sequence[str], carried: bool) -> str:
+    """One line for the tensors PRE has and POST lacks, grouped by their leading name part."""
+    groups: dict[str, int] = {}
+    for n in names:
+        head = n.split(".", 1)[0] if "." in n else n
+        groups[head] = groups.get(head, 0) + 1
+    what = ", ".join(f"{k}.* ({v})" if v > 1 else k for k, v in sorted(groups.items()))
+    if carried:
+        return f"PRE has {len(names)} tensors POST lacks ({what}): copied from PRE into OUT"
+    return (
+        f"PRE has {len(names)} tensors POST lacks ({what}): OUT leaves them out, as POST does "
+        "(--carry-missing copies them from PRE)"
     )
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .card import CARD_NAME, PROVENANCE_NAME, recorded_source_paths
-from .checkpoint import CHUNK, Checkpoint, read_header_bytes
+from .carried import carried_index
+from .checkpoint import CHUNK, INDEX_NAME, Checkpoint, read_header_bytes
 from .dtypes import ITEMSIZE, convert
 from .errors import CheckpointError, QKRestoreError
-from .plan import RestorePlan, TensorPatch, patch_ranges
+from .plan import CarriedTensor, RestorePlan, TensorPatch, patch_ranges
 
 FORWARD_AUTO_MAX_BYTES = 2 * 1024**3
 MAX_REPORTED = 10
@@ -105,7 +106,7 @@ def verify_output(
         Checkpoint.open(pre_root, partial=True) as pre,  # Hub PRE holds only the needed shards
         Checkpoint.open(post_root) as post,
     ):
-        _check_files(report, record, out, post)
+        _check_files(report, record, out, post, plan, pre)
         _check_tensors(report, record, plan, got, pre, post)
         if forward != "never" and not report.mismatches:
             report.forward = forward_pass(out, got, forward)
@@ -117,7 +118,14 @@ def _add(report: VerifyReport, mismatch: Mismatch) -> None:
         report.mismatches.append(mismatch)
 
 
-def _check_files(report: VerifyReport, record: dict[str, Any], out: Path, post: Checkpoint) -> None:
+def _check_files(
+    report: VerifyReport,
+    record: dict[str, Any],
+    out: Path,
+    post: Checkpoint,
+    plan: RestorePlan,
+    pre: Checkpoint,
+) -> None:
     for rel in record.get("files", []):
         if rel in post.shards or rel == CARD_NAME:
             continue
@@ -125,6 +133,10 @@ def _check_files(report: VerifyReport, record: dict[str, Any], out: Path, post: 
         a, b = out / rel, post.root / rel
         if not a.is_file():
             _add(report, Mismatch(rel, None, "missing from OUT"))
+        elif rel == INDEX_NAME and plan.carried and b.is_file():
+            # POST's index with the carried tensors added, and nothing else changed
+            if a.read_bytes() != carried_index(b.read_bytes(), plan, pre):
+                _add(report, Mismatch(rel, None, "differs from POST's plus the carried tensors"))
         elif not b.is_file() or _sha256(a) != _sha256(b):
             _add(report, Mismatch(rel, None, "differs from POST's"))
 
@@ -145,8 +157,9 @@ def _check_tensors(
     pre: Checkpoint,
     post: Checkpoint,
 ) -> None:
-    if set(got.tensors) != set(post.tensors):
-        extra = sorted(set(got.tensors) ^ set(post.tensors))
+    expected = set(post.tensors) | {c.name for c in plan.carried}
+    if set(got.tensors) != expected:
+        extra = sorted(set(got.tensors) ^ expected)
         _add(report, Mismatch("*", extra[0], "tensor set differs from POST's"))
         return
     recorded = record.get("tensor_sha256", {})
@@ -169,6 +182,35 @@ def _check_tensors(
         report.tensors_checked += len(shard.tensors)
     for name, patch in patches.items():
         _check_patch(report, got, pre, post, patch, recorded.get(name))
+    for c in plan.carried:
+        _check_carried(report, got, pre, c, recorded.get(c.name))
+
+
+def _check_carried(
+    report: VerifyReport, got: Checkpoint, pre: Checkpoint, c: CarriedTensor, sha: str | None
+) -> None:
+    """A tensor carried from PRE: PRE's bytes exactly, with PRE's dtype and shape, as recorded."""
+    info, src = got.tensors[c.name], pre.tensors.get(c.pre_name)
+    if src is None:
+        _add(report, Mismatch(info.file, c.name, f"PRE has no tensor '{c.pre_name}' to compare"))
+        return
+    if (info.dtype, info.shape) != (src.dtype, src.shape):
+        _add(report, Mismatch(info.file, c.name, "dtype or shape differs from PRE's"))
+        return
+    digest = hashlib.sha256()
+    pieces = zip(
+        got.iter_chunks(info.file, info.start, info.nbytes, CHUNK),
+        pre.iter_chunks(src.file, src.start, src.nbytes, CHUNK),
+    )
+    for a, b in pieces:
+        report.bytes_checked += len(a)
+        digest.update(a)
+        if a != b:
+            _add(report, Mismatch(info.file, c.name, "carried tensor differs from PRE's"))
+            return
+    if sha is not None and digest.hexdigest() != sha:
+        _add(report, Mismatch(info.file, c.name, "sha256 differs from the recorded one"))
+    report.tensors_checked += 1
 
 
 def _compare(

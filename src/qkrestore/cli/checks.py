@@ -92,6 +92,12 @@ def _softmax_reasons(report: LayerReport) -> dict[str, list[int]]:
     return grouped
 
 
+def _few(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (
+        f", … ({len(names) - shown} more)" if len(names) > shown else ""
+    )
+
+
 def _ranges(layers: list[int]) -> str:
     """``[0, 1, 2, 5]`` → ``0-2,5``."""
     out: list[str] = []
@@ -134,6 +140,10 @@ def inspect_layers(
     if report.compare is not None:
         c.print(f"compared with: {report.compare['other']}", highlight=False)
         c.print(drift_table(report))
+        for key, who in (("only_in_model", "MODEL"), ("only_in_other", "OTHER")):
+            names = report.compare[key]
+            if names:
+                note(f"only {who} has {len(names)} tensors: {_few(names)}")
 
 
 def verify(

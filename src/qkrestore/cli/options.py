@@ -57,6 +57,14 @@ PushOpt = Annotated[
     str | None,
     typer.Option("--push-to-hub", help="After success, upload OUT to this Hub repo id."),
 ]
+CarryMissingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--carry-missing",
+        help="Also copy, byte for byte, the tensors PRE has and POST lacks (e.g. mtp.* heads or a "
+        "vision tower a trainer's save dropped) into OUT, as an extra shard in its index.",
+    ),
+]
 PreIdOpt = Annotated[
     str | None,
     typer.Option(

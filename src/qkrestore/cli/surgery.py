@@ -20,6 +20,7 @@ from ..plan import METHOD_PRO, PlanOptions, parse_layers, parse_targets
 from ..writer import WriteOptions
 from .options import (
     ArchOpt,
+    CarryMissingOpt,
     DeviceChoice,
     DryRunOpt,
     ExpectOpt,
@@ -96,6 +97,7 @@ def merge(
     allow_arch_mismatch: ArchOpt = False,
     tensor_pattern: PatternOpt = None,
     mla_latent: MlaLatentOpt = MlaLatent.post,
+    carry_missing: CarryMissingOpt = False,
     jobs: JobsOpt = 2,
     expect_layers: ExpectOpt = None,
     push_to_hub: PushOpt = None,
@@ -118,6 +120,7 @@ def merge(
             allow_arch_mismatch=allow_arch_mismatch,
             tensor_pattern=tensor_pattern,
             adapter_options=mla_latent.adapter_options(),
+            carry_missing=carry_missing,
         )
     )
     _run(pre, post, method, _Flags.of(locals()))
@@ -132,6 +135,7 @@ def pro(
     device: SolveDeviceOpt = DeviceChoice.auto,
     layers: LayersOpt = "auto",
     include_sliding: SlidingOpt = False,
+    carry_missing: CarryMissingOpt = False,
     dry_run: DryRunOpt = False,
     overwrite: OverwriteOpt = False,
     link: LinkOpt = False,
@@ -157,6 +161,7 @@ def pro(
             layers=parse_layers(layers),
             include_sliding=include_sliding,
             allow_arch_mismatch=allow_arch_mismatch,
+            carry_missing=carry_missing,
         ),
         fix=fix.value,
         ridge=ridge,
