@@ -48,6 +48,7 @@ from .cli_options import (
     TargetsOpt,
     VerboseOpt,
 )
+from .cli_sweep import register as register_sweep
 from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -463,6 +464,7 @@ def demo(
 
 
 register_diagnostics(app)
+register_sweep(app)
 
 
 # -- entry point ----------------------------------------------------------------------------------
