@@ -43,6 +43,7 @@ EXAMPLE_REASONING = "reasoning-example.jsonl"
 LM_EVAL_INSTALL = 'pip install "qkrestore[eval]" (or: pip install "lm_eval>=0.4")'
 
 Progress = Callable[[int], None]
+_MANAGERS: dict[tuple[Any, ...], Any] = {}  # lm-eval TaskManagers, built once per process
 
 
 def example_reasoning_file() -> Path:
@@ -349,7 +350,17 @@ def run_lm_eval(
     meta: dict[str, Any] = {"tokenizer": s.tokenizer_path}
     if s.lengths:
         meta["max_seq_lengths"] = list(s.lengths)
-    manager = TaskManager(include_path=s.include_path, metadata=meta)
+    key = (s.include_path, s.tokenizer_path, tuple(s.lengths), tuple(s.tasks))
+    manager = _MANAGERS.get(key)
+    if manager is None:
+        # Indexing the harness's thousands of built-in task files takes tens of seconds: do it
+        # once per run, and not at all when the user's own folder holds every task asked for.
+        manager = None
+        if s.include_path:
+            own = TaskManager(include_path=s.include_path, include_defaults=False, metadata=meta)
+            manager = own if all(t in own.all_tasks for t in s.tasks) else None
+        manager = manager or TaskManager(include_path=s.include_path, metadata=meta)
+        _MANAGERS[key] = manager
     try:
         res = lm_eval.simple_evaluate(
             model=lm,
@@ -368,12 +379,16 @@ def run_lm_eval(
         ) from None
     out: dict[str, dict[str, float]] = {}
     for task, metrics in (res or {}).get("results", {}).items():
-        vals = {
+        # metrics are named "metric,filter" (e.g. "acc,none", "4096,none" for RULER lengths);
+        # bookkeeping such as "alias" or "sample_len" has no filter part
+        out[task] = {
             k: float(v)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k
+            if "," in k
+            and "stderr" not in k
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
         }
-        out[task] = vals
     return out
 
 
