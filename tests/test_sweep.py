@@ -415,3 +415,42 @@ def test_lm_eval_missing_is_one_line(dense, cli, monkeypatch) -> None:
     assert 'pip install "qkrestore[eval]"' in r.err
     r = cli("select-layers", pre, "--lm-eval", "niah_single_1")
     assert r.code == 2 and len(r.err_lines) == 1 and "lm_eval" in r.err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sweep_on_cuda(pair, dense, tmp_path: Path, cli) -> None:
+    """On a GPU: candidates held there (QK-Pro solved there) give the logits of the checkpoints
+    `merge`/`pro --device cuda` write; a bf16-autocast sweep runs and says so."""
+    pre, post = pair
+    dev = torch.device("cuda")
+    cfg = SweepConfig(ridges=(0.5,), groups=("restore", "pro", "cross-gram"))
+    model = load(post).to(dev)
+    patcher = ModelPatcher(model)
+    with Checkpoint.open(pre) as a, Checkpoint.open(post) as b:
+        for cand in base_candidates([1, 3], cfg):
+            plan = plan_candidate(cand, a, b, PlanSettings(device="cuda"))
+            patcher.apply(plan, plan_values(plan, a, b))
+            with torch.inference_mode():
+                held = model(input_ids=INPUT.to(dev)).logits
+            args = CLI_ARGS.get(cand.name) or ["pro", "--fix", cand.fix, "--ridge", "0.5"]
+            out = tmp_path / cand.name
+            extra = ["--device", "cuda"] if args[0] == "pro" else []
+            assert cli(args[0], pre, post, "-o", out, *args[1:], *extra).code == 0
+            with torch.inference_mode():
+                written = load(out).to(dev)(input_ids=INPUT.to(dev)).logits
+            torch.testing.assert_close(held, written, rtol=1e-5, atol=1e-5)
+    pre, post = dense
+    res = cli(
+        "sweep", pre, post, "--candidates", "post,restore,cross-gram", "--lengths", "128",
+        "--samples", "2", "--reasoning", "example", "--device", "cuda", "--json",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["autocast"] is True and doc["device"].startswith("cuda")
+    assert [r["name"] for r in doc["candidates"]] == [
+        "post",
+        "qk-restore",
+        "cross-gram-key",
+        "cross-gram-query",
+    ]
