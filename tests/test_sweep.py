@@ -28,6 +28,7 @@ from qkrestore.sweep import (
     choose,
     pareto_front,
     parse_pick,
+    recipe_text,
     top_k_candidates,
 )
 
@@ -454,3 +455,41 @@ def test_sweep_on_cuda(pair, dense, tmp_path: Path, cli) -> None:
         "cross-gram-key",
         "cross-gram-query",
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "explicit"),
+    [
+        ("pro-query-r2", ["pro", "--fix", "query", "--ridge", "2"]),
+        ("cross-gram-key", ["pro", "--fix", "key", "--form", "cross-gram"]),
+        ("restore-v", ["merge", "--targets", "v"]),
+    ],
+)
+def test_recipes_round_trip(dense, tmp_path: Path, cli, name: str, explicit: list[str]) -> None:
+    """The recipe written for a candidate rebuilds it through merge/pro --config, byte for byte."""
+    pre, post = dense
+    cand = next(c for c in base_candidates([0, 1, 2], SweepConfig(ridges=(2.0,))) if c.name == name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(cand, [0, 1, 2], False, "a test"))
+    assert recipe.read_text().startswith("# a test\n# use: qkrestore " + explicit[0])
+    a, b = tmp_path / "recipe", tmp_path / "explicit"
+    res = cli(explicit[0], pre, post, "-o", a, "--config", recipe, "--json")
+    assert res.code == 0, res.err
+    assert cli(explicit[0], pre, post, "-o", b, *explicit[1:]).code == 0
+    ta, _ = load_all(a)
+    tb, _ = load_all(b)
+    assert set(ta) == set(tb) and all(raw(ta[n]) == raw(tb[n]) for n in tb)
+    assert (
+        json.loads(res.out)["plan"]["params"]
+        == json.loads((b / "qkrestore.json").read_text())["plan"]["params"]
+    )
+
+
+def test_pick_names_an_unknown_candidate(dense, cli) -> None:
+    pre, post = dense
+    r = cli(
+        "sweep", pre, post, "--candidates", "post,restore", "--recall", EXAMPLE,
+        "--pick", "max recall with recall >= 0.9 * base", "--device", "cpu",
+    )  # fmt: skip
+    assert r.code == 2 and len(r.err_lines) == 1
+    assert "no candidate named 'base'" in r.err and "qk-restore" in r.err

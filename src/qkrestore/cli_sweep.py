@@ -372,7 +372,9 @@ def register(app: typer.Typer) -> None:
             from .diagnostics import plots
 
             plots.check_target(plot)
-        niah = _niah(lengths, task, samples, seed) if recall is None else None
+        niah = _niah(lengths, task, samples, seed)
+        lens = niah.lengths  # also the lengths lm-eval's RULER tasks are built for
+        niah = niah if recall is None else None
         recall_items = load_items(recall, "--recall") if recall is not None else None
         reasoning_items = None
         if reasoning is not None:
@@ -385,7 +387,7 @@ def register(app: typer.Typer) -> None:
             lm_eval_limit,
             lm_eval_include,
             lm_eval_metric,
-            niah.lengths if niah else (),
+            lens,
         )
         dev, dt = _device(device, dtype)
         cfg = SweepConfig(
@@ -407,7 +409,8 @@ def register(app: typer.Typer) -> None:
             trust_remote_code=trust_remote_code,
         )
         with BarProgress(not quiet) as bar:
-            report = run_sweep(pre_dir, post_dir, cfg, bar)
+            refs = [c.bound.ref for c in rule.conditions if c.bound.ref is not None]
+            report = run_sweep(pre_dir, post_dir, cfg, bar, refs)
         results = report["candidates"]
         idx = choose(rule, results)
         report["pick"] = {

@@ -397,9 +397,17 @@ def needs_tok(cfg: SweepConfig) -> bool:
 
 
 def run_sweep(
-    pre_dir: Path, post_dir: Path, cfg: SweepConfig, progress: SweepProgress | None = None
+    pre_dir: Path,
+    post_dir: Path,
+    cfg: SweepConfig,
+    progress: SweepProgress | None = None,
+    refs: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Measure every candidate; the ``sweep`` JSON document (without the pick)."""
+    """Measure every candidate; the ``sweep`` JSON document (without the pick).
+
+    ``refs`` are candidate names a ``--pick`` rule refers to: checked once the candidate list is
+    known, before any model is loaded, so that a typo does not cost a whole sweep.
+    """
     progress = progress or SweepProgress()
     t_start = time.perf_counter()
     with Checkpoint.open(pre_dir) as pre, Checkpoint.open(post_dir) as post:
@@ -420,6 +428,15 @@ def run_sweep(
             ),
         )
         cands = base_candidates(base.layers, cfg)
+        known = {c.name for c in cands} | {
+            c.name for c in top_k_candidates(base.layers, cfg.top_k) if "top-k" in cfg.groups
+        }
+        for ref in refs:
+            if ref not in known:
+                raise QKRestoreError(
+                    f"--pick: no candidate named '{ref}'",
+                    hint=f"candidates: {', '.join(sorted(known))}",
+                )
         # Plan every candidate before loading anything: a refused plan fails in a second.
         plans = {
             c.name: plan_candidate(c, pre, post, settings)
