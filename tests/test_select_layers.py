@@ -193,3 +193,30 @@ def test_table_and_errors(decisive, tmp_path: Path, cli) -> None:
     assert r.code == 2 and "layer 7 does not exist" in r.err
     r = cli("select-layers", model, "--device", "cpu", "--lengths", "128", "--samples", "1")
     assert r.code == 2 and "tokenizer" in r.err and len(r.err_lines) == 1
+
+
+def test_ablation_zeroes_only_query_rows_of_a_gated_projection(tmp_path: Path) -> None:
+    """Qwen3-Next's q_proj holds, per head, 16 query rows then 16 output-gate rows: the ablation
+    zeroes the query rows only (and undoes itself)."""
+    from conftest import QWEN3_NEXT, build_hf_pair
+    from transformers import AutoModelForCausalLM
+
+    from qkrestore.candidates import ModelPatcher, ablation_values
+    from qkrestore.checkpoint import Checkpoint
+    from qkrestore.plan import build_plan
+
+    _, post = build_hf_pair(tmp_path, "qwen3_next", QWEN3_NEXT)
+    model = AutoModelForCausalLM.from_pretrained(str(post), dtype=torch.float32)
+    q = model.model.layers[3].self_attn.q_proj.weight
+    before = q.detach().clone()
+    with Checkpoint.open(post) as ck:
+        plan = build_plan(ck, ck, layers=[3], targets=("q",))
+    patcher = ModelPatcher(model)
+    patcher.apply(plan, ablation_values(plan))
+    heads = q.detach().view(2, 2, 16, -1)  # (head, query|gate, row, d)
+    assert torch.count_nonzero(heads[:, 0]) == 0
+    assert torch.equal(heads[:, 1], before.view(2, 2, 16, -1)[:, 1])
+    other = model.model.layers[1].self_attn.q_proj.weight
+    assert torch.count_nonzero(other) == other.numel()
+    patcher.reset()
+    assert torch.equal(q.detach(), before)
