@@ -142,6 +142,7 @@ def pro(
     fix: str = "key",
     ridge: float = 1.0,
     device: str = "auto",
+    form: str = "ridge",
     layers: Layers = None,
     include_sliding: bool = False,
     allow_arch_mismatch: bool = False,
@@ -150,8 +151,8 @@ def pro(
 ) -> JobResult:
     """QK-Pro: hold ``fix`` (``"key"`` or ``"query"``) at PRE and solve the other side per head.
 
-    ``ridge`` ≥ 0 relaxes the constraint (0 is QK-Restore); ``device`` is ``auto``, ``cpu`` or
-    ``cuda``. Solve figures are in ``result.summary["solve"]``.
+    ``ridge`` ≥ 0 relaxes the constraint (0 is QK-Restore); ``form="cross-gram"`` keeps PRE's
+    per-head cross-Gram exactly instead; ``device`` is ``auto``, ``cpu`` or ``cuda``. Solve figures are in ``result.summary["solve"]``.
     """
     from .qkpro import QKPro  # torch is imported only by the jobs that compute
 
@@ -165,6 +166,7 @@ def pro(
         fix=fix,
         ridge=ridge,
         device=device,
+        form=form,
     )
     return _run(method, pre, post, output, "pro", job)
 

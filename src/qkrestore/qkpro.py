@@ -27,10 +27,12 @@ from .dtypes import FLOAT_DTYPES, to_bytes
 from .errors import OutputError, PlanError
 from .plan import METHOD_PRO, PlanOptions, RestorePlan, TensorPatch, build_plan
 from .pro_math import solve as solve_heads
+from .pro_math import solve_cross_gram_batched
 from .runtime import resolve_device
 from .tensors import read_rows
 
 BATCH_BYTES = 1 << 30
+FORMS = ("ridge", "cross-gram")  # pro --form: docs/qk-pro.md derives both
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,11 @@ class QKPro:
     fix: str = "key"
     ridge: float = 1.0
     device: str = "auto"
+    form: str = "ridge"
     name: str = METHOD_PRO
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
-        return plan_pro(pre, post, self.options, self.fix, self.ridge, self.device)
+        return plan_pro(pre, post, self.options, self.fix, self.ridge, self.device, self.form)
 
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
@@ -64,10 +67,18 @@ class QKPro:
 
 
 def plan_pro(
-    pre: Checkpoint, post: Checkpoint, opts: PlanOptions, fix: str, ridge: float, device: str
+    pre: Checkpoint,
+    post: Checkpoint,
+    opts: PlanOptions,
+    fix: str,
+    ridge: float,
+    device: str,
+    form: str = "ridge",
 ) -> RestorePlan:
     if fix not in ("key", "query"):
         raise PlanError(f"--fix {fix!r}: use 'key' or 'query'")
+    if form not in FORMS:
+        raise PlanError(f"--form {form!r}: use {' or '.join(FORMS)}")
     if not ridge >= 0:
         raise PlanError(f"--ridge {ridge}: must be ≥ 0")
     try:
@@ -105,6 +116,9 @@ def plan_pro(
                     f"layer {layer}: QK-Pro needs exactly one W_{target.upper()} weight, found {n}"
                 )
     plan.params.update({"fix": fix, "ridge": ridge, "device": device})
+    if form != "ridge":  # the cross-gram form has no ridge; plans without "form" are ridge plans
+        del plan.params["ridge"]
+        plan.params["form"] = form
     return plan
 
 
@@ -147,7 +161,7 @@ def solve(
     plan: RestorePlan, pre: Checkpoint, post: Checkpoint, store: ComputedStore
 ) -> dict[str, float]:
     """Solve every planned layer, in batches of layers of equal shape, into ``store``."""
-    fix, ridge = plan.params["fix"], float(plan.params["ridge"])
+    fix, form = plan.params["fix"], plan.params.get("form", "ridge")
     device = resolve_device(plan.params["device"])
     n_heads = int(text_config(post.config).get("num_attention_heads") or 0)
     if n_heads <= 0:
@@ -180,9 +194,15 @@ def solve(
         n_kv = k_rows // d_h
         if n_heads % n_kv:
             raise PlanError(f"layer {batch[0]}: {n_heads} query heads over {n_kv} KV groups")
-        solved = solve_heads(
-            fix, free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device
-        )
+        if form == "cross-gram":
+            solved = solve_cross_gram_batched(
+                fix, free_pre, free_post, fixed_pre, n_heads, n_kv, device=device
+            )
+        else:
+            ridge = float(plan.params["ridge"])
+            solved = solve_heads(
+                fix, free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device
+            )
         for patch, rows in zip(names, solved):
             store.put(patch.name, to_bytes(rows, patch.dtype))
         stats["layers"] += len(batch)

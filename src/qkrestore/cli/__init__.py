@@ -3,6 +3,7 @@
 * :mod:`.surgery` — ``merge`` and ``pro`` (the restore jobs);
 * :mod:`.checks` — ``inspect-layers``, ``verify`` and ``push``;
 * :mod:`.diagnostics` — ``drift``, ``attn-distance``, ``autocorr`` and ``niah``;
+* :mod:`.sweep` — ``sweep`` and ``select-layers`` (choosing what to restore);
 * :mod:`.demo` — ``demo``.
 
 Shared options live in :mod:`.options`, consoles/JSON/progress/tables in :mod:`.output`, and the
@@ -12,7 +13,7 @@ console script is ``qkrestore.cli:main``.
 
 from __future__ import annotations
 
-from . import checks, demo, diagnostics, surgery
+from . import checks, demo, diagnostics, surgery, sweep
 from .app import app, main
 
 app.command(epilog=surgery.MERGE_EPILOG)(surgery.merge)
@@ -25,5 +26,7 @@ app.command(epilog=diagnostics.DRIFT_EPILOG)(diagnostics.drift)
 app.command("attn-distance", epilog=diagnostics.ATTN_DISTANCE_EPILOG)(diagnostics.attn_distance)
 app.command(epilog=diagnostics.AUTOCORR_EPILOG)(diagnostics.autocorr)
 app.command(epilog=diagnostics.NIAH_EPILOG)(diagnostics.niah)
+app.command(epilog=sweep.SWEEP_EPILOG)(sweep.sweep)
+app.command("select-layers", epilog=sweep.SELECT_LAYERS_EPILOG)(sweep.select_layers)
 
 __all__ = ["app", "main"]

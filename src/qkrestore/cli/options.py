@@ -214,6 +214,14 @@ RidgeOpt = Annotated[
         help="Relaxation R ≥ 0 (λ = R·trace(G)/d_h): 0 gives QK-Restore, large R gives POST.",
     ),
 ]
+FormOpt = Annotated[
+    str,  # checked by the planner, so a wrong value gets the one-line error
+    typer.Option(
+        "--form",
+        help="'ridge' (default): the ridge-relaxed bilinear form; 'cross-gram': keep PRE's "
+        "d_h×d_h cross-Gram Q_h K_gᵀ exactly, with the smallest change (ignores --ridge).",
+    ),
+]
 SolveDeviceOpt = Annotated[
     DeviceChoice,
     typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),

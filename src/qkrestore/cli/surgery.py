@@ -26,6 +26,7 @@ from .options import (
     ExpectOpt,
     FixOpt,
     FixSide,
+    FormOpt,
     JobsOpt,
     JsonOpt,
     LayersOpt,
@@ -78,6 +79,7 @@ PRO_EPILOG = (
   qkrestore pro ./base ./sft -o ./sft-qkpro                     # --fix key --ridge 1.0
   qkrestore pro ./base ./sft -o ./out --fix query --ridge 0.1 --device cuda
   qkrestore pro ./base ./sft -o ./out --ridge 0 --dry-run        # ridge 0 is QK-Restore
+  qkrestore pro ./base ./sft -o ./out --form cross-gram          # exact cross-Gram, no ridge
 
 """
     + EXIT_CODES_HELP
@@ -132,6 +134,7 @@ def pro(
     output: OutputOpt,
     fix: FixOpt = FixSide.key,
     ridge: RidgeOpt = 1.0,
+    form: FormOpt = "ridge",
     device: SolveDeviceOpt = DeviceChoice.auto,
     layers: LayersOpt = "auto",
     include_sliding: SlidingOpt = False,
@@ -166,6 +169,7 @@ def pro(
         fix=fix.value,
         ridge=ridge,
         device=device.value,
+        form=form,
     )
     _run(pre, post, method, _Flags.of(locals()))
 
