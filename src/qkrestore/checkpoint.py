@@ -96,6 +96,12 @@ class TensorInfo:
             )
         return row_bits // 8
 
+    def byte_range(self, r0: int, r1: int) -> tuple[int, int]:
+        """(offset from :attr:`start`, length) of rows ``[r0, r1)``; the whole tensor always works."""
+        if (r0, r1) == (0, self.rows):
+            return 0, self.nbytes
+        return r0 * self.row_bytes, (r1 - r0) * self.row_bytes
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -288,8 +294,8 @@ class Checkpoint:
         r0, r1 = rows if rows is not None else (0, info.rows)
         if not 0 <= r0 <= r1 <= info.rows:
             raise CheckpointError(f"{self.root / info.file}: rows {r0}:{r1} out of '{name}'")
-        offset = info.start + r0 * info.row_bytes
-        return self.pread(info.file, offset, (r1 - r0) * info.row_bytes)
+        offset, length = info.byte_range(r0, r1)
+        return self.pread(info.file, info.start + offset, length)
 
     def iter_chunks(self, file: str, offset: int, length: int, chunk: int) -> Iterator[bytes]:
         """Read ``length`` bytes at ``offset`` in pieces of at most ``chunk`` bytes."""

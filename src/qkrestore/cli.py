@@ -38,7 +38,9 @@ from .cli_options import (
     OverwriteOpt,
     PatternOpt,
     PostArg,
+    PostWeightsOpt,
     PreArg,
+    PreWeightsOpt,
     PrivateOpt,
     PushOpt,
     QuietOpt,
@@ -137,6 +139,8 @@ def merge(
     tensor_pattern: PatternOpt = None,
     mla_latent: MlaLatentOpt = MlaLatent.post,
     jobs: JobsOpt = 2,
+    pre_weights: PreWeightsOpt = None,
+    post_weights: PostWeightsOpt = None,
     expect_layers: ExpectOpt = None,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -168,6 +172,8 @@ def merge(
         push_to_hub,
         private,
         revision,
+        pre_weights,
+        post_weights,
     )
     run_job(pre, post, job, opts, lambda a, b: plan_merge(a, b, opts))
 
@@ -212,6 +218,8 @@ def pro(
     link: LinkOpt = False,
     allow_arch_mismatch: ArchOpt = False,
     jobs: JobsOpt = 2,
+    pre_weights: PreWeightsOpt = None,
+    post_weights: PostWeightsOpt = None,
     expect_layers: ExpectOpt = None,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -241,6 +249,8 @@ def pro(
         push_to_hub,
         private,
         revision,
+        pre_weights,
+        post_weights,
     )
     from .pro import plan_pro  # torch is imported only by the jobs that compute
 

@@ -73,9 +73,11 @@ def note(msg: str, quiet: bool = False) -> None:
         err_console.print(f"[yellow]note:[/yellow] {msg}", highlight=False, soft_wrap=True)
 
 
-def open_checkpoint(path: Path, label: str, partial: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: Path, label: str, partial: bool = False, weights: str | None = None
+) -> Checkpoint:
     try:
-        return Checkpoint.open(path, partial=partial)
+        return Checkpoint.open(path, partial=partial, weights=weights)
     except QKRestoreError as exc:
         exc.message = f"{label}: {exc.message}"
         raise

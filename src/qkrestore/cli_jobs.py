@@ -55,6 +55,8 @@ class JobFlags:
     push_to_hub: str | None
     private: bool
     revision: str | None
+    pre_weights: str | None = None
+    post_weights: str | None = None
 
 
 def parse_expect(text: str | None) -> list[int] | None:
@@ -103,9 +105,11 @@ def run_job(
     if job.dry_run and (pre_src.is_hub or post_src.is_hub):
         _hub_dry_run(pre_src, post_src, job, make_plan)
         return
-    with open_checkpoint(fetch_post(post_src), "POST") as post_ck:
+    with open_checkpoint(fetch_post(post_src), "POST", weights=job.post_weights) as post_ck:
         pre_root = fetch_pre(pre_src, lambda meta: _needed_pre_names(meta, post_ck, make_plan))
-        with open_checkpoint(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
+        with open_checkpoint(
+            pre_root, "PRE", partial=pre_src.is_hub, weights=job.pre_weights
+        ) as pre_ck:
             # Output problems are the cheapest to find: report them before any planning.
             check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
             if not job.dry_run and output.exists() and not opts.overwrite:
@@ -118,7 +122,8 @@ def run_job(
                     job.quiet,
                 )
             plan = _checked_plan(make_plan, pre_ck, post_ck, job)
-            for n in plan.notes:
+            defects = [*pre_ck.defects, *post_ck.defects]
+            for n in [*plan.notes, *defects]:
                 note(n, job.quiet)
             summary: dict[str, Any] = {
                 "ok": True,
@@ -133,6 +138,8 @@ def run_job(
                 "tensors": len(plan.patches),
                 "restored_bytes": plan.restored_bytes(post_ck),
                 "touched_files": plan.touched_files,
+                "weight_files": {"pre": pre_ck.weight_files(), "post": post_ck.weight_files()},
+                "defects": defects,
                 "plan": plan.to_json(),
             }
             if human and (job.dry_run or job.verbose):
@@ -145,7 +152,10 @@ def run_job(
                 return
             result = _write(plan, pre_ck, post_ck, output, opts, job, pre_src, post_src, summary)
     for skipped in result.skipped:
-        note(f"not copied from POST (another weight format): {skipped}", job.quiet)
+        note(
+            f"not copied from POST (weights outside the set the loader reads): {skipped}",
+            job.quiet,
+        )
     summary.update(
         {
             "output": str(result.out),

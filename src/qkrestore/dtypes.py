@@ -68,6 +68,11 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
 }
 
 
+def cast_chunk(chunk: int, src: str, dst: str) -> int:
+    """The largest size up to ``chunk`` that holds whole elements of both dtypes of a cast."""
+    return chunk - chunk % (ITEMSIZE[src] * ITEMSIZE[dst])
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name."""
     import torch

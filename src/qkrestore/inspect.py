@@ -48,6 +48,7 @@ def describe(ckpt: Checkpoint) -> dict[str, Any]:
         "global_layers": [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
         "local_layers": [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
         "layers": layers,
+        "weight_files": ckpt.weight_files(),
     }
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint, read_header_bytes
-from .dtypes import ITEMSIZE, TORCH_DTYPE_NAMES, convert
+from .dtypes import TORCH_DTYPE_NAMES, cast_chunk, convert
 from .errors import CheckpointError, OutputError, PlanError
 from .plan import RestorePlan, TensorPatch
 from .sourcefiles import folder_files
@@ -93,7 +93,8 @@ def check_restorable(plan: RestorePlan, pre: Checkpoint, post: Checkpoint) -> No
     """
     for patch in plan.patches:
         out, src = post.info(patch.name), pre.info(patch.pre_name)
-        _ = out.row_bytes, src.row_bytes  # raises, naming the tensor, for split-byte rows
+        for r0, r1 in patch.rows:  # raises, naming the tensor, for rows that split bytes
+            out.byte_range(r0, r1), src.byte_range(r0, r1)
         if patch.cast and not (src.dtype in TORCH_DTYPE_NAMES and out.dtype in TORCH_DTYPE_NAMES):
             raise PlanError(
                 f"'{patch.name}': {src.dtype} in PRE but {out.dtype} in POST, and qkrestore cannot "
@@ -301,17 +302,9 @@ def patch_ranges(
     out = post.tensors[patch.name]
     src = pre.tensors[patch.pre_name]
     for r0, r1 in patch.rows:
-        yield (
-            out.start + r0 * out.row_bytes,
-            (r1 - r0) * out.row_bytes,
-            src.start + r0 * src.row_bytes,
-            (r1 - r0) * src.row_bytes,
-        )
-
-
-def cast_step(src: str, dst: str) -> int:
-    """A chunk size holding whole elements of both dtypes of a cast."""
-    return CHUNK - CHUNK % (ITEMSIZE[src] * ITEMSIZE[dst])
+        dst_off, dst_len = out.byte_range(r0, r1)
+        src_off, src_len = src.byte_range(r0, r1)
+        yield out.start + dst_off, dst_len, src.start + src_off, src_len
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -345,7 +338,7 @@ def apply_patch(
         return 0
     # Chunks hold whole elements of both dtypes so a cast never splits a value; a byte copy
     # (any dtype, sub-byte ones included) can split anywhere.
-    step = cast_step(patch.pre_dtype, patch.dtype) if patch.cast else CHUNK
+    step = cast_chunk(CHUNK, patch.pre_dtype, patch.dtype) if patch.cast else CHUNK
     for dst_off, _dst_len, src_off, src_len in patch_ranges(patch, pre, post):
         pos = 0
         for piece in pre.iter_chunks(src_info.file, src_off, src_len, step):
