@@ -39,7 +39,7 @@ from .hub import (
 )
 from .merge import MergeOptions, execute
 from .plan import METHOD_PRO, RestorePlan, parse_layers, pre_names_for
-from .writer import WriteResult, check_output_location, check_restorable
+from .writer import WriteResult, check_output_location, preflight
 
 
 @dataclass
@@ -81,7 +81,7 @@ def _checked_plan(
 ) -> RestorePlan:
     """The plan, refused unless its layers are the ones ``--expect-layers`` (or a recipe) names."""
     plan = make_plan(pre_ck, post_ck)
-    check_restorable(plan, pre_ck, post_ck)  # before any note: a refusal is one line
+    preflight(plan, pre_ck, post_ck)  # before any note: a refusal is one line
     if job.expect_layers is not None and plan.layers != job.expect_layers:
         raise PlanError(
             f"expected softmax-attention layers {job.expect_layers}, but the plan has "

@@ -83,6 +83,15 @@ def post_files(post: Checkpoint) -> tuple[list[str], list[str]]:
     return keep, skipped
 
 
+def preflight(plan: RestorePlan, pre: Checkpoint, post: Checkpoint) -> list[str]:
+    """Every refusal the writer would make about its inputs, made before anything is printed.
+
+    Returns the POST files that will be skipped (weights outside the set the loader reads).
+    """
+    check_restorable(plan, pre, post)
+    return post_files(post)[1] if post.root.is_dir() else []
+
+
 def check_restorable(plan: RestorePlan, pre: Checkpoint, post: Checkpoint) -> None:
     """Refuse a plan that needs what the files cannot give; untouched tensors need nothing.
 
