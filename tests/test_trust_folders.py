@@ -14,8 +14,10 @@ import pytest
 from conftest import leftovers, write_checkpoint
 from test_handwritten_families import model_tensors, perturbed
 
+import qkrestore
+
 CONFIG = {"model_type": "x", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(qkrestore.__file__).resolve().parents[1]  # the qkrestore these tests import
 
 
 @pytest.fixture
