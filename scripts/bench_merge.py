@@ -254,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma list of {','.join(ALL_METHODS)} (default startup,copy,merge,link,mergekit)",
     )
     ap.add_argument("--jobs", type=int, help="qkrestore --jobs for merge/link (tool default)")
+    ap.add_argument(
+        "--merge-args",
+        default="",
+        help="extra options for every qkrestore merge, e.g. '--layers 3' (same restored set "
+        "on pairs of different sizes)",
+    )
     ap.add_argument("--mergekit-rounds", type=int, help="rounds that include mergekit (all)")
     ap.add_argument("--qkrestore", help="qkrestore executable (next to this Python, or PATH)")
     ap.add_argument("--qkrestore-b", help="a second qkrestore executable, for merge-b and link-b")
@@ -301,8 +307,19 @@ def main(argv: list[str] | None = None) -> int:
             methods.remove("mergekit")
 
     # The plan, once: which tensors (for mergekit) and which shards it touches.
+    extra = args.merge_args.split()
     dry = subprocess.run(
-        [qk, "merge", str(pre), str(post), "-o", str(work / "dry-run"), "--dry-run", "--json"],
+        [
+            qk,
+            "merge",
+            str(pre),
+            str(post),
+            "-o",
+            str(work / "dry-run"),
+            "--dry-run",
+            "--json",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -365,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 exe = args.qkrestore_b if m.endswith("-b") else qk
                 cmd = [exe, "merge", str(pre), str(post), "-o", str(out), "--json", "--quiet"]
+                cmd += extra
                 cmd += {"merge": jobs, "merge-j1": ["-j", "1"], "link": ["--link", *jobs]}[
                     m.removesuffix("-b")
                 ]
@@ -405,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "pair": pair,
         "rounds": args.rounds,
         "jobs": args.jobs,
+        "merge_args": args.merge_args,
         "qkrestore": qk,
         "qkrestore_b": args.qkrestore_b,
         "mergekit": mk,
