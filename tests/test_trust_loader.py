@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_hf_pair, leftovers, load_all, perturbed, raw
+from conftest import build_hf_pair, leftovers, load_all, perturbed, raw, write_checkpoint
 from safetensors.torch import save_file
+from test_handwritten_families import model_tensors
 
+from qkrestore.checkpoint import Checkpoint
+from qkrestore.errors import CheckpointError
 from qkrestore.hf_logging import quiet_transformers
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -174,3 +177,18 @@ def test_inspect_layers_names_the_weight_files_in_use(llama, tmp_path: Path, cli
     listed = sorted(set(json.loads((post / INDEX).read_text())["weight_map"].values()))
     assert wf["entry"] == INDEX and wf["files"] == listed
     assert wf["not_read"] == ["model.fp16.safetensors"]
+
+
+def test_config_transformers_weights_comes_first(tmp_path: Path) -> None:
+    """transformers opens the file config.json's ``transformers_weights`` names before any other
+    (``_get_resolved_checkpoint_files``); a different set beside it is refused, naming it first."""
+    config = {"model_type": "x", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}
+    config["transformers_weights"] = INDEX
+    t = model_tensors([True, True], False, seed=71)
+    root = write_checkpoint(tmp_path / "m", config, t, shards=2)
+    save_file(perturbed(t, seed=72), str(root / SINGLE), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        Checkpoint.open(root)
+    assert f"{INDEX} (the one transformers loads: named by config.json's" in str(err.value)
+    with Checkpoint.open(root, weights=SINGLE) as ck:
+        assert ck.view is not None and ck.view.entry == SINGLE and ck.shards.keys() == {SINGLE}

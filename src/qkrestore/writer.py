@@ -30,12 +30,10 @@ from .dtypes import TORCH_DTYPE_NAMES, cast_chunk, convert
 from .errors import CheckpointError, OutputError, PlanError
 from .plan import RestorePlan, TensorPatch
 from .sourcefiles import folder_files
-from .weightfiles import OTHER_FORMAT_SUFFIXES, is_other_format, is_weight_file
+from .weightfiles import is_other_format, is_weight_file
 
 CHUNK = 8 * 1024 * 1024
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
-# Kept for callers of the old name: the one list lives in qkrestore.weightfiles.
-FOREIGN_WEIGHTS = OTHER_FORMAT_SUFFIXES
 CARD_NAME = "README.md"
 PROVENANCE_NAME = "qkrestore.json"
 
