@@ -20,9 +20,15 @@ Methods (``--methods``, run in this order in every round, so runs alternate A B 
 Every run is a fresh child process, timed from spawn to exit; its peak RSS is the child's own
 ``ru_maxrss`` from ``os.wait4`` (which includes any children it waited for). Each output is deleted
 right after its run, then ``sync`` is called and the run waits (``--settle``) until the kernel's
-dirty pages have been written back, outside the timing. The page cache is NOT dropped
-(that needs root): PRE and POST are read once up front (``--warmup``) so that every method starts from
-a warm cache; the results are for a warm cache.
+dirty pages have been written back, outside the timing. By default the page cache is not dropped:
+PRE and POST are read once up front (``--warmup``) so that every method starts from a warm cache.
+
+``--cold`` drops the page cache (``echo 3 > /proc/sys/vm/drop_caches``, root only) before every run
+instead, so each method reads its inputs from disk. ``--to-disk`` times each run until its bytes are
+on disk: after the child exits, every file and folder of the output and the output's parent are
+fsynced, and that flush is part of the run's time (``flush_s`` records it alone; ``return_s`` is
+when the child returned). A method that already fsyncs (qkrestore since issue 14) flushes almost
+nothing there; one that does not (a plain copy, an older qkrestore as ``merge-b``) pays it there.
 
 qkrestore's own accounting is reported too: ``bytes_read_from_pre`` (bytes read with pread from
 PRE) against ``restored_bytes`` (the bytes of the restored rows).
@@ -130,6 +136,37 @@ def settle(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def drop_caches() -> None:
+    """Write dirty pages back, then drop the clean page cache, dentries and inodes (root only)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as fh:
+        fh.write("3\n")
+
+
+def flush_tree(root: Path) -> float:
+    """fsync every file and folder under ``root`` and its parent; seconds taken."""
+    t0 = time.perf_counter()
+    if root.exists():
+        for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+            for fn in filenames:
+                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
 def remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -217,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma list of {','.join(ALL_METHODS)} (default startup,copy,merge,link,mergekit)",
     )
     ap.add_argument("--jobs", type=int, help="qkrestore --jobs for merge/link (tool default)")
+    ap.add_argument(
+        "--merge-args",
+        default="",
+        help="extra options for every qkrestore merge, e.g. '--layers 3' (same restored set "
+        "on pairs of different sizes)",
+    )
     ap.add_argument("--mergekit-rounds", type=int, help="rounds that include mergekit (all)")
     ap.add_argument("--qkrestore", help="qkrestore executable (next to this Python, or PATH)")
     ap.add_argument("--qkrestore-b", help="a second qkrestore executable, for merge-b and link-b")
@@ -231,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", action="store_true", help="skip reading PRE/POST up front")
     ap.add_argument("--no-sync", action="store_true", help="skip sync after deleting an output")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds to wait after each sync (2)")
+    ap.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every run (root)"
+    )
+    ap.add_argument(
+        "--to-disk",
+        action="store_true",
+        help="time each run until its output is fsynced (flush included in the time)",
+    )
     ap.add_argument("--label", default="", help="a name for this pair in the tables")
     ap.add_argument("--out", type=Path, help="write results as JSON here")
     ap.add_argument("--markdown", type=Path, help="write the table as markdown here")
@@ -256,8 +307,19 @@ def main(argv: list[str] | None = None) -> int:
             methods.remove("mergekit")
 
     # The plan, once: which tensors (for mergekit) and which shards it touches.
+    extra = args.merge_args.split()
     dry = subprocess.run(
-        [qk, "merge", str(pre), str(post), "-o", str(work / "dry-run"), "--dry-run", "--json"],
+        [
+            qk,
+            "merge",
+            str(pre),
+            str(post),
+            "-o",
+            str(work / "dry-run"),
+            "--dry-run",
+            "--json",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -295,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         f"in {pair['touched_shards']} shard(s); methods {methods}, {args.rounds} rounds",
         file=sys.stderr,
     )
-    if not args.no_warmup:
+    if not args.no_warmup and not args.cold:
         t0 = time.perf_counter()
         read_through(pre)
         read_through(post)
@@ -320,11 +382,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 exe = args.qkrestore_b if m.endswith("-b") else qk
                 cmd = [exe, "merge", str(pre), str(post), "-o", str(out), "--json", "--quiet"]
+                cmd += extra
                 cmd += {"merge": jobs, "merge-j1": ["-j", "1"], "link": ["--link", *jobs]}[
                     m.removesuffix("-b")
                 ]
+            if args.cold:
+                drop_caches()
             wall, rss, rc = run_child(cmd, log)
             run: dict = {"round": r, "seconds": round(wall, 3), "peak_rss_bytes": rss, "rc": rc}
+            if args.to_disk and m != "startup":
+                flush = flush_tree(out)
+                run |= {"return_s": round(wall, 3), "flush_s": round(flush, 3)}
+                run["seconds"] = round(wall + flush, 3)
+                wall += flush
             if rc != 0:
                 run["log_tail"] = log.read_text(errors="replace")[-2000:]
             elif m not in ("copy", "mergekit", "startup"):
@@ -346,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
-        "page_cache": "warm (not dropped: no permission); PRE/POST read once before timing",
+        "page_cache": "cold: dropped before every run"
+        if args.cold
+        else "warm: PRE/POST read once before timing",
+        "to_disk": args.to_disk,
         "pair": pair,
         "rounds": args.rounds,
         "jobs": args.jobs,
+        "merge_args": args.merge_args,
         "qkrestore": qk,
         "qkrestore_b": args.qkrestore_b,
         "mergekit": mk,
@@ -387,6 +461,9 @@ def summarize(methods: list[str], runs: dict[str, list[dict]], pair: dict) -> di
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
             "throughput_gb_s": round(pair["post_bytes"] / med / 1e9, 3),
         }
+        if "flush_s" in rs[0]:
+            res["median_return_s"] = round(statistics.median(r["return_s"] for r in rs), 3)
+            res["median_flush_s"] = round(statistics.median(r["flush_s"] for r in rs), 3)
         if m in QK_METHODS:
             res["bytes_read_from_pre"] = max(r["bytes_read_from_pre"] for r in rs)
             res["restored_bytes"] = rs[0]["restored_bytes"]
@@ -416,7 +493,9 @@ def markdown(doc: dict) -> str:
         f"**{title}**: POST {fmt_bytes(pair['post_bytes'])} in {pair['shards']} shards "
         f"({pair['model_type']}), {pair['restored_tensors']} tensors of layers {pair['layers']} "
         f"restored = {fmt_bytes(pair['restored_bytes'])} in {pair['touched_shards']} of "
-        f"{pair['shards']} shards; {doc['machine']['cpus']} CPUs, warm page cache, "
+        f"{pair['shards']} shards; {doc['machine']['cpus']} CPUs, "
+        f"{'cold' if doc['page_cache'].startswith('cold') else 'warm'} page cache, "
+        f"{'time to bytes on disk, ' if doc.get('to_disk') else ''}"
         f"median of {doc['rounds']} alternating rounds.\n\n"
     )
     rows = [
@@ -446,6 +525,8 @@ def markdown(doc: dict) -> str:
             if res["ok_runs"] != doc["rounds"]
             else ""
         )
+        if "median_flush_s" in res:
+            runs += f" [returns {res['median_return_s']:.2f} + flush {res['median_flush_s']:.2f}]"
         rows.append(
             f"| {res['label']}{runs} | {res['median_s']:.2f} ({res['min_s']:.2f}–{res['max_s']:.2f}) "
             f"| {ratio} | {fmt_bytes(res['peak_rss_bytes'])} | {pre} | {vs} |"

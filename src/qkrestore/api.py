@@ -50,6 +50,8 @@ class JobArgs(TypedDict, total=False):
     pre_id: str | None
     post_id: str | None
     record_paths: bool
+    pre_weights: str | None
+    post_weights: str | None
     on_note: Callable[[str], None] | None
 
 
@@ -90,6 +92,8 @@ def _run(
         pre_id=job.get("pre_id"),
         post_id=job.get("post_id"),
         record_paths=job.get("record_paths", False),
+        pre_weights=job.get("pre_weights"),
+        post_weights=job.get("post_weights"),
     )
     # Recorded like a command line (absolute paths are shortened the same way).
     command = shlex.join([f"qkrestore.{call}", *map(os.fspath, (pre, post, output))])
@@ -177,6 +181,7 @@ def verify(
     pre: PathLike | None = None,
     post: PathLike | None = None,
     forward: str = "auto",
+    pre_weights: str | None = None,
 ) -> VerifyReport:
     """Re-check ``output`` against its recorded plan; ``report.ok`` says whether it matches.
 
@@ -190,15 +195,18 @@ def verify(
         None if pre is None else Path(pre),
         None if post is None else Path(post),
         forward,
+        pre_weights=pre_weights,
     )
 
 
-def inspect_layers(model: PathLike, *, compare_with: PathLike | None = None) -> LayerReport:
+def inspect_layers(
+    model: PathLike, *, compare_with: PathLike | None = None, weights: str | None = None
+) -> LayerReport:
     """Which layers of ``model`` are softmax attention and where their Q/K tensors are.
 
     With ``compare_with``, ``report.compare`` holds the relative Q/K drift per layer.
     """
-    with open_side(model, "MODEL") as ck:
+    with open_side(model, "MODEL", weights=weights) as ck:
         report = describe(ck)
         if compare_with is not None:
             with open_side(compare_with, "OTHER") as other:

@@ -19,11 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .dtypes import ITEMSIZE
+from .dtypes import BITSIZE, ITEMSIZE
 from .errors import CheckpointError, ConfigError
+from .sourcefiles import checked_file
+from .weightfiles import (
+    INDEX_NAME,
+    PICKLE_WEIGHT_NAMES,
+    SINGLE_NAME,
+    LoaderView,
+    is_entry_name,
+    is_weight_file,
+    loader_view,
+    pickle_files,
+)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CHUNK = 8 * 1024 * 1024  # bytes moved at a time wherever bytes pass through Python
 # The safetensors library refuses headers above 100 MB; a larger length field is a lie or an attack,
@@ -40,7 +49,7 @@ def _short(exc: BaseException) -> str:
     return text[:120]
 
 
-PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+__all__ = ["INDEX_NAME", "PICKLE_WEIGHT_NAMES", "SINGLE_NAME", "Checkpoint", "Shard", "TensorInfo"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,12 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
+        """Bytes per element; sub-byte dtypes (F4, F6_*) have none and are refused here."""
+        if self.dtype not in ITEMSIZE:
+            raise CheckpointError(
+                f"{self.file}: tensor '{self.name}' is {self.dtype}, whose elements are smaller "
+                "than a byte; it can be copied but not converted"
+            )
         return ITEMSIZE[self.dtype]
 
     @property
@@ -65,8 +80,27 @@ class TensorInfo:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes in one row: one output feature of a weight, one element of a vector."""
-        return self.nbytes // self.rows if self.rows else 0
+        """Bytes in one row: one output feature of a weight, one element of a vector.
+
+        For sub-byte dtypes a row must still fill whole bytes, or rows cannot be addressed in the
+        file (safetensors packs elements without padding between rows).
+        """
+        if not self.rows:
+            return 0
+        row_bits = math.prod(self.shape[1:]) * BITSIZE[self.dtype]
+        if row_bits % 8:
+            raise CheckpointError(
+                f"{self.file}: tensor '{self.name}' ({self.dtype}, shape {list(self.shape)}) has "
+                f"rows of {row_bits} bits, which do not start on byte boundaries; its rows "
+                "cannot be restored separately"
+            )
+        return row_bits // 8
+
+    def byte_range(self, r0: int, r1: int) -> tuple[int, int]:
+        """(offset from :attr:`start`, length) of rows ``[r0, r1)``; the whole tensor always works."""
+        if (r0, r1) == (0, self.rows):
+            return 0, self.nbytes
+        return r0 * self.row_bytes, (r1 - r0) * self.row_bytes
 
 
 @dataclass(frozen=True)
@@ -87,7 +121,12 @@ class Shard:
 
 @dataclass
 class Checkpoint:
-    """A checkpoint folder: config, shards, and a name → :class:`TensorInfo` map."""
+    """A checkpoint folder: config, shards, and a name → :class:`TensorInfo` map.
+
+    Only the weight set the loader reads (see :mod:`qkrestore.weightfiles`) is opened. ``defects``
+    lists what is wrong in the folder but does not stop a loader (an index naming a tensor its shard
+    does not hold); ``phantoms`` maps each such tensor to the shard the index names.
+    """
 
     root: Path
     config: dict[str, Any]
@@ -95,15 +134,30 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     index: dict[str, Any] | None = None
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    view: LoaderView | None = None
+    defects: list[str] = field(default_factory=list)
+    phantoms: dict[str, str] = field(default_factory=dict)
+    same_as: list[str] = field(default_factory=list)  # rival sets found identical to this one
+    partial: bool = False
 
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, partial: bool = False) -> Checkpoint:
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        partial: bool = False,
+        weights: str | None = None,
+    ) -> Checkpoint:
         """Open and check a folder; ``partial`` tolerates shards that were not downloaded.
 
         A partial view (PRE fetched from the Hub with only the shards the plan needs) knows the
         tensors of the shards present; the others are simply absent from :attr:`tensors`.
+
+        ``weights`` names the weight set to read (``model.safetensors`` or an index) where the
+        folder holds more than one; without it the loader's choice is taken, and a second set that
+        differs from it is refused, since nobody can tell which of the two is the model.
         """
         root = Path(root)
         if not root.exists():
@@ -111,14 +165,11 @@ class Checkpoint:
         if not root.is_dir():
             raise CheckpointError(f"{root}: not a folder (give the folder that holds config.json)")
         config = read_config(root)
-        index_path = root / INDEX_NAME
-        if index_path.is_file():
-            index, weight_map = _read_index(index_path)
-        elif (root / SINGLE_NAME).is_file():
-            index, weight_map = None, None
-        else:
-            pickled = [n for n in PICKLE_WEIGHT_NAMES if (root / n).exists()]
-            pickled += sorted(p.name for p in root.glob("pytorch_model-*.bin"))
+        if weights is not None:
+            _check_choice(root, weights)
+        view = loader_view(root, config, weights)
+        if view is None:
+            pickled = pickle_files(root)
             if pickled:
                 raise CheckpointError(
                     f"{root / pickled[0]}: pickle checkpoints are never loaded (unpickling runs code)",
@@ -126,36 +177,105 @@ class Checkpoint:
                     "safe_serialization=True)",
                 )
             raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}")
+        ckpt = cls._open_set(root, config, view, partial)
+        if view.chosen_by == "loader":
+            for rival in view.rivals:
+                with cls._open_set(
+                    root, config, LoaderView(rival, "rival", "option"), partial
+                ) as other:
+                    why = different_weights(ckpt, other)
+                if why is None:
+                    ckpt.same_as.append(rival)
+                    continue
+                raise CheckpointError(
+                    f"{root}: holds two different weight sets, {view.entry} (the one transformers "
+                    f"loads: {view.reason}) and {rival} ({why})",
+                    hint="name the one that is the model with --pre-weights/--post-weights FILE, "
+                    "or remove the stale one",
+                )
+        return ckpt
 
-        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+    @classmethod
+    def _open_set(
+        cls, root: Path, config: dict[str, Any], view: LoaderView, partial: bool
+    ) -> Checkpoint:
+        """Read the headers of one weight set and check it against its index."""
+        entry_path = checked_file(root, _safe_relative(view.entry, root))
+        if view.sharded:
+            index, weight_map = _read_index(entry_path)
+            files = sorted(set(weight_map.values()))
+        else:
+            index, weight_map = None, None
+            files = [view.entry]
         shards: dict[str, Shard] = {}
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            path = root / _safe_relative(file, index_path)
+            path = checked_file(root, _safe_relative(file, entry_path))
             if not path.is_file():
                 if partial:
                     continue
-                raise CheckpointError(f"{path}: shard listed in {INDEX_NAME} is missing")
+                raise CheckpointError(f"{path}: shard listed in {view.entry} is missing")
             shard, infos = read_header(path, file)
             shards[file] = shard
             for info in infos:
                 tensors[info.name] = info
 
+        defects: list[str] = []
+        phantoms: dict[str, str] = {}
         if weight_map is not None:
             for name, file in weight_map.items():
                 if file not in shards:  # partial view: shard not downloaded
                     continue
                 info = tensors.get(name)
-                if info is None or info.file != file:
-                    raise CheckpointError(
-                        f"{root / file}: tensor '{name}' is in {INDEX_NAME} but not in this shard"
+                if info is None and not partial:
+                    # transformers reads every tensor of every listed shard and reports a listed
+                    # name nobody holds as a missing key: a defect, not a reason to refuse.
+                    phantoms[name] = file
+                    defects.append(
+                        f"{root / file}: tensor '{name}' is in {view.entry} but not in this shard"
+                    )
+                elif info is not None and info.file != file:
+                    defects.append(
+                        f"{root / file}: tensor '{name}' is in {view.entry} under this shard but "
+                        f"lives in {info.file}"
                     )
             for name, info in tensors.items():
                 if name not in weight_map:
                     raise CheckpointError(
-                        f"{root / info.file}: tensor '{name}' is in the shard but not in {INDEX_NAME}"
+                        f"{root / info.file}: tensor '{name}' is in the shard but not in {view.entry}"
                     )
-        return cls(root=root, config=config, shards=shards, tensors=tensors, index=index)
+        return cls(
+            root=root,
+            config=config,
+            shards=shards,
+            tensors=tensors,
+            index=index,
+            view=view,
+            defects=defects,
+            phantoms=phantoms,
+            partial=partial,
+        )
+
+    def weight_files(self) -> dict[str, Any]:
+        """Which weight files are in use and which are not (for ``inspect-layers`` and summaries)."""
+        in_use = {self.view.entry} if self.view else set()
+        in_use |= set(self.shards)
+        not_read: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                rel = Path(dirpath, fn).relative_to(self.root).as_posix()
+                if rel not in in_use and is_weight_file(rel):
+                    not_read.append(rel)
+        return {
+            "entry": self.view.entry if self.view else None,
+            "reason": self.view.reason if self.view else None,
+            "chosen_by": self.view.chosen_by if self.view else None,
+            "files": sorted(self.shards),
+            "identical_sets_not_read": list(self.same_as),
+            "not_read": not_read,
+            "defects": list(self.defects),
+        }
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -174,8 +294,8 @@ class Checkpoint:
         r0, r1 = rows if rows is not None else (0, info.rows)
         if not 0 <= r0 <= r1 <= info.rows:
             raise CheckpointError(f"{self.root / info.file}: rows {r0}:{r1} out of '{name}'")
-        offset = info.start + r0 * info.row_bytes
-        return self.pread(info.file, offset, (r1 - r0) * info.row_bytes)
+        offset, length = info.byte_range(r0, r1)
+        return self.pread(info.file, info.start + offset, length)
 
     def iter_chunks(self, file: str, offset: int, length: int, chunk: int) -> Iterator[bytes]:
         """Read ``length`` bytes at ``offset`` in pieces of at most ``chunk`` bytes."""
@@ -222,11 +342,49 @@ class Checkpoint:
         return sum(s.size for s in self.shards.values())
 
 
+# -- weight sets ----------------------------------------------------------------------------------
+
+
+def _check_choice(root: Path, weights: str) -> None:
+    """The user's ``--*-weights`` must name a safetensors file or index at the folder's top level."""
+    present = sorted(p.name for p in root.iterdir() if is_entry_name(p.name) and p.is_file())
+    if "/" in weights or not is_entry_name(weights) or weights not in present:
+        raise CheckpointError(
+            f"{root}: no weight set named {weights!r} here",
+            hint=f"name one of: {', '.join(present) or 'none found'}",
+        )
+
+
+def different_weights(a: Checkpoint, b: Checkpoint) -> str | None:
+    """Why two weight sets of one folder are not the same model (``None`` if they are).
+
+    Names, dtypes and shapes are compared first, then the bytes tensor by tensor, stopping at the
+    first difference; a stale copy usually differs in its first few megabytes. Tensors of shards a
+    partial view lacks are not compared.
+    """
+    only = sorted(set(a.tensors) ^ set(b.tensors))
+    if only and not (a.partial or b.partial):
+        return f"tensor '{only[0]}' is in only one of them"
+    for name in sorted(set(a.tensors) & set(b.tensors)):
+        x, y = a.tensors[name], b.tensors[name]
+        if (x.dtype, x.shape) != (y.dtype, y.shape):
+            return f"tensor '{name}' is {x.dtype} {list(x.shape)} in one, {y.dtype} {list(y.shape)} in the other"
+    for name in sorted(set(a.tensors) & set(b.tensors)):
+        x, y = a.tensors[name], b.tensors[name]
+        chunks = zip(
+            a.iter_chunks(x.file, x.start, x.nbytes, CHUNK),
+            b.iter_chunks(y.file, y.start, y.nbytes, CHUNK),
+        )
+        if any(p != q for p, q in chunks):
+            return f"tensor '{name}' differs"
+    return None
+
+
 # -- config ---------------------------------------------------------------------------------------
 
 
 def read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_NAME
+    path = checked_file(root, CONFIG_NAME)
     if not path.is_file():
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
     try:
@@ -350,8 +508,8 @@ def _tensor_info(
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEMSIZE:
-        raise CheckpointError(f"{where}: unknown or unsupported dtype {dtype!r}")
+    if dtype not in BITSIZE:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (not a safetensors dtype)")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
@@ -367,7 +525,12 @@ def _tensor_info(
         raise CheckpointError(f"{where}: data_offsets {offsets} are out of order")
     if end > data_len:
         raise CheckpointError(f"{where}: data_offsets {offsets} run past the end of the file")
-    expected = math.prod(shape) * ITEMSIZE[dtype]
+    bits = math.prod(shape) * BITSIZE[dtype]
+    if bits % 8:
+        raise CheckpointError(
+            f"{where}: {math.prod(shape)} elements of {dtype} do not fill whole bytes"
+        )
+    expected = bits // 8
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: {end - begin} bytes in data_offsets, but shape {shape} of {dtype} needs "

@@ -12,33 +12,48 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# Byte size of one element, for every dtype the tool accepts. Sub-byte types (F4, F6) are refused:
-# their rows are not addressable as whole bytes.
-ITEMSIZE: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
+# Bits per element of every dtype safetensors knows: the Rust crate's ``Dtype`` enum and its
+# ``bitsize()`` (huggingface/safetensors, safetensors/src/tensor.rs, 0.8). F4 and the two F6 types
+# are packed without padding: a tensor's size is ``elements * bits / 8`` and must be whole bytes.
+BITSIZE: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 
+# Byte size of one element, for the dtypes whose elements are whole bytes. Sub-byte types (F4, F6)
+# have no entry: their tensors are copied as bytes, and their rows only where a row fills whole bytes.
+ITEMSIZE: dict[str, int] = {k: v // 8 for k, v in BITSIZE.items() if v % 8 == 0}
+
+# torch's name for each dtype it can compute with; the others can be copied but not converted.
 TORCH_DTYPE_NAMES: dict[str, str] = {
     "BOOL": "bool",
     "U8": "uint8",
     "I8": "int8",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "I16": "int16",
     "U16": "uint16",
     "F16": "float16",
@@ -46,10 +61,16 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
     "I32": "int32",
     "U32": "uint32",
     "F32": "float32",
+    "C64": "complex64",
     "I64": "int64",
     "U64": "uint64",
     "F64": "float64",
 }
+
+
+def cast_chunk(chunk: int, src: str, dst: str) -> int:
+    """The largest size up to ``chunk`` that holds whole elements of both dtypes of a cast."""
+    return chunk - chunk % (ITEMSIZE[src] * ITEMSIZE[dst])
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -21,21 +21,13 @@ from typing import Any
 from .card import LOCAL_RECORD_DIR
 from .checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, Shard, TensorInfo, read_config
 from .errors import CheckpointError, QKRestoreError
+from .weightfiles import OTHER_FORMAT_PATTERNS
 
 HUB_PATTERN = re.compile(
     r"^(?:hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$"
 )
 META_FILES = [CONFIG_NAME, INDEX_NAME]
-FOREIGN_WEIGHTS = [
-    "*.bin",
-    "*.pth",
-    "*.pt",
-    "*.gguf",
-    "*.ckpt",
-    "*.h5",
-    "*.msgpack",
-    "consolidated*",
-]
+FOREIGN_WEIGHTS = OTHER_FORMAT_PATTERNS  # the one list lives in qkrestore.weightfiles
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class LayerReport:
     local_layers: list[int]
     layer_reasons: list[str]  # one line per layer: why it is global, local or not attention
     layers: list[dict[str, Any]]
+    weight_files: dict[str, Any]  # which files the loader reads, and why (see weightfiles.py)
     compare: dict[str, Any] | None = field(default=None)
 
     def to_json(self) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def describe(ckpt: Checkpoint) -> LayerReport:
         local_layers=lmap.local_layers,
         layer_reasons=list(lmap.reasons),
         layers=layers,
+        weight_files=ckpt.weight_files(),
     )
 
 

@@ -35,7 +35,7 @@ from .hub import (
 )
 from .methods import Computed, Method
 from .plan import RestorePlan, pre_names_for, pre_only_tensors
-from .writer import WriteOptions, WriteResult, check_output_location, write_output
+from .writer import WriteOptions, WriteResult, check_output_location, preflight, write_output
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
@@ -57,6 +57,8 @@ class JobOptions:
     )
     post_id: str | None = None
     record_paths: bool = False  # keep absolute local paths in the command and provenance
+    pre_weights: str | None = None  # which weight set to read where a folder holds two
+    post_weights: str | None = None
 
 
 @contextlib.contextmanager
@@ -106,10 +108,15 @@ class _Notes:
         self.hook(message)
 
 
-def open_side(path: Path | str, label: str, *, partial: bool = False) -> Checkpoint:
-    """Open one side of a job; errors name the side (PRE/POST/OUT) they come from."""
+def open_side(
+    path: Path | str, label: str, *, partial: bool = False, weights: str | None = None
+) -> Checkpoint:
+    """Open one side of a job; errors name the side (PRE/POST/OUT) they come from.
+
+    Only the weight set the loader reads is opened (``weights`` picks one where there are two).
+    """
     try:
-        return Checkpoint.open(path, partial=partial)
+        return Checkpoint.open(path, partial=partial, weights=weights)
     except QKRestoreError as exc:
         exc.message = f"{label}: {exc.message}"
         raise
@@ -118,8 +125,11 @@ def open_side(path: Path | str, label: str, *, partial: bool = False) -> Checkpo
 def checked_plan(
     method: Method, pre: Checkpoint, post: Checkpoint, options: JobOptions
 ) -> RestorePlan:
-    """The method's plan, refused unless its layers are the ones ``expect_layers`` names."""
+    """The method's plan, refused unless its layers are the ones ``expect_layers`` names, and
+    unless the files can give everything it needs (every refusal before anything is printed)."""
     plan = method.plan(pre, post)
+    preflight(plan, pre, post)
+    check_carry(plan, post)
     if options.expect_layers is not None and plan.layers != options.expect_layers:
         raise PlanError(
             f"expected softmax-attention layers {options.expect_layers}, but the plan has "
@@ -143,7 +153,7 @@ def run_job(
     if options.dry_run and (pre_src.is_hub or post_src.is_hub):
         return _hub_dry_run(pre_src, post_src, method, options, hooks, notes)
     output = options.output
-    with open_side(fetch_post(post_src), "POST") as post_ck:
+    with open_side(fetch_post(post_src), "POST", weights=options.post_weights) as post_ck:
 
         def needed(meta: Path) -> list[str]:
             # What PRE must supply is known from POST and PRE's index, before PRE's shards arrive.
@@ -155,7 +165,9 @@ def run_job(
             return names
 
         pre_root = fetch_pre(pre_src, needed)
-        with open_side(pre_root, "PRE", partial=pre_src.is_hub) as pre_ck:
+        with open_side(
+            pre_root, "PRE", partial=pre_src.is_hub, weights=options.pre_weights
+        ) as pre_ck:
             # Output problems are the cheapest to find: report them before any planning.
             check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
             if not options.dry_run and output.exists() and not options.write.overwrite:
@@ -165,8 +177,8 @@ def run_job(
             if pre_ck.root.resolve() == post_ck.root.resolve():
                 notes("PRE and POST are the same folder: the output will equal POST")
             plan = checked_plan(method, pre_ck, post_ck, options)
-            check_carry(plan, post_ck)
-            for n in plan.notes:
+            defects = [*pre_ck.defects, *post_ck.defects]
+            for n in [*plan.notes, *defects]:
                 notes(n)
             summary: dict[str, Any] = {
                 "ok": True,
@@ -182,6 +194,8 @@ def run_job(
                 "missing_in_post": plan.missing_in_post,
                 "restored_bytes": plan.restored_bytes(post_ck),
                 "touched_files": plan.touched_files,
+                "weight_files": {"pre": pre_ck.weight_files(), "post": post_ck.weight_files()},
+                "defects": defects,
                 "plan": plan.to_json(),
             }
             hooks.on_plan(plan)
@@ -193,7 +207,7 @@ def run_job(
             )
             result = _write(plan, method, pre_ck, post_ck, sources, options, hooks, notes, summary)
     for skipped in result.skipped:
-        notes(f"not copied from POST (another weight format): {skipped}")
+        notes(f"not copied from POST (weights outside the set the loader reads): {skipped}")
     summary.update(
         {
             "output": str(result.out),

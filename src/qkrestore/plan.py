@@ -501,9 +501,6 @@ def patch_ranges(
     out = post.tensors[patch.name]
     src = pre.tensors[patch.pre_name]
     for r0, r1 in patch.rows:
-        yield (
-            out.start + r0 * out.row_bytes,
-            (r1 - r0) * out.row_bytes,
-            src.start + r0 * src.row_bytes,
-            (r1 - r0) * src.row_bytes,
-        )
+        dst_off, dst_len = out.byte_range(r0, r1)  # sub-byte dtypes: whole bytes or refused
+        src_off, src_len = src.byte_range(r0, r1)
+        yield out.start + dst_off, dst_len, src.start + src_off, src_len

@@ -2,8 +2,13 @@
 
 OUT's shards must have POST's headers exactly (so offsets agree), every byte outside the planned rows
 must equal POST's, every planned row must equal PRE's (cast to POST's dtype where the plan says so),
-computed rows (QK-Pro) must hash as recorded, and every other file must equal POST's. Where
-transformers knows the model, a forward pass shows it also loads and runs.
+computed rows (QK-Pro) must hash as recorded, and every other file must equal POST's.
+
+Files are not the model, though: the model is what the loader makes of them. So OUT must hold one
+weight set only, the one transformers reads (a stale ``model.safetensors`` beside restored shards
+would be loaded instead of them), and, where transformers knows the family, OUT is loaded and every
+planned routing parameter, as the loaded module holds it, is compared with the plan's source, and a
+sample of the other parameters with POST's; then one forward pass shows it runs.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +24,20 @@ from typing import Any
 from .card import CARD_NAME, PROVENANCE_NAME, recorded_source_paths
 from .carried import carried_index
 from .checkpoint import CHUNK, INDEX_NAME, Checkpoint, read_header_bytes
-from .dtypes import ITEMSIZE, convert
+from .dtypes import cast_chunk, convert, to_tensor
 from .errors import CheckpointError, QKRestoreError
 from .plan import CarriedTensor, RestorePlan, TensorPatch, patch_ranges
+from .weightfiles import (
+    entries_present,
+    is_entry_name,
+    is_weight_file,
+    loader_view,
+    variant_entries,
+)
 
 FORWARD_AUTO_MAX_BYTES = 2 * 1024**3
 MAX_REPORTED = 10
+LOADED_SAMPLE = 8  # parameters outside the plan compared in the loaded model
 
 
 @dataclass
@@ -85,7 +99,10 @@ def verify_output(
     pre_path: Path | None = None,
     post_path: Path | None = None,
     forward: str = "auto",
+    *,
+    pre_weights: str | None = None,
 ) -> VerifyReport:
+    """Check OUT against its plan; ``pre_weights`` names PRE's weight set where it holds two."""
     out = Path(out)
     record = read_provenance(out)
     plan = RestorePlan.from_json(record["plan"])
@@ -101,16 +118,177 @@ def verify_output(
         )
     pre_root, post_root = Path(pre_root), Path(post_root)
     report = VerifyReport(out=str(out), pre=str(pre_root), post=str(post_root))
+    entry = restored_entry(out, record)
+    _check_weight_sets(report, out, entry)
+    post_weights = entry if entry and (post_root / entry).is_file() else None
     with (
-        Checkpoint.open(out) as got,
-        Checkpoint.open(pre_root, partial=True) as pre,  # Hub PRE holds only the needed shards
-        Checkpoint.open(post_root) as post,
+        Checkpoint.open(out, weights=entry) as got,
+        # Hub PRE holds only the needed shards
+        Checkpoint.open(pre_root, partial=True, weights=pre_weights) as pre,
+        Checkpoint.open(post_root, weights=post_weights) as post,
     ):
         _check_files(report, record, out, post, plan, pre)
         _check_tensors(report, record, plan, got, pre, post)
         if forward != "never" and not report.mismatches:
-            report.forward = forward_pass(out, got, forward)
+
+            def inspect(model: Any) -> dict[str, Any]:
+                found, summary = check_loaded(model, plan, got, pre, post)
+                for m in found:
+                    _add(report, m)
+                return summary
+
+            report.forward = forward_pass(out, got, forward, inspect)
     return report
+
+
+# -- the weight set OUT holds ----------------------------------------------------------------------
+
+
+def restored_entry(out: Path, record: dict[str, Any]) -> str | None:
+    """The weight-set entry OUT was written with (``model.safetensors`` or an index), if recorded."""
+    files = [f for f in record.get("files", []) if "/" not in f and is_entry_name(f)]
+    indexes = [f for f in files if f.endswith(".json")]
+    if indexes:
+        return indexes[0] if len(indexes) == 1 else None
+    return files[0] if len(files) == 1 else None
+
+
+def _check_weight_sets(report: VerifyReport, out: Path, entry: str | None) -> None:
+    """OUT must hold one weight set, the restored one, and it must be the one the loader reads.
+
+    Checked from the folder listing alone, so it holds with ``--forward never`` too: a second set
+    (a stale single file beside restored shards, a variant, a stray shard) is what a loader may read
+    instead of the restored weights, or as well as them (vLLM globs ``*.safetensors`` where there
+    is no index).
+    """
+    if entry is None:
+        return
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # Checkpoint.open reports it in its own words
+    view = loader_view(out, config if isinstance(config, dict) else {})
+    if view is not None and view.entry != entry:
+        _add(
+            report,
+            Mismatch(
+                view.entry,
+                None,
+                f"transformers loads this file ({view.reason}), not the restored {entry}",
+            ),
+        )
+    restored: set[str] = {entry}
+    if entry.endswith(".json"):
+        try:
+            index = json.loads((out / entry).read_text(encoding="utf-8"))
+            restored |= set(index.get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return
+    others = set(entries_present(out, config)) | set(variant_entries(out))
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and (is_weight_file(rel) or rel in others) and rel not in restored:
+            if view is not None and rel == view.entry and view.entry != entry:
+                continue  # already reported
+            _add(report, Mismatch(rel, None, f"a weight file outside the restored set ({entry})"))
+
+
+# -- the model as transformers loads it ----------------------------------------------------------
+
+
+def expected_bytes(patch: TensorPatch, got: Checkpoint, pre: Checkpoint, post: Checkpoint) -> bytes:
+    """A planned tensor as the plan says it must be: POST's bytes with PRE's rows put in.
+
+    Computed tensors (QK-Pro) are OUT's own bytes, which :func:`_check_patch` has already held
+    against the sha256 recorded when they were written.
+    """
+    if patch.source != "pre":
+        return got.read(patch.name)
+    info = post.tensors[patch.name]
+    data = bytearray(post.read(patch.name))
+    for dst_off, dst_len, src_off, src_len in patch_ranges(patch, pre, post):
+        src = pre.pread(pre.tensors[patch.pre_name].file, src_off, src_len)
+        piece = convert(src, patch.pre_dtype, patch.dtype) if patch.cast else src
+        assert len(piece) == dst_len
+        data[dst_off - info.start : dst_off - info.start + dst_len] = piece
+    return bytes(data)
+
+
+def _loaded_key(name: str, state: dict[str, Any]) -> str | None:
+    """The loaded model's name for a checkpoint tensor (the same, or one differing by a prefix)."""
+    if name in state:
+        return name
+    hits = [k for k in state if k.endswith("." + name) or name.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _holds(param: Any, data: bytes, dtype: str, shape: tuple[int, ...]) -> bool | None:
+    """Whether a loaded parameter holds these values (``None``: not comparable, e.g. reshaped)."""
+    import torch
+
+    if tuple(param.shape) != tuple(shape):
+        return None
+    want = to_tensor(data, dtype, shape)
+    have = param.detach().to("cpu")
+    if have.dtype == want.dtype:
+        a = have.contiguous().reshape(-1).view(torch.uint8)
+        b = want.contiguous().reshape(-1).view(torch.uint8)
+        return torch.equal(a, b)
+    return torch.equal(have, want.to(have.dtype))
+
+
+def check_loaded(
+    model: Any, plan: RestorePlan, got: Checkpoint, pre: Checkpoint, post: Checkpoint
+) -> tuple[list[Mismatch], dict[str, Any]]:
+    """Compare a loaded model's parameters with the plan's sources.
+
+    Every planned tensor must hold the plan's values (PRE's rows, cast where planned; computed rows
+    as recorded) and a sample of the others POST's. A parameter transformers renames or reshapes
+    beyond a prefix is counted as not compared, not as a failure.
+    """
+    state = model.state_dict()
+    found: list[Mismatch] = []
+    planned = plan.by_name()
+    routing = others = 0
+    not_compared: list[str] = []
+    for name, patch in planned.items():
+        key = _loaded_key(name, state)
+        if key is None:
+            not_compared.append(name)
+            continue
+        info = post.tensors[name]
+        same = _holds(state[key], expected_bytes(patch, got, pre, post), info.dtype, info.shape)
+        if same is None:
+            not_compared.append(name)
+        elif not same:
+            found.append(
+                Mismatch(
+                    patch.file,
+                    name,
+                    "the loaded model holds other values than the plan's source (the loader read "
+                    "other weights than the restored ones)",
+                )
+            )
+        else:
+            routing += 1
+    rest = sorted(n for n in post.tensors if n not in planned and _loaded_key(n, state))
+    for name in rest[:: max(1, len(rest) // LOADED_SAMPLE)][:LOADED_SAMPLE]:
+        info = post.tensors[name]
+        key = _loaded_key(name, state)
+        assert key is not None
+        same = _holds(state[key], post.read(name), info.dtype, info.shape)
+        if same is False:
+            found.append(
+                Mismatch(info.file, name, "the loaded model holds other values than POST's")
+            )
+        elif same:
+            others += 1
+    return found, {
+        "ok": not found,
+        "planned_compared": routing,
+        "others_compared": others,
+        "not_compared": not_compared,
+    }
 
 
 def _add(report: VerifyReport, mismatch: Mismatch) -> None:
@@ -252,7 +430,7 @@ def _check_patch(
         if src is None or src.shape != info.shape:
             _add(report, Mismatch(patch.file, patch.name, "PRE no longer holds this tensor"))
             return
-        step = CHUNK - CHUNK % (ITEMSIZE[src.dtype] * ITEMSIZE[patch.dtype])
+        step = cast_chunk(CHUNK, src.dtype, patch.dtype) if patch.cast else CHUNK
         for dst_off, _, src_off, src_len in patch_ranges(patch, pre, post):
             pos = dst_off
             for piece in pre.iter_chunks(src.file, src_off, src_len, step):
@@ -276,8 +454,17 @@ def _check_patch(
         _add(report, Mismatch(patch.file, patch.name, "computed tensor has no recorded sha256"))
 
 
-def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
-    """Load OUT with transformers and run one short forward pass, where transformers knows it."""
+def forward_pass(
+    out: Path,
+    got: Checkpoint,
+    mode: str,
+    inspect: Callable[[Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Load OUT with transformers and run one short forward pass, where transformers knows it.
+
+    ``inspect`` sees the loaded model first (the parameter comparison); its summary is returned
+    under ``"loaded"`` and its ``ok`` counts.
+    """
     if mode == "auto" and got.total_bytes > FORWARD_AUTO_MAX_BYTES:
         return {
             "ran": False,
@@ -299,6 +486,7 @@ def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
     try:
         model = load_causal_lm(out)
         config = model.config
+        loaded = inspect(model) if inspect is not None else None
         vocab = int(getattr(config.get_text_config(), "vocab_size", 16) or 16)
         ids = torch.arange(8).remainder(vocab).unsqueeze(0)
         with torch.no_grad():
@@ -307,12 +495,22 @@ def forward_pass(out: Path, got: Checkpoint, mode: str) -> dict[str, Any]:
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return {"ran": True, "ok": False, "message": f"failed to load or run: {message}"}
-    return {
+    result: dict[str, Any] = {
         "ran": True,
         "ok": finite,
         "message": f"loaded {type(model).__name__}; logits {list(logits.shape)} "
         + ("all finite" if finite else "contain NaN/inf"),
     }
+    if loaded is not None:
+        result["loaded"] = loaded
+        result["ok"] = finite and loaded["ok"]
+        result["message"] += (
+            f"; {loaded['planned_compared']} planned and {loaded['others_compared']} other "
+            "parameters as loaded match the plan"
+            if loaded["ok"]
+            else "; the loaded parameters differ from the plan"
+        )
+    return result
 
 
 __all__ = ["CheckpointError", "VerifyReport", "forward_pass", "verify_output"]

@@ -27,13 +27,13 @@ from pathlib import Path
 
 from .card import PROVENANCE_NAME
 from .checkpoint import CHUNK, Checkpoint, read_header_bytes
-from .dtypes import ITEMSIZE, convert
-from .errors import CheckpointError, OutputError
+from .dtypes import TORCH_DTYPE_NAMES, cast_chunk, convert
+from .errors import CheckpointError, OutputError, PlanError
 from .plan import RestorePlan, TensorPatch, patch_ranges
+from .sourcefiles import folder_files
+from .weightfiles import is_other_format, is_weight_file
 
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
-# Weight formats that would carry POST's unrestored weights next to ours; never copied.
-FOREIGN_WEIGHTS = (".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 Progress = Callable[[int], None]
 
@@ -65,22 +65,88 @@ class WriteResult:
 def post_files(post: Checkpoint) -> tuple[list[str], list[str]]:
     """POST's files to carry over (relative paths), and the ones deliberately left out.
 
-    Hidden folders (``.git``, ``.cache``) are tool state, not model files. Pickle/GGUF weights would
-    hold unrestored copies of the weights, so they are dropped and the user is told.
+    Hidden folders (``.git``, ``.cache``) are tool state, not model files. Of the weight files, only
+    the set the loader reads (the one the plan was made on) is carried: every other weight file
+    (another safetensors set, a variant, stray shards, pickle/GGUF/Mistral-format files) would hold
+    unrestored copies of the weights, so it is dropped and the user is told. Links and special files
+    are checked by :func:`qkrestore.sourcefiles.folder_files` (outside links and FIFOs are refused).
     """
+    in_use = set(post.shards)
+    if post.view is not None:
+        in_use.add(post.view.entry)
     keep: list[str] = []
     skipped: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(post.root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, fn), post.root)
-            if rel in (PROVENANCE_NAME,):
-                continue
-            if fn.endswith(FOREIGN_WEIGHTS) or fn.startswith("consolidated"):
-                skipped.append(rel)
-            else:
-                keep.append(rel)
+    for rel in folder_files(post.root):
+        if rel in (PROVENANCE_NAME,):
+            continue
+        if rel in in_use:
+            keep.append(rel)
+        elif is_weight_file(rel) or is_other_format(rel):
+            skipped.append(rel)
+        else:
+            keep.append(rel)
     return keep, skipped
+
+
+def preflight(plan: RestorePlan, pre: Checkpoint, post: Checkpoint) -> list[str]:
+    """Every refusal the writer would make about its inputs, made before anything is printed.
+
+    Returns the POST files that will be skipped (weights outside the set the loader reads).
+    """
+    check_restorable(plan, pre, post)
+    return post_files(post)[1] if post.root.is_dir() else []
+
+
+def check_restorable(plan: RestorePlan, pre: Checkpoint, post: Checkpoint) -> None:
+    """Refuse a plan that needs what the files cannot give; untouched tensors need nothing.
+
+    A restored tensor needs byte-addressable rows (sub-byte dtypes only where a row fills whole
+    bytes), and a cast between two dtypes torch can convert. A tensor that POST's or PRE's index
+    lists but no shard holds is refused only where the plan restores its module: elsewhere it is a
+    defect that loaders survive (reported as a note, see :attr:`Checkpoint.defects`).
+    """
+    for patch in plan.patches:
+        out, src = post.info(patch.name), pre.info(patch.pre_name)
+        for r0, r1 in patch.rows:  # raises, naming the tensor, for rows that split bytes
+            out.byte_range(r0, r1), src.byte_range(r0, r1)
+        if patch.cast and not (src.dtype in TORCH_DTYPE_NAMES and out.dtype in TORCH_DTYPE_NAMES):
+            raise PlanError(
+                f"'{patch.name}': {src.dtype} in PRE but {out.dtype} in POST, and qkrestore cannot "
+                "convert between them",
+                hint="give PRE and POST in the same dtype",
+            )
+    for ckpt, names in (
+        (post, [p.name for p in plan.patches]),
+        (pre, [p.pre_name for p in plan.patches]),
+    ):
+        for name, file in ckpt.phantoms.items():
+            if _needed_by(name, names, plan.targets):
+                index = ckpt.view.entry if ckpt.view else "the index"
+                raise CheckpointError(
+                    f"{ckpt.root / file}: tensor '{name}' is in {index} but not in this shard, "
+                    "and the plan restores its module",
+                    hint="re-save the checkpoint so that its index and shards agree",
+                )
+
+
+def _needed_by(name: str, planned: list[str], targets: list[str]) -> bool:
+    """Would the plan have taken ``name`` had a shard held it?
+
+    Yes where it belongs to a planned module (``q_proj.bias`` beside a planned ``q_proj.weight``,
+    an FP8 scale), or sits in a planned attention module under a target's name (``q_norm``).
+    """
+    module = name.rsplit(".", 1)[0]
+    attention = module.rsplit(".", 1)[0]
+    leaf = module.rsplit(".", 1)[-1]
+    for p in planned:
+        p_module = p.rsplit(".", 1)[0]
+        if module == p_module:
+            return True
+        if attention == p_module.rsplit(".", 1)[0] and any(
+            leaf.startswith(f"{t}_") for t in targets
+        ):
+            return True
+    return False
 
 
 # -- output location ------------------------------------------------------------------------------
@@ -129,20 +195,68 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     try:
         _release_signals(held)  # a signal that came meanwhile is raised here, inside the try
         yield tmp
+        # The body has fsynced every file; the folder gets the mode mkdir would have given it
+        # (mkdtemp makes it 0700), then its entries are made durable before it takes OUT's name.
+        os.chmod(tmp, 0o777 & ~current_umask())
+        fsync_path(tmp, directory=True)
         held = _hold_signals()
         try:
             if out.exists() or out.is_symlink():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.qkrestore-old-", dir=parent))
                 os.rename(out, old / "x")
                 os.rename(tmp, out)
+                fsync_path(parent, directory=True)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, out)
+                fsync_path(parent, directory=True)
         finally:
             _release_signals(held)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``).
+
+    ``os.umask`` can only be read by setting it, which would race with other threads creating files.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Flush a file's data, or a folder's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(top: Path, done: set[str]) -> None:
+    """fsync every file under ``top`` not in ``done`` (relative paths), then each sub-folder.
+
+    Sub-folders go deepest first, so a folder is flushed after the entries made in it; ``top``
+    itself is left to the caller, which flushes it last, just before the rename.
+    """
+    for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+        folder = Path(dirpath)
+        for fn in filenames:
+            path = folder / fn
+            if path.relative_to(top).as_posix() not in done:
+                fsync_path(path)
+        if folder != top:
+            fsync_path(folder, directory=True)
 
 
 _HELD = {signal.SIGINT, signal.SIGTERM}
@@ -224,8 +338,9 @@ def apply_patch(
             digest.update(piece)
             pos += dst_len
         return 0
-    # Chunks hold whole elements of both dtypes so a cast never splits a value.
-    step = CHUNK - CHUNK % (ITEMSIZE[src_info.dtype] * ITEMSIZE[patch.dtype])
+    # Chunks hold whole elements of both dtypes so a cast never splits a value; a byte copy
+    # (any dtype, sub-byte ones included) can split anywhere.
+    step = cast_chunk(CHUNK, patch.pre_dtype, patch.dtype) if patch.cast else CHUNK
     for dst_off, _dst_len, src_off, src_len in patch_ranges(patch, pre, post):
         pos = 0
         for piece in pre.iter_chunks(src_info.file, src_off, src_len, step):
@@ -254,6 +369,7 @@ def write_output(
     """Write OUT from POST and the plan; ``finalize`` adds the card and provenance before the rename."""
     out = Path(out).absolute()
     check_output_location(out, {"PRE": pre.root, "POST": post.root})
+    check_restorable(plan, pre, post)
     files, skipped = post_files(post)
     touched = set(plan.touched_files)
     shard_files = set(post.shards)
@@ -269,6 +385,7 @@ def write_output(
         result = WriteResult(out=out, files=files, skipped=skipped, tensor_sha256={})
         lock = threading.Lock()
         cancel = threading.Event()
+        synced: set[str] = set()
 
         def step(n: int) -> None:
             if cancel.is_set():
@@ -287,6 +404,9 @@ def write_output(
                 return
             copy_file(src, dst, step)
             if rel not in shard_files:
+                fsync_path(dst)
+                with lock:
+                    synced.add(rel)
                 return
             _check_shard_unchanged(post, rel, dst)
             patches = [p for p in plan.patches if p.file == rel]
@@ -304,8 +424,10 @@ def write_output(
                     os.close(fd)
             # Re-read in this worker, so the check overlaps the copies still running.
             sha = check_written_file(rel, dst, patches, pre, post, local_sha)
+            fsync_path(dst)  # in the worker too, so flushing overlaps the other copies
             with lock:
                 result.tensor_sha256.update(sha)
+                synced.add(rel)
 
         # Biggest files first so the parallel copies finish together.
         order = sorted(files, key=lambda f: -(post.root / f).stat().st_size)
@@ -333,6 +455,9 @@ def write_output(
         result.tensor_sha256 = dict(sorted(result.tensor_sha256.items()))
         if finalize:
             finalize(tmp, result)
+        # What finalize wrote, the hard links' inodes and the sub-folders; staging_dir then
+        # flushes the folder itself before renaming it onto OUT.
+        sync_tree(tmp, synced)
     return result
 
 

@@ -14,7 +14,7 @@ from ..errors import EXIT_VERIFY_FAILED
 from ..hub import push_folder
 from ..inspect import LayerReport
 from ..verification import read_provenance, verify_output
-from .options import ForwardMode, ForwardOpt, JsonOpt, PrivateOpt, RevisionOpt
+from .options import ForwardMode, ForwardOpt, JsonOpt, PreWeightsOpt, PrivateOpt, RevisionOpt
 from .output import (
     EXIT_CODES_HELP,
     emit_json,
@@ -115,10 +115,16 @@ def inspect_layers(
         Path | None,
         typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
     ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", help="Where MODEL holds two weight sets: the one to read (see merge)."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show which layers are softmax attention and where their Q/K tensors are."""
-    report = api.inspect_layers(model, compare_with=compare_with)
+    report = api.inspect_layers(model, compare_with=compare_with, weights=weights)
     if json_out:
         emit_json(report.to_json())
         return
@@ -132,6 +138,11 @@ def inspect_layers(
     )
     if report.adapter_description:
         c.print(f"family: {escape(report.adapter_description)}", highlight=False)
+    files = report.weight_files
+    c.print(
+        f"weights: {escape(str(files.get('entry')))} ({escape(str(files.get('reason', '')))})",
+        highlight=False,
+    )
     for reason, layers in _softmax_reasons(report).items():
         c.print(f"why layers {_ranges(layers)}: {escape(reason)}", highlight=False)
     for n in report.adapter_notes:
@@ -153,10 +164,11 @@ def verify(
         Path | None, typer.Option("--post", help="Override POST's recorded path.")
     ] = None,
     forward: ForwardOpt = ForwardMode.auto,
+    pre_weights: PreWeightsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check every byte of OUT against its recorded plan, PRE and POST."""
-    report = verify_output(out, pre, post, forward.value)
+    report = verify_output(out, pre, post, forward.value, pre_weights=pre_weights)
     if json_out:
         emit_json(report.to_json())
     else:

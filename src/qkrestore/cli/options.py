@@ -156,6 +156,21 @@ MlaLatentOpt = Annotated[
         "kv_a_layernorm, which V shares, from PRE ('pre'), or keep POST's ('post', default).",
     ),
 ]
+PreWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pre-weights",
+        help="Where PRE holds two weight sets: the one to read (model.safetensors or an index).",
+    ),
+]
+PostWeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--post-weights",
+        help="Where POST holds two weight sets: the one to restore (model.safetensors or an "
+        "index); OUT holds only that one.",
+    ),
+]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Files copied in parallel.")]
 LinkOpt = Annotated[
     bool,

@@ -38,8 +38,10 @@ from .options import (
     PatternOpt,
     PostArg,
     PostIdOpt,
+    PostWeightsOpt,
     PreArg,
     PreIdOpt,
+    PreWeightsOpt,
     PrivateOpt,
     PushOpt,
     QuietOpt,
@@ -101,6 +103,8 @@ def merge(
     mla_latent: MlaLatentOpt = MlaLatent.post,
     carry_missing: CarryMissingOpt = False,
     jobs: JobsOpt = 2,
+    pre_weights: PreWeightsOpt = None,
+    post_weights: PostWeightsOpt = None,
     expect_layers: ExpectOpt = None,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -144,6 +148,8 @@ def pro(
     link: LinkOpt = False,
     allow_arch_mismatch: ArchOpt = False,
     jobs: JobsOpt = 2,
+    pre_weights: PreWeightsOpt = None,
+    post_weights: PostWeightsOpt = None,
     expect_layers: ExpectOpt = None,
     push_to_hub: PushOpt = None,
     private: PrivateOpt = False,
@@ -190,6 +196,8 @@ class _Flags:
     pre_id: str | None
     post_id: str | None
     record_paths: bool
+    pre_weights: str | None
+    post_weights: str | None
     json_out: bool
     quiet: bool
     verbose: bool
@@ -212,6 +220,8 @@ class _Flags:
             pre_id=self.pre_id,
             post_id=self.post_id,
             record_paths=self.record_paths,
+            pre_weights=self.pre_weights,
+            post_weights=self.post_weights,
         )
 
 
