@@ -6,7 +6,9 @@ and the job's result into lines, tables and JSON.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -88,124 +90,46 @@ PRO_EPILOG = (
 )
 
 
-def merge(
-    pre: PreArg,
-    post: PostArg,
-    output: OutputOpt,
-    layers: LayersOpt = "auto",
-    include_sliding: SlidingOpt = False,
-    targets: TargetsOpt = "q,k",
-    dry_run: DryRunOpt = False,
-    overwrite: OverwriteOpt = False,
-    link: LinkOpt = False,
-    allow_arch_mismatch: ArchOpt = False,
-    tensor_pattern: PatternOpt = None,
-    mla_latent: MlaLatentOpt = MlaLatent.post,
-    carry_missing: CarryMissingOpt = False,
-    jobs: JobsOpt = 2,
-    pre_weights: PreWeightsOpt = None,
-    post_weights: PostWeightsOpt = None,
-    expect_layers: ExpectOpt = None,
-    push_to_hub: PushOpt = None,
-    private: PrivateOpt = False,
-    revision: RevisionOpt = None,
-    pre_id: PreIdOpt = None,
-    post_id: PostIdOpt = None,
-    record_paths: RecordPathsOpt = False,
-    config: RecipeOpt = None,
-    verbose: VerboseOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """QK-Restore: POST with the Q/K routing of its softmax-attention layers taken from PRE."""
-    method = QKRestore(
-        PlanOptions(
-            layers=parse_layers(layers),
-            include_sliding=include_sliding,
-            targets=tuple(parse_targets(targets)),
-            allow_arch_mismatch=allow_arch_mismatch,
-            tensor_pattern=tensor_pattern,
-            adapter_options=mla_latent.adapter_options(),
-            carry_missing=carry_missing,
-        )
-    )
-    _run(pre, post, method, _Flags.of(locals()))
-
-
-def pro(
-    pre: PreArg,
-    post: PostArg,
-    output: OutputOpt,
-    fix: FixOpt = FixSide.key,
-    ridge: RidgeOpt = 1.0,
-    form: FormOpt = "ridge",
-    device: SolveDeviceOpt = DeviceChoice.auto,
-    layers: LayersOpt = "auto",
-    include_sliding: SlidingOpt = False,
-    carry_missing: CarryMissingOpt = False,
-    dry_run: DryRunOpt = False,
-    overwrite: OverwriteOpt = False,
-    link: LinkOpt = False,
-    allow_arch_mismatch: ArchOpt = False,
-    jobs: JobsOpt = 2,
-    pre_weights: PreWeightsOpt = None,
-    post_weights: PostWeightsOpt = None,
-    expect_layers: ExpectOpt = None,
-    push_to_hub: PushOpt = None,
-    private: PrivateOpt = False,
-    revision: RevisionOpt = None,
-    pre_id: PreIdOpt = None,
-    post_id: PostIdOpt = None,
-    record_paths: RecordPathsOpt = False,
-    config: RecipeOpt = None,
-    verbose: VerboseOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """QK-Pro: hold one routing side at PRE and solve the other per head, in closed form."""
-    from ..qkpro import QKPro  # torch is imported only by the jobs that compute
-
-    method = QKPro(
-        PlanOptions(
-            layers=parse_layers(layers),
-            include_sliding=include_sliding,
-            allow_arch_mismatch=allow_arch_mismatch,
-            carry_missing=carry_missing,
-        ),
-        fix=fix.value,
-        ridge=ridge,
-        device=device.value,
-        form=form,
-    )
-    _run(pre, post, method, _Flags.of(locals()))
-
-
 @dataclass(frozen=True)
 class _Flags:
-    """The job and output flags that merge and pro share, read once from a command's parameters."""
+    """The options merge and pro share, read once from a command's parameters.
+
+    :func:`_shared_options` adds them to both commands' signatures from :data:`_SHARED`, so each
+    is declared once; the command itself declares only its method's own options.
+    """
 
     output: Path
+    layers: str
+    include_sliding: bool
+    allow_arch_mismatch: bool
+    carry_missing: bool
     dry_run: bool
-    expect_layers: str | None
     overwrite: bool
     link: bool
     jobs: int
+    pre_weights: str | None
+    post_weights: str | None
+    expect_layers: str | None
     push_to_hub: str | None
     private: bool
     revision: str | None
     pre_id: str | None
     post_id: str | None
     record_paths: bool
-    pre_weights: str | None
-    post_weights: str | None
+    config: Path | None
+    verbose: bool
     json_out: bool
     quiet: bool
-    verbose: bool
 
-    @classmethod
-    def of(cls, params: Mapping[str, Any]) -> _Flags:
-        """The flags among a command's parameters (the rest are the method's)."""
-        return cls(**{f.name: params[f.name] for f in fields(cls)})
+    def plan_options(self, **method: Any) -> PlanOptions:
+        """The planning options, with the method's own (targets, tensor pattern, …) added."""
+        return PlanOptions(
+            layers=parse_layers(self.layers),
+            include_sliding=self.include_sliding,
+            allow_arch_mismatch=self.allow_arch_mismatch,
+            carry_missing=self.carry_missing,
+            **method,
+        )
 
     @property
     def job(self) -> JobOptions:
@@ -223,6 +147,95 @@ class _Flags:
             pre_weights=self.pre_weights,
             post_weights=self.post_weights,
         )
+
+
+# (name, Annotated type, default) of every option in _Flags but OUT, in --help order.
+_SHARED: tuple[tuple[str, Any, Any], ...] = (
+    ("layers", LayersOpt, "auto"),
+    ("include_sliding", SlidingOpt, False),
+    ("allow_arch_mismatch", ArchOpt, False),
+    ("carry_missing", CarryMissingOpt, False),
+    ("dry_run", DryRunOpt, False),
+    ("overwrite", OverwriteOpt, False),
+    ("link", LinkOpt, False),
+    ("jobs", JobsOpt, 2),
+    ("pre_weights", PreWeightsOpt, None),
+    ("post_weights", PostWeightsOpt, None),
+    ("expect_layers", ExpectOpt, None),
+    ("push_to_hub", PushOpt, None),
+    ("private", PrivateOpt, False),
+    ("revision", RevisionOpt, None),
+    ("pre_id", PreIdOpt, None),
+    ("post_id", PostIdOpt, None),
+    ("record_paths", RecordPathsOpt, False),
+    ("config", RecipeOpt, None),
+    ("verbose", VerboseOpt, False),
+    ("json_out", JsonOpt, False),
+    ("quiet", QuietOpt, False),
+)
+
+
+def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the shared options as parameters Typer sees, and hand them to it as one
+    ``flags: _Flags`` argument (the command's own parameters pass through unchanged)."""
+    own = inspect.signature(command, eval_str=True)
+    params = [p for p in own.parameters.values() if p.name != "flags"]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter(n, kw, default=d, annotation=t) for n, t, d in _SHARED]
+    names = {f.name for f in fields(_Flags)}
+    mine = {
+        p.name for p in params[: len(own.parameters) - 1]
+    }  # OUT is both the command's and flags'
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        flags = _Flags(**{k: v for k, v in kwargs.items() if k in names})
+        command(**{k: v for k, v in kwargs.items() if k in mine}, flags=flags)
+
+    run.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return run
+
+
+@_shared_options
+def merge(
+    pre: PreArg,
+    post: PostArg,
+    output: OutputOpt,
+    targets: TargetsOpt = "q,k",
+    tensor_pattern: PatternOpt = None,
+    mla_latent: MlaLatentOpt = MlaLatent.post,
+    *,
+    flags: _Flags,
+) -> None:
+    """QK-Restore: POST with the Q/K routing of its softmax-attention layers taken from PRE."""
+    method = QKRestore(
+        flags.plan_options(
+            targets=tuple(parse_targets(targets)),
+            tensor_pattern=tensor_pattern,
+            adapter_options=mla_latent.adapter_options(),
+        )
+    )
+    _run(pre, post, method, flags)
+
+
+@_shared_options
+def pro(
+    pre: PreArg,
+    post: PostArg,
+    output: OutputOpt,
+    fix: FixOpt = FixSide.key,
+    ridge: RidgeOpt = 1.0,
+    form: FormOpt = "ridge",
+    device: SolveDeviceOpt = DeviceChoice.auto,
+    *,
+    flags: _Flags,
+) -> None:
+    """QK-Pro: hold one routing side at PRE and solve the other per head, in closed form."""
+    from ..qkpro import QKPro  # torch is imported only by the jobs that compute
+
+    method = QKPro(flags.plan_options(), fix=fix.value, ridge=ridge, device=device.value, form=form)
+    _run(pre, post, method, flags)
 
 
 def _run(pre: str, post: str, method: Method, flags: _Flags) -> None:
