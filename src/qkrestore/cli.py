@@ -21,6 +21,7 @@ from . import __version__
 from .cli_common import STATE, emit_json, err_console, note, open_checkpoint, out_console
 from .cli_diagnostics import register as register_diagnostics
 from .cli_jobs import JobFlags, parse_expect, run_job
+from .cli_lora import AdapterRequest, inspect_adapter_cli, verify_adapter_cli
 from .cli_options import (
     ArchOpt,
     DeviceChoice,
@@ -32,6 +33,7 @@ from .cli_options import (
     JsonOpt,
     LayersOpt,
     LinkOpt,
+    MergeAdapterOpt,
     MlaLatent,
     MlaLatentOpt,
     OutputOpt,
@@ -142,6 +144,7 @@ def merge(
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     config: RecipeOpt = None,
+    merge_adapter: MergeAdapterOpt = False,
     verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -169,7 +172,14 @@ def merge(
         private,
         revision,
     )
-    run_job(pre, post, job, opts, lambda a, b: plan_merge(a, b, opts))
+    run_job(
+        pre,
+        post,
+        job,
+        opts,
+        lambda a, b: plan_merge(a, b, opts),
+        adapter=AdapterRequest("qk-restore", merge_adapter),
+    )
 
 
 PRO_EPILOG = (
@@ -217,6 +227,7 @@ def pro(
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     config: RecipeOpt = None,
+    merge_adapter: MergeAdapterOpt = False,
     verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -250,6 +261,7 @@ def pro(
         job,
         opts,
         lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value),
+        adapter=AdapterRequest("qk-pro", merge_adapter, fix.value, ridge, device.value),
     )
 
 
@@ -263,14 +275,20 @@ INSPECT_EPILOG = """[bold]Examples[/bold]
 
 @app.command("inspect-layers", epilog=INSPECT_EPILOG)
 def inspect_layers(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder, or a PEFT adapter folder.")],
     compare_with: Annotated[
         Path | None,
         typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
     ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="For an adapter: its base model, to plan each LoRA module."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show which layers are softmax attention and where their Q/K tensors are."""
+    if inspect_adapter_cli(model, base, json_out):
+        return
     with open_checkpoint(model, "MODEL") as ck:
         desc = describe(ck)
         if compare_with is not None:
@@ -355,6 +373,8 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check every byte of OUT against its recorded plan, PRE and POST."""
+    if verify_adapter_cli(out, pre, post, json_out):
+        return
     report = verify_output(out, pre, post, forward.value)
     if json_out:
         emit_json(report.to_json())

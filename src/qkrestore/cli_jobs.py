@@ -22,6 +22,7 @@ from .cli_common import (
     open_checkpoint,
     plan_table,
 )
+from .cli_lora import AdapterRequest, run_adapter
 from .errors import (
     OutputError,
     PlanError,
@@ -94,8 +95,11 @@ def run_job(
     job: JobFlags,
     opts: MergeOptions,
     make_plan: Callable[[Checkpoint, Checkpoint], RestorePlan],
+    adapter: AdapterRequest | None = None,
 ) -> None:
     """Shared by merge and pro: resolve sources, plan, print or write, push, summarise."""
+    if adapter is not None and run_adapter(pre, post, job, opts, adapter):
+        return  # POST was a PEFT adapter: qkrestore.lora did the job
     human = human_console(job.json_out, job.quiet)
     pre_src, post_src = parse_source(pre), parse_source(post)
     output = job.output

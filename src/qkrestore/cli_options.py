@@ -144,3 +144,13 @@ class ForwardMode(str, Enum):
     auto = "auto"
     always = "always"
     never = "never"
+
+
+MergeAdapterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge-adapter",
+        help="When POST is a PEFT adapter: write a full checkpoint (PRE + adapter merged) instead "
+        "of an adapter.",
+    ),
+]
