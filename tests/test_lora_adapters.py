@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QWEN3_NEXT, load_all
+from conftest import QWEN3_NEXT, TINY, load_all
 from lora_fixtures import (
     DENSE,
     assert_state,
@@ -63,8 +63,6 @@ def phi3_rows(layers: int, heads: int, kv: int, hd: int) -> dict[str, list]:
 
 def kimi_rows() -> dict[str, list]:
     from transformers import AutoConfig
-
-    from conftest import TINY
 
     cfg = AutoConfig.for_model("kimi_linear", **(TINY | KIMI))
     return kimi_expected(cfg)
