@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from .. import __version__
@@ -28,6 +27,9 @@ from .edit import compute_edits, read_tensor
 from .plan import KEEP, SOLVE, AdapterPlan, check_base, plan_adapter
 from .reader import LoraAdapter, open_adapter
 from .write import merged_weight, write_adapter, write_model
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]
 JOB_KEY = "adapter_job"
@@ -340,6 +342,8 @@ def verify_adapter_output(
     adapter (float32, relative tolerance 1e-5: the adapter output is merged by whoever loads it).
     QK-Pro's solved rows are only checked to be finite. Raises :class:`VerifyError` on a mismatch.
     """
+    import torch
+
     out = Path(out)
     pre_root = pre or Path(record["sources"]["pre"]["path"])
     post_root = post or Path(record["sources"]["post"]["path"])
@@ -412,6 +416,8 @@ def _merged(pre: Checkpoint, adapter: LoraAdapter, name: str) -> torch.Tensor:
 def _close(
     got: torch.Tensor, want: torch.Tensor, out: Path, name: str, what: str, exact: bool
 ) -> None:
+    import torch
+
     if exact:
         ok = torch.equal(got, want)
     else:

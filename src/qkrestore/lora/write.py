@@ -18,19 +18,20 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
-from ..dtypes import to_bytes, torch_dtype
 from ..writer import CARD_NAME, FOREIGN_WEIGHTS, PROVENANCE_NAME, copy_file, post_files
 from .config import CONFIG_NAME, WEIGHTS_NAME
 from .edit import AdapterEdits, read_tensor
 from .plan import DROP, AdapterPlan
 from .reader import EMBEDDING, LoraAdapter, LoraModule
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]
 ADAPTER_OWN = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PROVENANCE_NAME)
@@ -70,7 +71,7 @@ def write_safetensors(
     src: Checkpoint,
     file: str,
     skip: set[str],
-    values: dict[str, torch.Tensor],
+    values: dict[str, bytes],
 ) -> int:
     """A safetensors file holding ``src``'s tensors (in file order) less ``skip``, edits applied."""
     shard = src.shards[file]
@@ -89,7 +90,7 @@ def write_safetensors(
             "data_offsets": [offset, offset + info.nbytes],
         }
         offset += info.nbytes
-        blobs.append((name, to_bytes(values[name], info.dtype) if name in values else None))
+        blobs.append((name, values.get(name)))
     header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
     with open(path, "wb") as fh:
@@ -132,6 +133,8 @@ def merged_weight(
     w: torch.Tensor, mod: LoraModule, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None
 ) -> torch.Tensor:
     """PRE's weight plus the module's delta, in float32 (peft's ``get_delta_weight`` and DoRA)."""
+    import torch
+
     w = w.to(torch.float32)
     delta = (b.to(torch.float32) @ a.to(torch.float32)) * mod.scaling
     if mod.kind == EMBEDDING:
@@ -150,54 +153,78 @@ def write_model(
     aplan: AdapterPlan,
     edits: AdapterEdits,
     progress: Progress | None = None,
+    jobs: int = 2,
 ) -> dict[str, Any]:
-    """Model out into ``folder``: PRE's files, with every adapter change merged in place."""
+    """Model out into ``folder``: PRE's files, with every adapter change merged in place.
+
+    The kernel copies PRE's files in worker threads while this thread imports torch and merges
+    tensor after tensor (both release the GIL); a merged tensor is written as soon as its shard's
+    copy is complete. Memory holds one tensor at a time.
+    """
     files, skipped = post_files(pre)
     files = [f for f in files if f != CARD_NAME]
     for rel in files:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        copy_file(pre.root / rel, folder / rel, progress)
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="qkrestore-copy")
+    fds: dict[str, int] = {}
+    merged_tensors = 0
+    try:
+        copies = {
+            rel: pool.submit(copy_file, pre.root / rel, folder / rel, progress) for rel in files
+        }
+        for file, data, start in _merged_tensors(pre, adapter, aplan, edits):
+            copies[file].result()
+            _pwrite(fds, folder / file, data, start)
+            merged_tensors += 1
+        for future in copies.values():
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
     carried = [f for f in adapter_extra_files(adapter) if f not in pre.shards]
     for rel in carried:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         if (folder / rel).exists():
-            os.unlink(folder / rel)  # the kernel copy may have left PRE's file: replace, not edit
+            os.unlink(folder / rel)  # PRE's file of the same name: replace it, never edit it
         copy_file(adapter.root / rel, folder / rel)
-    actions = aplan.by_module()
-    restore_rows = {p.name: p.rows for p in aplan.plan.patches if p.source == "pre"}
-
-    def value(key: str) -> torch.Tensor:
-        return edits.values[key] if key in edits.values else read_tensor(adapter.weights, key)
-
-    fds: dict[str, int] = {}
-    merged_tensors = 0
-    try:
-        for mod in adapter.modules.values():
-            if actions[mod.name].action == DROP:
-                continue
-            info = pre.info(mod.weight_name)
-            w = read_tensor(pre, mod.weight_name)
-            m = value(mod.magnitude.name) if mod.magnitude is not None else None
-            new = merged_weight(w, mod, value(mod.a.name), value(mod.b.name), m)
-            new = new.to(torch_dtype(info.dtype))
-            for r0, r1 in restore_rows.get(mod.weight_name, ()):
-                new[r0:r1] = w[r0:r1]
-            _pwrite(fds, folder / info.file, to_bytes(new, info.dtype), info.start)
-            merged_tensors += 1
-        for name, key in adapter.saved.items():
-            info = pre.info(name)
-            data = to_bytes(value(key), info.dtype)
-            _pwrite(fds, folder / info.file, data, info.start)
-            merged_tensors += 1
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return {
         "kind": "model",
         "files": files + [f for f in carried if f not in files],
         "skipped_files": skipped,
         "merged_tensors": merged_tensors,
     }
+
+
+def _merged_tensors(
+    pre: Checkpoint, adapter: LoraAdapter, aplan: AdapterPlan, edits: AdapterEdits
+) -> Iterator[tuple[str, bytes, int]]:
+    """(shard, bytes in PRE's dtype, offset) of every tensor the adapter changes, one at a time."""
+    from ..dtypes import to_bytes, to_tensor, torch_dtype
+
+    actions = aplan.by_module()
+    restore_rows = {p.name: p.rows for p in aplan.plan.patches if p.source == "pre"}
+
+    def value(key: str) -> torch.Tensor:
+        if key not in edits.values:
+            return read_tensor(adapter.weights, key)
+        info = adapter.weights.tensors[key]
+        return to_tensor(edits.values[key], info.dtype, info.shape)
+
+    mods = [m for m in adapter.modules.values() if actions[m.name].action != DROP]
+    mods.sort(key=lambda m: (pre.info(m.weight_name).file, pre.info(m.weight_name).start))
+    for mod in mods:
+        info = pre.info(mod.weight_name)
+        w = read_tensor(pre, mod.weight_name)
+        m = value(mod.magnitude.name) if mod.magnitude is not None else None
+        new = merged_weight(w, mod, value(mod.a.name), value(mod.b.name), m)
+        new = new.to(torch_dtype(info.dtype))
+        for r0, r1 in restore_rows.get(mod.weight_name, ()):
+            new[r0:r1] = w[r0:r1]  # PRE's bytes, not a float round trip
+        yield info.file, to_bytes(new, info.dtype), info.start
+    for name, key in adapter.saved.items():
+        info = pre.info(name)
+        yield info.file, to_bytes(value(key), info.dtype), info.start
 
 
 def _pwrite(fds: dict[str, int], path: Path, data: bytes, offset: int) -> None:
