@@ -15,9 +15,10 @@ from rich.table import Table
 
 from . import __version__
 from .cli_common import ByteProgress, command_text, emit_json, human_console, note, out_console
-from .errors import PlanError
-from .hub import Source, fetch_post, parse_source, push_folder
+from .errors import PlanError, QKRestoreError
+from .hub import Source, download_files, fetch_post, parse_source, push_folder
 from .lora import is_adapter_source
+from .lora.config import CONFIG_NAME as ADAPTER_CONFIG
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,21 @@ class AdapterRequest:
 
 
 def adapter_post(post: str) -> tuple[Source, Path] | None:
-    """POST's source and local folder when it is a PEFT adapter (a Hub repo is fetched first)."""
+    """POST's source and local folder when it is a PEFT adapter, else ``None``.
+
+    A Hub POST is probed by fetching ``adapter_config.json`` alone, so that a full checkpoint's
+    dry run still downloads nothing; an adapter repo is then fetched whole (it is small).
+    """
     src = parse_source(post)
     if not src.is_hub:
         return (src, Path(post)) if is_adapter_source(post) else None
-    path = fetch_post(src)
-    return (src, path) if is_adapter_source(path) else None
+    try:
+        probe = download_files(src, [ADAPTER_CONFIG])
+    except QKRestoreError:
+        return None  # the ordinary path reports an unreachable or missing repo
+    if not (probe / ADAPTER_CONFIG).is_file():
+        return None
+    return src, fetch_post(src)
 
 
 def run_adapter(pre: str, post: str, job: Any, opts: Any, request: AdapterRequest) -> bool:
