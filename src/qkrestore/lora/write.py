@@ -132,17 +132,22 @@ def write_adapter(
 def merged_weight(
     w: torch.Tensor, mod: LoraModule, a: torch.Tensor, b: torch.Tensor, m: torch.Tensor | None
 ) -> torch.Tensor:
-    """PRE's weight plus the module's delta, in float32 (peft's ``get_delta_weight`` and DoRA)."""
+    """PRE's weight plus the module's delta, in float32 (peft's ``get_delta_weight`` and DoRA).
+
+    ``W + s·(B·A)`` is accumulated in place (``addmm_``), so a merge holds one float32 copy of the
+    weight, not three.
+    """
     import torch
 
-    w = w.to(torch.float32)
-    delta = (b.to(torch.float32) @ a.to(torch.float32)) * mod.scaling
+    merged = w.to(torch.float32, copy=True)
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
     if mod.kind == EMBEDDING:
-        delta = delta.T
-    merged = w + delta
+        merged.add_((b32 @ a32).T, alpha=mod.scaling)
+    else:
+        merged.addmm_(b32, a32, alpha=mod.scaling)
     if m is not None:
         norm = torch.linalg.norm(merged, dim=1)
-        merged = (m.to(torch.float32) / norm).unsqueeze(1) * merged
+        merged.mul_((m.to(torch.float32) / norm).unsqueeze(1))
     return merged
 
 
