@@ -280,3 +280,58 @@ def test_loads_without_missing_keys_warning_and_runs(dense, tmp_path: Path, cli)
     assert cli("merge", pre, adapter, "-o", out).code == 0
     _, warns = merged_state(pre, out)
     assert not [w for w in warns if "missing" in w.lower()], warns
+
+
+def test_adapter_of_routing_only_modules(dense, tmp_path: Path, cli) -> None:
+    """Every module routing: no adapter can be written (peft would refuse an empty one); the
+    merged model is PRE itself."""
+    from conftest import load_all
+
+    pre, _ = dense
+    adapter = build_adapter(
+        pre, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"]
+    )
+    _refused(cli, pre, adapter, tmp_path / "out", "empty")
+    out = tmp_path / "model"
+    assert cli("merge", pre, adapter, "-o", out, "--merge-adapter").code == 0
+    got, _ = load_all(out)
+    want, _ = load_all(pre)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_saved_tied_lm_head(tmp_path: Path, cli) -> None:
+    """A saved lm_head that PRE ties to the embeddings (not stored): fine for adapter out, refused
+    for model out, where it would have nowhere to go."""
+    pre = build_base(tmp_path, "qwen3", DENSE | {"tie_word_embeddings": True})
+    adapter = build_adapter(
+        pre, tmp_path / "a", r=4, lora_alpha=8, target_modules=QKVO, modules_to_save=["lm_head"]
+    )
+    assert "base_model.model.lm_head.weight" in load_file(adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    r = cli("merge", pre, adapter, "-o", out)
+    assert r.code == 0, r.err
+    assert "base_model.model.lm_head.weight" in load_file(out / "adapter_model.safetensors")
+    r = cli("merge", pre, adapter, "-o", tmp_path / "model", "--merge-adapter")
+    assert r.code == 2 and "does not store" in r.err and not (tmp_path / "model").exists()
+
+
+def test_tensor_pattern_on_adapter(dense, tmp_path: Path, cli) -> None:
+    """--tensor-pattern names the restored tensors by hand, for adapters as for checkpoints."""
+    pre, adapter = dense
+    out = tmp_path / "out"
+    r = cli(
+        "merge",
+        pre,
+        adapter,
+        "-o",
+        out,
+        "--layers",
+        "1",
+        "--tensor-pattern",
+        r"model\.layers\.{i}\.self_attn\.v_proj\.weight",
+        "--json",
+    )
+    assert r.code == 0, r.err
+    actions = {m["module"]: m["action"] for m in json.loads(r.out)["adapter_plan"]["modules"]}
+    assert actions["model.layers.1.self_attn.v_proj"] == "drop"
+    assert [a for a in actions.values() if a != "keep"] == ["drop"]

@@ -79,6 +79,7 @@ def run_adapter(pre: str, post: str, job: Any, opts: Any, request: AdapterReques
             ridge=request.ridge,
             device=request.device,
             adapter_options=opts.adapter_options,
+            tensor_pattern=opts.tensor_pattern,
             overwrite=opts.overwrite,
             dry_run=job.dry_run,
             expect_layers=job.expect_layers,

@@ -24,7 +24,7 @@ from ..plan import METHOD_PRO, METHOD_RESTORE, RestorePlan, build_plan
 from ..writer import CARD_NAME, PROVENANCE_NAME, check_output_location, staging_dir
 from .config import CONFIG_NAME, read_adapter_config
 from .edit import compute_edits, read_tensor
-from .plan import KEEP, SOLVE, AdapterPlan, check_base, plan_adapter
+from .plan import DROP, KEEP, SOLVE, AdapterPlan, check_base, plan_adapter
 from .reader import LoraAdapter, open_adapter
 from .write import merged_weight, write_adapter, write_model
 
@@ -112,6 +112,7 @@ def make_plan(
     ridge: float,
     device: str,
     adapter_options: dict[str, Any] | None,
+    tensor_pattern: str | None = None,
 ) -> RestorePlan:
     """The family's plan with PRE on both sides (POST = PRE + adapter has PRE's layout)."""
     if method == METHOD_PRO:
@@ -126,6 +127,7 @@ def make_plan(
         include_sliding=include_sliding,
         targets=targets,
         options=adapter_options,
+        tensor_pattern=tensor_pattern,
     )
 
 
@@ -143,6 +145,7 @@ def run_adapter_job(
     ridge: float = 1.0,
     device: str = "auto",
     adapter_options: dict[str, Any] | None = None,
+    tensor_pattern: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     expect_layers: list[int] | None = None,
@@ -172,12 +175,14 @@ def run_adapter_job(
             ridge=ridge,
             device=device,
             adapter_options=adapter_options,
+            tensor_pattern=tensor_pattern,
         )
         if expect_layers is not None and plan.layers != expect_layers:
             raise PlanError(
                 f"expected softmax-attention layers {expect_layers}, but the plan has {plan.layers}"
             )
         aplan = plan_adapter(adapter, plan)
+        _check_writable(adapter, aplan, pre, merge_adapter)
         notes += plan.notes
         if not any(a.action != KEEP for a in aplan.actions):
             notes.append("no module of the adapter lies in a planned layer: OUT equals the input")
@@ -201,6 +206,27 @@ def run_adapter_job(
             _card_and_provenance(tmp, result, adapter, command)
         result.seconds = time.perf_counter() - t0
         return result
+
+
+def _check_writable(
+    adapter: LoraAdapter, aplan: AdapterPlan, pre: Checkpoint, merge_adapter: bool
+) -> None:
+    """Refuse outputs that cannot be written: an empty adapter, a saved tensor PRE lacks."""
+    if merge_adapter:
+        for name, key in adapter.saved.items():
+            if name not in pre.tensors:
+                raise PlanError(
+                    f"{adapter.file}: saved tensor '{key}' replaces '{name}', which PRE does not "
+                    "store (tied weights?)",
+                    hint="write an adapter instead (leave out --merge-adapter)",
+                )
+        return
+    if not adapter.saved and all(a.action == DROP for a in aplan.actions):
+        raise PlanError(
+            f"{adapter.file}: every module of the adapter lies in the routing set of the planned "
+            "layers, so the QK-Restore adapter would be empty (POST restored is PRE itself)",
+            hint="use PRE as it is, or choose fewer layers with --layers",
+        )
 
 
 # -- card and provenance --------------------------------------------------------------------------

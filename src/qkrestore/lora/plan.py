@@ -93,8 +93,9 @@ def check_base(adapter: LoraAdapter, pre_tensors: Mapping[str, TensorInfo], pre_
     for name, key in adapter.saved.items():
         base = pre_tensors.get(name)
         info = adapter.weights.tensors[key]
-        if base is None or base.shape != info.shape:
-            have = "missing" if base is None else f"{list(base.shape)}"
+        # A saved parameter PRE does not store (a tied lm_head) matters only for model out.
+        if base is not None and base.shape != info.shape:
+            have = f"{list(base.shape)}"
             raise PlanError(
                 f"{where}: saved tensor '{key}' is {list(info.shape)} but PRE's '{name}' is {have}",
                 hint="the adapter was trained on another base model (or resized its vocabulary)",
