@@ -242,8 +242,20 @@ def test_inspect_layers_adapter(gated, cli) -> None:
         a = f"model.layers.{i}.self_attn."
         assert actions[a + "q_proj"] == "zero" and actions[a + "k_proj"] == "drop"
         assert actions[a + "v_proj"] == "keep" and actions[a + "o_proj"] == "keep"
-    r2 = cli("inspect-layers", adapter)
-    assert r2.code == 0 and "--base" in r2.err
+    # Without --base, a base the adapter names as an existing folder is used...
+    r2 = cli("inspect-layers", adapter, "--json")
+    assert r2.code == 0 and json.loads(r2.out)["modules"] == doc["modules"]
+
+
+def test_inspect_layers_adapter_without_base(gated, tmp_path: Path, cli) -> None:
+    """...and a Hub id cannot be: the adapter's own facts, and a note asking for --base."""
+    _, adapter = gated
+    other = _copy(adapter, tmp_path / "a")
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen3-Next-80B-A3B-Instruct"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    r = cli("inspect-layers", other)
+    assert r.code == 0 and "--base" in r.err and "model.layers.3.self_attn.k_proj" in r.out
 
 
 def test_verify_adapter_output(dense, tmp_path: Path, cli) -> None:

@@ -146,7 +146,11 @@ def inspect_adapter_cli(model: Path, base: Path | None, json_out: bool) -> bool:
             raise PlanError(f"--base: {model} is not a PEFT adapter folder")
         return False
     from .lora import inspect_adapter
+    from .lora.config import read_adapter_config
 
+    named = read_adapter_config(model).base_model
+    if base is None and named and Path(named).is_dir():
+        base = Path(named)  # the adapter names a local base: plan against it
     doc = inspect_adapter(model, base)
     if json_out:
         emit_json(doc)
