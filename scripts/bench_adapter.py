@@ -34,9 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 HERE = Path(__file__).resolve().parent
 COPY_CODE = """
 import os, shutil, sys
@@ -79,7 +76,14 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, int, int]:
 
 
 def make_adapter(pre: Path, out: Path, rank: int, targets: tuple[str, ...]) -> dict:
-    """A PEFT LoRA adapter on PRE's linear weights whose module name ends in one of ``targets``."""
+    """A PEFT LoRA adapter on PRE's linear weights whose module name ends in one of ``targets``.
+
+    Runs in a child process (``--make-adapter``): a parent that imported torch would hand its
+    resident memory to every forked child, and ``ru_maxrss`` would report that, not the child's.
+    """
+    import torch
+    from safetensors.torch import save_file
+
     index = json.loads((pre / "model.safetensors.index.json").read_text())
     from qkrestore.checkpoint import Checkpoint
 
@@ -126,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep WORKDIR")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     ap.add_argument("--markdown", type=Path, help="write a results table here")
+    ap.add_argument(
+        "--make-adapter", nargs=3, metavar=("PRE", "OUT", "TARGETS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
+    if args.make_adapter:
+        pre_dir, out_dir, names = args.make_adapter
+        made = make_adapter(Path(pre_dir), Path(out_dir), args.rank, tuple(names.split(",")))
+        print(json.dumps(made))
+        return 0
 
     work: Path = args.workdir
     if work.exists():
@@ -151,7 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         pre = work / "pair" / "pre"
         adapter = work / "adapter"
         targets = ALL_LINEAR if args.all_linear else QKVO
-        made = make_adapter(pre, adapter, args.rank, targets)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                str(work),
+                "--rank",
+                str(args.rank),
+                "--make-adapter",
+                str(pre),
+                str(adapter),
+                ",".join(targets),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        made = json.loads(child.stdout)
         pre_bytes = sum(p.stat().st_size for p in pre.iterdir())
         print(
             f"base {pre_bytes / 1e9:.2f} GB; adapter r={args.rank} on {made['modules']} modules, "
