@@ -18,10 +18,16 @@ import yaml
 from .. import __version__
 from ..card import PAPER, split_front_matter
 from ..checkpoint import Checkpoint
-from ..errors import OutputError, PlanError, VerifyError
+from ..errors import OutputError, PlanError, QKRestoreError, VerifyError
 from ..merge import MergeOptions
 from ..plan import METHOD_PRO, METHOD_RESTORE, RestorePlan, build_plan
-from ..writer import CARD_NAME, PROVENANCE_NAME, check_output_location, staging_dir
+from ..writer import (
+    CARD_NAME,
+    PROVENANCE_NAME,
+    check_free_space,
+    check_output_location,
+    staging_dir,
+)
 from .config import CONFIG_NAME, read_adapter_config
 from .edit import compute_edits, read_tensor
 from .plan import DROP, KEEP, SOLVE, AdapterPlan, check_base, plan_adapter
@@ -159,10 +165,15 @@ def run_adapter_job(
     out = Path(out)
     pre_source = pre_source or str(pre_root)
     post_source = post_source or str(adapter_root)
-    with Checkpoint.open(pre_root) as pre, open_adapter(adapter_root) as adapter:
+    with (
+        _labelled("PRE", Checkpoint.open, pre_root) as pre,
+        _labelled("POST", open_adapter, adapter_root) as adapter,
+    ):
         check_output_location(out.absolute(), {"PRE": pre.root, "POST": adapter.root})
         if not dry_run and out.exists() and not overwrite:
             raise OutputError(f"{out}: already exists", hint="pass --overwrite to replace it")
+        if not dry_run and merge_adapter:
+            check_free_space(out.absolute().parent, pre.total_bytes)
         notes = [n for n in [base_name_check(adapter.config.base_model, pre_source, pre.root)] if n]
         check_base(adapter, pre.tensors, str(pre.root))
         plan = make_plan(
@@ -206,6 +217,15 @@ def run_adapter_job(
             _card_and_provenance(tmp, result, adapter, command)
         result.seconds = time.perf_counter() - t0
         return result
+
+
+def _labelled(label: str, opener: Callable[[Any], Any], path: Any) -> Any:
+    """Open an input, naming the side in its error (``PRE: …``), as the checkpoint jobs do."""
+    try:
+        return opener(path)
+    except QKRestoreError as exc:
+        exc.message = f"{label}: {exc.message}"
+        raise
 
 
 def _check_writable(
