@@ -48,7 +48,8 @@ def build_adapter(pre: Path, out: Path, seed: int = 1, scale: float = 0.05, **lo
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "modules_to_save" in name:
+            elif "modules_to_save" in name or "embed_tokens.base_layer" in name:
+                # Saved whole by peft (a targeted embedding is saved with the adapter).
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     peft_model.save_pretrained(out)
     return out

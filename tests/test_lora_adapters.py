@@ -100,6 +100,12 @@ CASES = {
         },
         dense_rows([0, 1]),
     ),
+    "embedding": (
+        "qwen3",
+        DENSE,
+        {"target_modules": [*QKVO, "embed_tokens", "gate_proj"], "layers_to_transform": None},
+        dense_rows([0, 1]),
+    ),
     "modules_to_save": (
         "qwen3",
         DENSE,

@@ -450,7 +450,7 @@ def _merged(pre: Checkpoint, adapter: LoraAdapter, name: str) -> torch.Tensor:
     w = read_tensor(pre, name)
     key = adapter.saved.get(name)
     if key is not None:
-        return read_tensor(adapter.weights, key).to(w.dtype)
+        w = read_tensor(adapter.weights, key).to(w.dtype)
     mod = adapter.modules.get(name.removesuffix(".weight"))
     if mod is None or mod.weight_name != name:
         return w

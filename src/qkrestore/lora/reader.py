@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from .config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config
 
 KEY_PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer.weight"
 LINEAR, EMBEDDING = "linear", "embedding"
 # Adapter-parameter suffixes → (layer kind, slot).
 SUFFIXES: dict[str, tuple[str, str]] = {
@@ -71,7 +72,7 @@ class LoraAdapter:
     config: AdapterConfig
     weights: Checkpoint
     modules: dict[str, LoraModule]
-    saved: dict[str, str]  # base parameter name → adapter key (modules_to_save)
+    saved: dict[str, str]  # base parameter name → adapter key (modules_to_save, saved embeddings)
 
     @property
     def file(self) -> Path:
@@ -110,6 +111,7 @@ def open_adapter(root: str | Path) -> LoraAdapter:
     parts: dict[str, dict[str, TensorInfo]] = {}
     kinds: dict[str, str] = {}
     saved: dict[str, str] = {}
+    base_layers: set[str] = set()
     for key, info in tensors.items():
         if not key.startswith(KEY_PREFIX):
             raise CheckpointError(
@@ -126,12 +128,24 @@ def open_adapter(root: str | Path) -> LoraAdapter:
         else:
             if ".lora_" in rest:
                 raise CheckpointError(f"{path}: tensor '{key}' is no LoRA parameter peft writes")
+            if rest.endswith(BASE_LAYER):
+                # peft's save_embedding_layers: a targeted embedding's full weight, which replaces
+                # the base model's on load (the LoRA delta is then added to it).
+                rest = rest.removesuffix(BASE_LAYER) + ".weight"
+                base_layers.add(rest)
             saved[rest] = key
     modules: dict[str, LoraModule] = {}
     for module, slots in sorted(parts.items()):
         modules[module] = _module(path, config, module, kinds[module], slots)
     for name in saved:
         owner = name.rsplit(".", 1)[0]
+        if name in base_layers:
+            if owner not in modules:
+                raise CheckpointError(
+                    f"{path}: tensor '{saved[name]}' is a saved base layer of '{owner}', which has "
+                    "no LoRA factors"
+                )
+            continue
         if not config.in_modules_to_save(owner):
             raise CheckpointError(
                 f"{path}: tensor '{saved[name]}' is neither a LoRA factor nor part of "

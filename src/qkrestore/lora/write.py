@@ -221,13 +221,18 @@ def _merged_tensors(
     for mod in mods:
         info = pre.info(mod.weight_name)
         w = read_tensor(pre, mod.weight_name)
+        if mod.weight_name in adapter.saved:  # a saved embedding replaces PRE's before the delta
+            w = value(adapter.saved[mod.weight_name]).to(w.dtype)
         m = value(mod.magnitude.name) if mod.magnitude is not None else None
         new = merged_weight(w, mod, value(mod.a.name), value(mod.b.name), m)
         new = new.to(torch_dtype(info.dtype))
         for r0, r1 in restore_rows.get(mod.weight_name, ()):
             new[r0:r1] = w[r0:r1]  # PRE's bytes, not a float round trip
         yield info.file, to_bytes(new, info.dtype), info.start
+    merged = {m.weight_name for m in mods}
     for name, key in adapter.saved.items():
+        if name in merged:
+            continue
         info = pre.info(name)
         yield info.file, to_bytes(value(key), info.dtype), info.start
 
