@@ -81,6 +81,9 @@ def test_pro_on_adapter_equals_pro_on_merged_post(
     assert cli("pro", pre, adapter, "-o", model, *common, "--merge-adapter").code == 0
     got_model, _ = load_all(model)
     _close(got_model, want)
+    for folder in (out, model):
+        r = cli("verify", folder)
+        assert r.code == 0, r.err
 
 
 def test_pro_ridge_zero_is_restore(built, tmp_path: Path, cli) -> None:
@@ -105,3 +108,15 @@ def test_pro_refuses_dora(tmp_path: Path, cli) -> None:
     assert r.code == 2
     assert len(r.err_lines) == 1 and "DoRA" in r.err and "not low-rank" in r.err
     assert not out.exists()
+
+
+def test_pro_refuses_mla(tmp_path: Path, cli) -> None:
+    """Kimi Linear's MLA layers have no single W_Q/W_K pair per head: refused, as for checkpoints."""
+    from test_families_kimi_zamba import KIMI
+
+    pre = build_base(tmp_path, "kimi_linear", KIMI)
+    adapter = build_adapter(
+        pre, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "kv_b_proj"]
+    )
+    r = cli("pro", pre, adapter, "-o", tmp_path / "out", "--device", "cpu")
+    assert r.code == 2 and "MLA" in r.err and not (tmp_path / "out").exists()

@@ -60,6 +60,8 @@ def run_adapter(pre: str, post: str, job: Any, opts: Any, request: AdapterReques
             raise PlanError(f"--merge-adapter: POST {post} is not a PEFT adapter folder")
         return False
     post_src, post_root = found
+    if opts.link:
+        note("--link has no effect when POST is an adapter (OUT shares no file with it)", job.quiet)
     pre_src = parse_source(pre)
     # An adapter job needs PRE's whole weights (model out) or most of them (shape checks).
     pre_root = fetch_post(pre_src) if pre_src.is_hub else Path(pre)
