@@ -24,12 +24,12 @@ from typing import TypedDict
 from typing_extensions import Unpack
 
 from .adapters.shared import MLA_LATENT
-from .errors import PlanError
+from .errors import PlanError, VerifyError
 from .inspect import LayerReport, compare, describe
 from .job import Hooks, JobOptions, JobResult, open_side, run_job
 from .methods import Method, QKRestore
 from .plan import PlanOptions, parse_layers, parse_targets, pre_only_tensors
-from .verification import VerifyReport, verify_output
+from .verification import Mismatch, VerifyReport, read_provenance, verify_output
 from .writer import WriteOptions
 
 PathLike = str | os.PathLike[str]
@@ -52,6 +52,7 @@ class JobArgs(TypedDict, total=False):
     record_paths: bool
     pre_weights: str | None
     post_weights: str | None
+    merge_adapter: bool
     on_note: Callable[[str], None] | None
 
 
@@ -94,6 +95,7 @@ def _run(
         record_paths=job.get("record_paths", False),
         pre_weights=job.get("pre_weights"),
         post_weights=job.get("post_weights"),
+        merge_adapter=job.get("merge_adapter", False),
     )
     # Recorded like a command line (absolute paths are shortened the same way).
     command = shlex.join([f"qkrestore.{call}", *map(os.fspath, (pre, post, output))])
@@ -190,6 +192,19 @@ def verify(
     """
     if forward not in ("auto", "always", "never"):
         raise PlanError(f"forward={forward!r}: use 'auto', 'always' or 'never'")
+    from .lora import is_adapter_record, verify_adapter_output
+
+    out = Path(output)
+    record = read_provenance(out)
+    if is_adapter_record(record):  # made from a PEFT adapter: checked merged with PRE
+        pre_path, post_path = (None if p is None else Path(p) for p in (pre, post))
+        report = VerifyReport(out=str(out), pre=str(pre_path or ""), post=str(post_path or ""))
+        try:
+            doc = verify_adapter_output(out, record, pre_path, post_path)
+            report.tensors_checked = int(doc["tensors_checked"])
+        except VerifyError as exc:
+            report.mismatches.append(Mismatch(str(out), None, exc.message))
+        return report
     return verify_output(
         Path(output),
         None if pre is None else Path(pre),

@@ -235,9 +235,13 @@ def write_card_and_provenance(
     )
     record = provenance(plan, pre, post, command, result, record_paths)
     (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_local_record(folder, {"pre": str(pre.root), "post": str(post.root)})
+
+
+def write_local_record(folder: Path, paths: dict[str, str]) -> None:
+    """Where the sources are on this machine (for ``verify``), in the folder ``push`` leaves out."""
     local = folder / LOCAL_RECORD
     local.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"pre": str(pre.root), "post": str(post.root)}
     local.write_text(json.dumps(paths, indent=2) + "\n", encoding="utf-8")
 
 

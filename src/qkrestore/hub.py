@@ -124,6 +124,11 @@ def fetch_post(source: Source) -> Path:
     )
 
 
+def download_files(source: Source, patterns: list[str]) -> Path:
+    """Only the files matching ``patterns`` (e.g. probing a repo for ``adapter_config.json``)."""
+    return _download(source, allow_patterns=patterns)
+
+
 def pre_shards_needed(weight_map: Mapping[str, str], names: Iterable[str]) -> list[str]:
     """The shard files of PRE that hold the given tensors (the only ones worth downloading)."""
     missing = [n for n in names if n not in weight_map]

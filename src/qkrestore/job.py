@@ -33,6 +33,7 @@ from .hub import (
     parse_source,
     push_folder,
 )
+from .lora import adapter_source
 from .methods import Computed, Method
 from .plan import RestorePlan, pre_names_for, pre_only_tensors
 from .writer import WriteOptions, WriteResult, check_output_location, preflight, write_output
@@ -59,6 +60,7 @@ class JobOptions:
     record_paths: bool = False  # keep absolute local paths in the command and provenance
     pre_weights: str | None = None  # which weight set to read where a folder holds two
     post_weights: str | None = None
+    merge_adapter: bool = False  # POST a PEFT adapter: write a full checkpoint, not an adapter
 
 
 @contextlib.contextmanager
@@ -149,6 +151,11 @@ def run_job(
     """Run ``method`` on PRE and POST (folders or Hub ids) and write, or only plan, OUT."""
     hooks = hooks or Hooks()
     notes = _Notes(hooks.note)
+    adapter = adapter_source(post)
+    if adapter is not None:
+        return _adapter_job(pre, adapter, method, options, hooks, notes)
+    if options.merge_adapter:
+        raise PlanError(f"--merge-adapter: POST {post} is not a PEFT adapter folder")
     pre_src, post_src = parse_source(pre), parse_source(post)
     if options.dry_run and (pre_src.is_hub or post_src.is_hub):
         return _hub_dry_run(pre_src, post_src, method, options, hooks, notes)
@@ -208,6 +215,7 @@ def run_job(
             result = _write(plan, method, pre_ck, post_ck, sources, options, hooks, notes, summary)
     for skipped in result.skipped:
         notes(f"not copied from POST (weights outside the set the loader reads): {skipped}")
+    _push(result.out, plan.method, options, summary)
     summary.update(
         {
             "output": str(result.out),
@@ -218,15 +226,80 @@ def run_job(
             "tensor_sha256": result.tensor_sha256,
         }
     )
-    if options.push_to_hub:
+    return JobResult(plan, summary, notes.kept)
+
+
+def _push(out: Path, what: str, options: JobOptions, summary: dict[str, Any]) -> None:
+    """Upload OUT after a successful write, when asked; the commit URL goes into the summary."""
+    if options.push_to_hub and not options.dry_run:
         summary["pushed"] = push_folder(
-            result.out,
+            out,
             options.push_to_hub,
             private=options.private,
             revision=options.revision,
-            message=f"{plan.method} with qkrestore {__version__}",
+            message=f"{what} with qkrestore {__version__}",
         )
-    return JobResult(plan, summary, notes.kept)
+
+
+def _adapter_job(
+    pre: str,
+    found: tuple[Source, Path],
+    method: Method,
+    options: JobOptions,
+    hooks: Hooks,
+    notes: _Notes,
+) -> JobResult:
+    """POST is a PEFT adapter: the method runs on POST = PRE + adapter (see :mod:`qkrestore.lora`),
+    writing an adapter (default) or, with ``merge_adapter``, a full checkpoint."""
+    from .lora import run_adapter_job
+
+    post_src, post_root = found
+    params = method.solver_params()
+    if params.get("form", "ridge") != "ridge":
+        raise PlanError(
+            f"--form {params['form']}: QK-Pro on a PEFT adapter has the ridge form only"
+        )
+    if options.write.link:
+        notes("--link has no effect when POST is an adapter (OUT shares no file with it)")
+    pre_src = parse_source(pre)
+    # An adapter job needs PRE's whole weights (model out) or most of them (shape checks).
+    pre_root = fetch_post(pre_src) if pre_src.is_hub else Path(pre)
+    with open_side(pre_root, "PRE", weights=options.pre_weights) as pre_ck:
+        pre_id = options.pre_id or hub_id_for(pre_src, pre_ck.root, pre_ck.config)
+        total = pre_ck.total_bytes if options.merge_adapter else 0
+    post_id = options.post_id or post_src.repo_id
+    opts = method.options
+    with hooks.progress(method.name, total) as advance:
+        result = run_adapter_job(
+            pre_root,
+            post_root,
+            options.output,
+            method=method.name,
+            merge_adapter=options.merge_adapter,
+            layers=opts.layers,
+            include_sliding=opts.include_sliding,
+            targets=opts.targets,
+            fix=params.get("fix", "key"),
+            ridge=params.get("ridge", 1.0),
+            device=params.get("device", "auto"),
+            adapter_options=dict(opts.adapter_options),
+            tensor_pattern=opts.tensor_pattern,
+            overwrite=options.write.overwrite,
+            dry_run=options.dry_run,
+            expect_layers=options.expect_layers,
+            pre_source=pre,
+            post_source=post_src.repo_id or str(post_root),
+            pre_id=pre_id,
+            post_id=post_id,
+            record_paths=options.record_paths,
+            command=hooks.command or command_line(),
+            progress=advance,
+        )
+    for n in result.notes:
+        notes(n)
+    summary = result.to_json()
+    _push(result.out, f"{result.plan.method} on a LoRA adapter", options, summary)
+    return JobResult(result.plan, summary, notes.kept)
 
 
 def _source_record(

@@ -43,6 +43,11 @@ class Method(Protocol):
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan: ...
 
+    def solver_params(self) -> dict[str, Any]:
+        """The method's own parameters beyond planning (for jobs that solve elsewhere, such as a
+        PEFT adapter's low-rank QK-Pro); empty for a method that only copies rows."""
+        ...
+
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
     ) -> Computed | None: ...
@@ -57,6 +62,9 @@ class QKRestore:
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
         return build_plan(pre, post, self.options)
+
+    def solver_params(self) -> dict[str, Any]:
+        return {}
 
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path

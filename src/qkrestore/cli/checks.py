@@ -10,13 +10,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import api
-from ..errors import EXIT_VERIFY_FAILED
+from ..errors import EXIT_VERIFY_FAILED, PlanError
 from ..hub import push_folder
 from ..inspect import LayerReport
+from ..lora import is_adapter_source
 from ..verification import read_provenance, verify_output
 from .options import ForwardMode, ForwardOpt, JsonOpt, PreWeightsOpt, PrivateOpt, RevisionOpt
 from .output import (
     EXIT_CODES_HELP,
+    adapter_table,
     emit_json,
     err_console,
     narrow_table,
@@ -110,7 +112,7 @@ def _ranges(layers: list[int]) -> str:
 
 
 def inspect_layers(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder, or a PEFT adapter folder.")],
     compare_with: Annotated[
         Path | None,
         typer.Option("--compare", help="Another checkpoint: report Q/K drift ‖ΔW‖/‖W‖ per layer."),
@@ -121,9 +123,18 @@ def inspect_layers(
             "--weights", help="Where MODEL holds two weight sets: the one to read (see merge)."
         ),
     ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="For an adapter: its base model, to plan each LoRA module."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show which layers are softmax attention and where their Q/K tensors are."""
+    if is_adapter_source(model):
+        _inspect_adapter(model, base, json_out)
+        return
+    if base is not None:
+        raise PlanError(f"--base: {model} is not a PEFT adapter folder")
     report = api.inspect_layers(model, compare_with=compare_with, weights=weights)
     if json_out:
         emit_json(report.to_json())
@@ -168,6 +179,20 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check every byte of OUT against its recorded plan, PRE and POST."""
+    from ..lora import is_adapter_record, verify_adapter_output
+
+    record = read_provenance(out)
+    if is_adapter_record(record):  # made from a PEFT adapter: merged with PRE, as loaders do
+        doc = verify_adapter_output(out, record, pre, post)
+        if json_out:
+            emit_json(doc)
+        else:
+            out_console.print(
+                f"[green]✓[/green] {out}: {doc['tensors_checked']} tensors of the "
+                f"{doc['output_kind']} output match PRE and the input adapter",
+                highlight=False,
+            )
+        return
     report = verify_output(out, pre, post, forward.value, pre_weights=pre_weights)
     if json_out:
         emit_json(report.to_json())
@@ -194,6 +219,36 @@ def verify(
                 highlight=False,
             )
         raise typer.Exit(EXIT_VERIFY_FAILED)
+
+
+def _inspect_adapter(model: Path, base: Path | None, json_out: bool) -> None:
+    """``inspect-layers ADAPTER [--base PRE]``: the adapter's modules and what QK-Restore does."""
+    from ..lora import inspect_adapter
+    from ..lora.config import read_adapter_config
+
+    named = read_adapter_config(model).base_model
+    if base is None and named and Path(named).is_dir():
+        base = Path(named)  # the adapter names a local base: plan against it
+    doc = inspect_adapter(model, base)
+    if json_out:
+        emit_json(doc)
+        return
+    c = out_console
+    c.print(
+        f"[bold]{doc['path']}[/bold]\nPEFT LoRA adapter   base_model: {doc['base_model']}   "
+        f"DoRA: {doc['use_dora']}   rsLoRA: {doc['use_rslora']}   "
+        f"{len(doc['modules'])} modules, {doc['adapter_bytes']:,} bytes",
+        highlight=False,
+    )
+    if base is None:
+        note("layer kinds come from the base model's config: pass --base PRE to see the plan")
+    else:
+        c.print(
+            f"base: {doc['base']}   model_type: {doc['model_type']}   "
+            f"global softmax: {doc['global_layers']}",
+            highlight=False,
+        )
+    c.print(adapter_table(doc["modules"]))
 
 
 def push(

@@ -271,3 +271,11 @@ RemoteOpt = Annotated[
         "as HypeNet). Off by default: that code runs with your permissions.",
     ),
 ]
+MergeAdapterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge-adapter",
+        help="When POST is a PEFT adapter: write a full checkpoint (PRE + adapter merged) instead "
+        "of an adapter.",
+    ),
+]

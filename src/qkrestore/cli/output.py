@@ -154,6 +154,21 @@ def short_tensor(name: str, layer: int) -> str:
     return tail if sep else name
 
 
+def adapter_table(modules: Sequence[dict[str, Any]]) -> Table:
+    """What QK-Restore does to each LoRA module of a PEFT adapter (keep, drop, zero rows, solve)."""
+    table = narrow_table("adapter modules", ("layer", "module", "action", "target", "rows"))
+    for m in modules:
+        layer = m.get("layer")
+        table.add_row(
+            "" if layer is None else str(layer),
+            m["module"],
+            m.get("action", ""),
+            m.get("target", ""),
+            rows_text(m.get("rows") or []),
+        )
+    return table
+
+
 def plan_table(plan: RestorePlan) -> Table:
     """The plan, one row per tensor, narrow enough for an 80-column terminal."""
     table = narrow_table(

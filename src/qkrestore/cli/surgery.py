@@ -33,6 +33,7 @@ from .options import (
     JsonOpt,
     LayersOpt,
     LinkOpt,
+    MergeAdapterOpt,
     MlaLatent,
     MlaLatentOpt,
     OutputOpt,
@@ -58,6 +59,7 @@ from .options import (
 )
 from .output import (
     EXIT_CODES_HELP,
+    adapter_table,
     byte_progress,
     command_text,
     emit_json,
@@ -103,6 +105,7 @@ class _Flags:
     include_sliding: bool
     allow_arch_mismatch: bool
     carry_missing: bool
+    merge_adapter: bool
     dry_run: bool
     overwrite: bool
     link: bool
@@ -146,6 +149,7 @@ class _Flags:
             record_paths=self.record_paths,
             pre_weights=self.pre_weights,
             post_weights=self.post_weights,
+            merge_adapter=self.merge_adapter,
         )
 
 
@@ -155,6 +159,7 @@ _SHARED: tuple[tuple[str, Any, Any], ...] = (
     ("include_sliding", SlidingOpt, False),
     ("allow_arch_mismatch", ArchOpt, False),
     ("carry_missing", CarryMissingOpt, False),
+    ("merge_adapter", MergeAdapterOpt, False),
     ("dry_run", DryRunOpt, False),
     ("overwrite", OverwriteOpt, False),
     ("link", LinkOpt, False),
@@ -270,17 +275,30 @@ def _render(result: JobResult, flags: _Flags, human: Console) -> None:
         human.print(table)
         human.print(f"dry run: nothing downloaded or written; OUT would be {flags.output}")
         return
+    adapter = summary.get("input") == "peft-adapter"
+    if adapter and (result.dry_run or flags.verbose):
+        human.print(adapter_table(summary["adapter_plan"]["modules"]))
     if result.dry_run:
         human.print(f"dry run: nothing written; OUT would be {flags.output}")
         return
     plan = result.plan
     if flags.json_out:
         return
-    verb = "solved" if plan.method == METHOD_PRO else "restored"
-    human.print(
-        f"[green]✓[/green] {verb} {len(plan.patches)} tensors in layers "
-        f"{', '.join(map(str, plan.layers))} → {result.output}",
-        highlight=False,
-    )
+    if adapter:
+        counts = summary["adapter_plan"]["counts"]
+        what = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        kind = summary["output_kind"]
+        human.print(
+            f"[green]✓[/green] {kind} written ({what}; layers "
+            f"{', '.join(map(str, plan.layers))}) → {result.output}",
+            highlight=False,
+        )
+    else:
+        verb = "solved" if plan.method == METHOD_PRO else "restored"
+        human.print(
+            f"[green]✓[/green] {verb} {len(plan.patches)} tensors in layers "
+            f"{', '.join(map(str, plan.layers))} → {result.output}",
+            highlight=False,
+        )
     if "pushed" in summary:
         human.print(f"[green]✓[/green] pushed to {summary['pushed']}", highlight=False)

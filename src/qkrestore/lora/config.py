@@ -1,0 +1,258 @@
+"""``adapter_config.json`` of a PEFT LoRA/DoRA adapter, read with peft's own matching rules.
+
+Which modules an adapter targets, and with which rank and scale, is decided by peft from the config
+and the module's name. The rules are repeated here (not imported: a plain merge must not need peft)
+and pinned to peft's source, ``peft/tuners/tuners_utils.py::check_target_module_exists`` and
+``peft/utils/other.py::get_pattern_key`` (peft 0.21), so that planning agrees with what peft loads:
+
+* ``target_modules`` as a string is a regular expression matched with ``re.fullmatch`` against the
+  module's full name; as a list, a name matches if it equals an entry or ends with ``.<entry>``;
+  ``layers_to_transform``/``layers_pattern`` then narrow list matches to some layer indices.
+* ``exclude_modules`` (peft ≥ 0.14) has the same string/list forms and wins over targets.
+* ``rank_pattern``/``alpha_pattern`` keys match when ``re.match(rf"(.*\\.)?({key})$", name)``; the
+  first matching key (in the file's order) gives the module's ``r``/``lora_alpha``.
+* The scale of a module is ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import JSON_ERRORS
+from ..errors import ConfigError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# Keys peft writes for features whose merged weight is not W + s·B·A (or is not a weight at all):
+# planning rows of such an adapter would not describe what peft does with it.
+UNSUPPORTED_FEATURES = {
+    "lora_bias": "a bias on lora_B",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token indices",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of ``adapter_config.json`` that decide which weights change, and by how much."""
+
+    path: Path
+    raw: dict[str, Any]
+    base_model: str | None
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: str | tuple[str, ...] | None
+    exclude_modules: str | tuple[str, ...] | None
+    layers_to_transform: int | tuple[int, ...] | None
+    layers_pattern: tuple[str, ...] | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    modules_to_save: tuple[str, ...]
+
+    # -- peft's matching rules --------------------------------------------------------------------
+
+    def excluded(self, name: str) -> bool:
+        return _matches_list_or_regex(self.exclude_modules, name)
+
+    def in_modules_to_save(self, name: str) -> bool:
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save)
+
+    def targets(self, name: str) -> bool:
+        """Whether peft puts a LoRA layer on the module called ``name`` (its full dotted name)."""
+        if self.excluded(name) or self.in_modules_to_save(name):
+            return False
+        t = self.target_modules
+        if t is None:
+            return False
+        if isinstance(t, str):
+            return re.fullmatch(t, name) is not None
+        if name in t:
+            return True
+        if not any(name.endswith(f".{k}") for k in t):
+            return False
+        if self.layers_to_transform is None or self.layers_to_transform == ():
+            return True
+        index = layer_index(name, self.layers_pattern)
+        if index is None:
+            return False
+        if isinstance(self.layers_to_transform, int):
+            return index == self.layers_to_transform
+        return index in self.layers_to_transform
+
+    def rank_and_alpha(self, name: str) -> tuple[int, float]:
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, name), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, name), self.lora_alpha)
+        return int(r), float(alpha)
+
+    def scaling(self, name: str) -> float:
+        """``s`` in ``ΔW = s·B·A`` for this module (peft's ``LoraLayer.update_layer``)."""
+        r, alpha = self.rank_and_alpha(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def layer_index(name: str, layers_pattern: Sequence[str] | None) -> int | None:
+    """The layer index peft reads from a module name (the first numbered segment)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pattern in layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _pattern_key(patterns: dict[str, Any], name: str) -> str:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def _matches_list_or_regex(value: str | tuple[str, ...] | None, name: str) -> bool:
+    if not value:
+        return False
+    if isinstance(value, str):
+        return re.fullmatch(value, name) is not None
+    return name in value or any(name.endswith(f".{k}") for k in value)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A folder holding ``adapter_config.json`` (PEFT's marker) rather than ``config.json``."""
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG_NAME).is_file()
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    """Parse and check ``adapter_config.json``; refuse anything whose merge is not LoRA's."""
+    path = folder / CONFIG_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing (a PEFT adapter folder needs it)") from None
+    except JSON_ERRORS as exc:
+        raise ConfigError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    peft_type = str(raw.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise ConfigError(
+            f"{path}: peft_type {raw.get('peft_type')!r} is not supported (only LORA, with or "
+            "without DoRA)",
+            hint="IA³, LoHa, LoKr and prompt/prefix tuning change the model differently; merge "
+            "them with peft first and pass the merged checkpoint as POST",
+        )
+    for key, what in UNSUPPORTED_FEATURES.items():
+        if raw.get(key):
+            raise ConfigError(
+                f"{path}: {what} ({key}={raw[key]!r}) is not supported",
+                hint="merge the adapter with peft's merge_and_unload and pass the merged "
+                "checkpoint as POST",
+            )
+    if raw.get("bias", "none") != "none":
+        raise ConfigError(
+            f"{path}: bias={raw['bias']!r} trains the base layers' biases, which is not supported",
+            hint="merge the adapter with peft and pass the merged checkpoint as POST",
+        )
+    return AdapterConfig(
+        path=path,
+        raw=raw,
+        base_model=raw.get("base_model_name_or_path") or None,
+        r=_positive_int(raw.get("r", 8), "r", path),
+        lora_alpha=_number(raw.get("lora_alpha", 8), "lora_alpha", path),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        target_modules=_str_or_list(raw.get("target_modules"), "target_modules", path),
+        exclude_modules=_str_or_list(raw.get("exclude_modules"), "exclude_modules", path),
+        layers_to_transform=_layers(raw.get("layers_to_transform"), path),
+        layers_pattern=_pattern_list(raw.get("layers_pattern"), path),
+        rank_pattern={
+            str(k): _positive_int(v, f"rank_pattern[{k!r}]", path)
+            for k, v in _dict(raw.get("rank_pattern"), "rank_pattern", path).items()
+        },
+        alpha_pattern={
+            str(k): _number(v, f"alpha_pattern[{k!r}]", path)
+            for k, v in _dict(raw.get("alpha_pattern"), "alpha_pattern", path).items()
+        },
+        modules_to_save=tuple(
+            _str_or_list(raw.get("modules_to_save"), "modules_to_save", path, regex=False) or ()
+        ),
+    )
+
+
+def _positive_int(value: Any, key: str, path: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{path}: '{key}' must be a positive integer, not {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, path: Path) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{path}: '{key}' must be a number, not {value!r}")
+    return float(value)
+
+
+def _dict(value: Any, key: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: '{key}' must be an object")
+    return value
+
+
+def _str_or_list(
+    value: Any, key: str, path: Path, *, regex: bool = True
+) -> str | tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not regex:
+            return (value,)
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ConfigError(
+                f"{path}: '{key}' {value!r} is not a regular expression ({exc})"
+            ) from None
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{path}: '{key}' must be a string or a list of strings")
+
+
+def _layers(value: Any, path: Path) -> int | tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(value)
+    raise ConfigError(f"{path}: 'layers_to_transform' must be an integer or a list of integers")
+
+
+def _pattern_list(value: Any, path: Path) -> tuple[str, ...] | None:
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{path}: 'layers_pattern' must be a string or a list of strings")
