@@ -8,7 +8,10 @@ bar and notes go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import QKRestoreError
+from ..lora import is_adapter_source
 from ..runtime import choose_device, model_dtype_for
 from .options import (
     ArchOpt,
@@ -141,6 +145,20 @@ def _folder(path: Path, label: str) -> Path:
     if not Path(path).is_dir():
         raise QKRestoreError(f"{label} {path}: not a local model folder (sweep loads the model)")
     return Path(path)
+
+
+@contextlib.contextmanager
+def _merged_post(adapter: Path, pre: Path, quiet: bool) -> Iterator[Path]:
+    """POST = PRE + the adapter merged whole, as a temporary checkpoint for the sweep to load.
+
+    Candidates are then planned on PRE and that POST exactly as for full checkpoints, and a
+    recipe written from the sweep applies to the adapter itself (``merge`` takes adapters).
+    """
+    from ..lora import write_merged_post
+
+    with tempfile.TemporaryDirectory(prefix="qkrestore-sweep-post-") as tmp:
+        note(f"POST is a PEFT adapter: sweeping PRE + adapter, merged into {tmp}", quiet)
+        yield write_merged_post(pre, adapter, Path(tmp) / "post")
 
 
 def _niah(lengths: str, task: NiahTask, samples: int, seed: int) -> Any:
@@ -339,7 +357,9 @@ def sweep(
         write_recipe as write_recipe_file,
     )
 
-    pre_dir, post_dir = _folder(pre, "PRE"), _folder(post, "POST")
+    pre_dir = _folder(pre, "PRE")
+    adapter = is_adapter_source(post)  # POST = PRE + adapter: PRE's config describes it
+    post_dir = pre_dir if adapter else _folder(post, "POST")
     groups = tuple(g.strip() for g in candidates.split(",") if g.strip())
     bad = [g for g in groups if g not in GROUPS]
     if not groups or bad:
@@ -390,9 +410,12 @@ def sweep(
         autocast=autocast,
         trust_remote_code=trust_remote_code,
     )
-    with BarProgress(not quiet) as bar:
+    merged = _merged_post(post, pre_dir, quiet) if adapter else contextlib.nullcontext(post_dir)
+    with merged as run_post, BarProgress(not quiet) as bar:
         refs = [c.bound.ref for c in rule.conditions if c.bound.ref is not None]
-        report = run_sweep(pre_dir, post_dir, cfg, bar, refs)
+        report = run_sweep(pre_dir, run_post, cfg, bar, refs)
+    if adapter:
+        report["post"], report["post_is_adapter"] = str(post), True
     results = report["candidates"]
     idx = choose(rule, results)
     report["pick"] = {

@@ -19,6 +19,7 @@ _LAZY = (
     "is_adapter_record",
     "run_adapter_job",
     "verify_adapter_output",
+    "write_merged_post",
 )
 
 

@@ -236,6 +236,24 @@ def run_adapter_job(
         return result
 
 
+def write_merged_post(pre_root: str | Path, adapter_root: str | Path, folder: Path) -> Path:
+    """POST = PRE + the adapter, every module merged (nothing restored), in PRE's layout.
+
+    What ``sweep`` loads as POST when POST is an adapter: the same merge as ``--merge-adapter``
+    with an empty restore plan, so every LoRA module keeps its whole delta.
+    """
+    with (
+        _labelled("PRE", Checkpoint.open, pre_root) as pre,
+        _labelled("POST", open_adapter, adapter_root) as adapter,
+    ):
+        check_base(adapter, pre.tensors, str(pre.root))
+        plan = build_plan(pre, pre, PlanOptions(layers=[]))
+        aplan = plan_adapter(adapter, plan)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_model(folder, pre, adapter, aplan, compute_edits(adapter, aplan, pre))
+    return folder
+
+
 def _labelled(label: str, opener: Callable[[Any], Any], path: Any) -> Any:
     """Open an input, naming the side in its error (``PRE: …``), as the checkpoint jobs do."""
     try:
