@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--also-targets", action="append", metavar="LIST",
-                    help="also merge with --targets LIST (e.g. q,k,v,o), as an ablation; repeatable")  # fmt: skip
+                    help="also merge with --targets LIST (e.g. q,k,v,o), as an ablation; repeatable; "
+                         "'none' drops the setup's")  # fmt: skip
     ap.add_argument("--locate", action="store_true",
                     help="also measure POST's recall with each group of PRE's parameters put back")  # fmt: skip
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["linear_decay"] == 0:
         cfg["linear_decay"] = None
     for t in args.also_targets or []:
-        if t not in cfg["also_targets"]:
+        if t == "none":  # drop the setup's default ablations
+            cfg["also_targets"] = []
+        elif t not in cfg["also_targets"]:
             cfg["also_targets"] = [*cfg["also_targets"], t]
     dev = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -235,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         curriculum=[[L, round(end, 3)] for L, end in stages],
     )  # fmt: skip
     model.save_pretrained(ckpt / "pre")
+    pre, sft = str(ckpt / "pre"), str(ckpt / "sft")
+    # the rows QK-Restore takes from PRE, as the tool plans them (also what QK-Frozen holds, and
+    # what the SFT curve swaps in to follow +QK-Restore along SFT)
+    qk_set = locate.qk_restore_selections(pre, pre)[0]
+    pre_qk = {n: t.detach().clone() for n, t in model.state_dict().items() if n in qk_set}
 
     # 2. CoT-SFT -----------------------------------------------------------------------------
     rng_sft = np.random.default_rng(seed + 1)
@@ -259,7 +267,18 @@ def main(argv: list[str] | None = None) -> int:
             m, n_problems=max(1, cfg["eval_problems"] // 3), n_min=cfg["cot_digits"][0],
             n_max=cfg["cot_digits"][1], seed=20_000 + seed, device=dev, task=cot,
         )  # fmt: skip
-        return {"recall": {str(k): v for k, v in r.items()}, "cot": float(rea["answer"])}
+        point = {"recall": {str(k): v for k, v in r.items()}, "cot": float(rea["answer"])}
+        saved = locate.swap(m, pre_qk, qk_set)  # the same model with PRE's QK-Restore rows
+        try:
+            r = evaluate.recall(
+                m, markov, cfg["lengths"], n_docs=max(8, cfg["eval_docs"] // 4),
+                batch=cfg["eval_batch"], needles_per_1k=cfg["needles_per_1k"],
+                n_queries=cfg["n_queries"], seed=10_000 + seed, device=dev,
+            )  # fmt: skip
+        finally:
+            locate.swap(m, saved, dict.fromkeys(qk_set))
+        point["recall_qk_restored"] = {str(k): v for k, v in r.items()}
+        return point
 
     sft_info = train.train(
         model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log, name="sft",
@@ -279,9 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         sft2_info["total_sft_steps"] = sft_info["steps"] + sft2_info["steps"]
         model.save_pretrained(ckpt / "sft-long")
     del model
-    pre, sft = str(ckpt / "pre"), str(ckpt / "sft")
-    # the rows QK-Restore takes from PRE, as the tool plans them (also what QK-Frozen holds)
-    qk_set = locate.qk_restore_selections(pre, pre)[0]
     frozen_info = None
     if cfg["qk_frozen"]:  # Table 4's QK-Frozen: the same SFT from PRE, QK-Restore's rows held
         model = evaluate.load(pre, dev)
