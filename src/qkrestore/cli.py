@@ -48,6 +48,7 @@ from .cli_options import (
     TargetsOpt,
     VerboseOpt,
 )
+from .cli_sweep import register as register_sweep
 from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -178,6 +179,7 @@ PRO_EPILOG = (
   qkrestore pro ./base ./sft -o ./sft-qkpro                     # --fix key --ridge 1.0
   qkrestore pro ./base ./sft -o ./out --fix query --ridge 0.1 --device cuda
   qkrestore pro ./base ./sft -o ./out --ridge 0 --dry-run        # ridge 0 is QK-Restore
+  qkrestore pro ./base ./sft -o ./out --form cross-gram          # exact cross-Gram, no ridge
 
 """
     + EXIT_CODES_HELP
@@ -201,6 +203,14 @@ def pro(
             help="Relaxation R ≥ 0 (λ = R·trace(G)/d_h): 0 gives QK-Restore, large R gives POST.",
         ),
     ] = 1.0,
+    form: Annotated[
+        str,
+        typer.Option(
+            "--form",
+            help="'ridge' (default): the ridge-relaxed bilinear form; 'cross-gram': keep PRE's "
+            "d_h×d_h cross-Gram Q_h K_gᵀ exactly, with the smallest change (ignores --ridge).",
+        ),
+    ] = "ridge",
     device: Annotated[
         DeviceChoice,
         typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),
@@ -249,7 +259,7 @@ def pro(
         post,
         job,
         opts,
-        lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value),
+        lambda a, b: plan_pro(a, b, opts, fix.value, ridge, device.value, form),
     )
 
 
@@ -454,6 +464,7 @@ def demo(
 
 
 register_diagnostics(app)
+register_sweep(app)
 
 
 # -- entry point ----------------------------------------------------------------------------------

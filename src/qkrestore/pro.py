@@ -24,20 +24,34 @@ from .dtypes import FLOAT_DTYPES, to_bytes
 from .errors import PlanError
 from .merge import MergeOptions
 from .plan import METHOD_PRO, RestorePlan, TensorPatch, build_plan
-from .pro_math import resolve_device, solve_fix_key_batched, solve_fix_query_batched
+from .pro_math import (
+    resolve_device,
+    solve_cross_gram_batched,
+    solve_fix_key_batched,
+    solve_fix_query_batched,
+)
 from .tensors import read_rows
 
 # Families whose softmax layers have no single W_Q/W_K pair per head (MLA's low-rank K, Zamba2's
 # shared blocks with per-layer adapters): the closed form is not defined there.
 UNSUPPORTED = {"kimi_linear": "MLA layers", "zamba2": "shared blocks with LoRA adapters"}
 BATCH_BYTES = 1 << 30
+FORMS = ("ridge", "cross-gram")  # pro --form: docs/qk-pro.md derives both
 
 
 def plan_pro(
-    pre: Checkpoint, post: Checkpoint, opts: MergeOptions, fix: str, ridge: float, device: str
+    pre: Checkpoint,
+    post: Checkpoint,
+    opts: MergeOptions,
+    fix: str,
+    ridge: float,
+    device: str,
+    form: str = "ridge",
 ) -> RestorePlan:
     if fix not in ("key", "query"):
         raise PlanError(f"--fix {fix!r}: use 'key' or 'query'")
+    if form not in FORMS:
+        raise PlanError(f"--form {form!r}: use {' or '.join(FORMS)}")
     if not ridge >= 0:
         raise PlanError(f"--ridge {ridge}: must be ≥ 0")
     try:
@@ -83,6 +97,9 @@ def plan_pro(
                     f"layer {layer}: QK-Pro needs exactly one W_{target.upper()} weight, found {n}"
                 )
     plan.params.update({"fix": fix, "ridge": ridge, "device": device})
+    if form != "ridge":  # the cross-gram form has no ridge; plans without "form" are ridge plans
+        del plan.params["ridge"]
+        plan.params["form"] = form
     return plan
 
 
@@ -124,7 +141,7 @@ def solve(
     plan: RestorePlan, pre: Checkpoint, post: Checkpoint, store: ComputedStore
 ) -> dict[str, float]:
     """Solve every planned layer, in batches of layers of equal shape, into ``store``."""
-    fix, ridge = plan.params["fix"], float(plan.params["ridge"])
+    fix, form = plan.params["fix"], plan.params.get("form", "ridge")
     device = resolve_device(plan.params["device"])
     n_heads = int(text_config(post.config).get("num_attention_heads") or 0)
     if n_heads <= 0:
@@ -157,8 +174,14 @@ def solve(
         n_kv = k_rows // d_h
         if n_heads % n_kv:
             raise PlanError(f"layer {batch[0]}: {n_heads} query heads over {n_kv} KV groups")
-        fn = solve_fix_key_batched if fix == "key" else solve_fix_query_batched
-        solved = fn(free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device)
+        if form == "cross-gram":
+            solved = solve_cross_gram_batched(
+                fix, free_pre, free_post, fixed_pre, n_heads, n_kv, device=device
+            )
+        else:
+            fn = solve_fix_key_batched if fix == "key" else solve_fix_query_batched
+            ridge = float(plan.params["ridge"])
+            solved = fn(free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device)
         for patch, rows in zip(names, solved):
             store.put(patch.name, to_bytes(rows, patch.dtype))
         stats["layers"] += len(batch)

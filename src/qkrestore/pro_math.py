@@ -666,3 +666,157 @@ def stationarity_residual(
     denom = float(torch.linalg.vector_norm(rhs))
     num = float(torch.linalg.vector_norm(res))
     return num / denom if denom > 0 else num
+
+
+# --------------------------------------------------------------------------- cross-gram form
+#
+# The second reading of the paper's Appendix N (``pro --form cross-gram``): constrain the d_h × d_h
+# cross-Gram ``Q_h K_gᵀ`` to PRE's instead of relaxing the d × d bilinear form with a ridge. The
+# smallest change of the free side that meets the constraint moves each row of the difference
+# ``P_pre − P_post`` onto the row space of the fixed block; see docs/qk-pro.md ("Cross-gram form").
+# These functions only call the helpers above through ``_cg_device`` so that a rename there is a
+# one-line fix here.
+
+
+def _cg_device(
+    device: str | torch.device, compute_dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """The compute device and dtype, chosen as the ridge form chooses them."""
+    dev = resolve_device(device)
+    return dev, compute_dtype or compute_dtype_for(dev)
+
+
+def row_space_basis(blocks: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the row space of each ``(r, d)`` block of ``(S, r, d)``.
+
+    Returns ``(S, r, d)`` whose rows are the right singular vectors of each block, with the rows
+    beyond the block's numerical rank set to zero, so that ``Vᵀ V`` (never formed) is the
+    orthogonal projector ``Fᵀ (F Fᵀ)⁺ F`` onto the row space even when ``F`` is rank-deficient.
+    The SVD of the block is used rather than the pseudo-inverse of ``F Fᵀ``: it does not square
+    the condition number. The rank cut-off is NumPy's ``matrix_rank`` default,
+    ``σ_max · max(r, d) · eps``.
+    """
+    _, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+    r, d = blocks.shape[-2], blocks.shape[-1]
+    tol = s[..., :1] * (max(r, d) * torch.finfo(blocks.dtype).eps)
+    keep = (s > tol) & (s > 0)
+    return vh * keep.unsqueeze(-1).to(vh.dtype)
+
+
+def _cg_layer(
+    fix: Fix,
+    free_pre: torch.Tensor,
+    free_post: torch.Tensor,
+    fixed_pre: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The cross-gram solution for one layer's free side, in ``dtype`` on the inputs' device."""
+    d = free_pre.shape[1]
+    per = n_heads // n_kv_heads
+    if fix == "key":
+        d_h = free_pre.shape[0] // n_heads
+        # One constraint block per KV group (K_g); every head of the group uses its basis.
+        basis = row_space_basis(fixed_pre.to(dtype).view(n_kv_heads, d_h, d))
+        basis = basis.repeat_interleave(per, dim=0)
+        n_free = n_heads
+    else:
+        d_h = free_pre.shape[0] // n_kv_heads
+        # K_g must keep its cross-Gram with every query head that reads it: stack the group's Q_h.
+        basis = row_space_basis(fixed_pre.to(dtype).view(n_kv_heads, per * d_h, d))
+        n_free = n_kv_heads
+    post = free_post.to(dtype).view(n_free, d_h, d)
+    diff = free_pre.to(dtype, copy=True).view(n_free, d_h, d)
+    diff.sub_(post)  # D = P_pre − P_post, exact: both upcast before subtracting
+    coords = torch.bmm(diff, basis.transpose(1, 2))  # (n_free, d_h, r): D's rows in the basis
+    return torch.baddbmm(post, coords, basis).view(n_free * d_h, d)  # P_post + D·P
+
+
+def solve_cross_gram_batched(
+    fix: Fix,
+    free_pre: LayerStack,
+    free_post: LayerStack,
+    fixed_pre: LayerStack,
+    n_heads: int,
+    n_kv_heads: int,
+    *,
+    device: str | torch.device = "cpu",
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """QK-Pro's cross-gram form for many layers: the free side closest to POST whose cross-Gram
+    with the fixed (PRE) side equals PRE's.
+
+    ``fix="key"``: per query head ``Q_h = Q_h^post + (Q_h^pre − Q_h^post) K_gᵀ (K_g K_gᵀ)⁺ K_g``
+    with ``K_g = K_g^pre``, so that ``Q_h K_gᵀ = Q_h^pre K_gᵀ``. ``fix="query"``: per KV group
+    ``K_g = K_g^post + (K_g^pre − K_g^post) Q_gᵀ (Q_g Q_gᵀ)⁺ Q_g`` where ``Q_g`` stacks the PRE
+    query heads that read the group, so that ``Q_h K_gᵀ = Q_h K_g^preᵀ`` for each of them. No
+    ``d × d`` matrix is formed: the projector is applied as ``(D Vᵀ) V`` with ``V`` an orthonormal
+    basis of the fixed block's row space (:func:`row_space_basis`), which also handles
+    rank-deficient blocks (pseudo-inverse). Inputs are ``(L, rows, d)`` tensors or sequences of
+    ``L`` 2-D tensors in any float dtype; the result is ``(L, free_rows, d)`` on the compute
+    device, float64 on CPU and float32 on CUDA unless ``out_dtype`` says otherwise. Layers are
+    solved one at a time, so memory holds one layer's work on top of the inputs.
+    """
+    if fix not in ("key", "query"):
+        raise ValueError(f"fix must be 'key' or 'query', got {fix!r}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not split into {n_kv_heads} KV groups")
+    dev, dtype = _cg_device(device, compute_dtype)
+    fp = list(free_pre.unbind(0) if isinstance(free_pre, torch.Tensor) else free_pre)
+    fq = list(free_post.unbind(0) if isinstance(free_post, torch.Tensor) else free_post)
+    fx = list(fixed_pre.unbind(0) if isinstance(fixed_pre, torch.Tensor) else fixed_pre)
+    if not fp or not (len(fp) == len(fq) == len(fx)):
+        raise ValueError(f"layer counts differ: {len(fp)}, {len(fq)} and {len(fx)}")
+    q_heads, k_heads = (n_heads, n_kv_heads) if fix == "key" else (n_kv_heads, n_heads)
+    out: list[torch.Tensor] = []
+    for i, (a, b, c) in enumerate(zip(fp, fq, fx)):
+        if a.dim() != 2 or a.shape != b.shape or c.dim() != 2 or c.shape[1] != a.shape[1]:
+            raise ValueError(
+                f"layer {i}: free side {tuple(a.shape)} / {tuple(b.shape)} and fixed side "
+                f"{tuple(c.shape)} do not fit together"
+            )
+        if (
+            a.shape[0] % q_heads
+            or c.shape[0] % k_heads
+            or a.shape[0] // q_heads != (c.shape[0] // k_heads)
+        ):
+            raise ValueError(
+                f"layer {i}: {a.shape[0]} free rows and {c.shape[0]} fixed rows do not split into "
+                f"{n_heads} query heads over {n_kv_heads} KV groups of one head size"
+            )
+        if not all(t.is_floating_point() for t in (a, b, c)):
+            raise ValueError("weights must be floating point")
+        fixed = c.to(dev)
+        if not bool(torch.isfinite(fixed).all()):
+            raise ValueError("the fixed side holds non-finite values (inf/NaN); cannot solve")
+        x = _cg_layer(fix, a.to(dev), b.to(dev), fixed, n_heads, n_kv_heads, dtype)
+        out.append(x.to(out_dtype) if out_dtype is not None else x)
+    return torch.stack(out)
+
+
+def solve_cross_gram(
+    fix: Fix,
+    free_pre: torch.Tensor,
+    free_post: torch.Tensor,
+    fixed_pre: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    *,
+    device: str | torch.device = "cpu",
+    out_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`solve_cross_gram_batched` for one layer's 2-D weights."""
+    return solve_cross_gram_batched(
+        fix,
+        [free_pre],
+        [free_post],
+        [fixed_pre],
+        n_heads,
+        n_kv_heads,
+        device=device,
+        out_dtype=out_dtype,
+        compute_dtype=compute_dtype,
+    )[0]

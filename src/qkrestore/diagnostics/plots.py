@@ -242,3 +242,87 @@ def autocorr_figure(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
+
+
+# -- sweep ----------------------------------------------------------------------------------------
+
+SWEEP_COLORS = {
+    "pre": "#1f77b4",
+    "post": "#d62728",
+    "restore": "#2ca02c",
+    "single": "#98df8a",
+    "top-k": "#17becf",
+    "ablations": "#9467bd",
+    "pro": "#ff7f0e",
+    "cross-gram": "#8c564b",
+}
+
+
+def sweep_figure(report: dict[str, Any], path: Path) -> None:
+    """Recall against reasoning for every candidate of a sweep, the Pareto front joined by a line.
+
+    Candidates without both numbers are left out (the report still lists them). The picked
+    candidate, if any, is ringed.
+    """
+    plt = require()
+    rows = [
+        r
+        for r in report["candidates"]
+        if r.get("recall_mean") is not None and r.get("reasoning_score") is not None
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), layout="constrained")
+    if not rows:
+        ax.text(0.5, 0.5, "no candidate has both a recall and a reasoning score", ha="center")
+    seen: set[str] = set()
+    for r in rows:
+        g = r.get("group", "")
+        ax.scatter(
+            r["recall_mean"],
+            r["reasoning_score"],
+            s=70 if r.get("pareto") else 36,
+            color=SWEEP_COLORS.get(g, "#7f7f7f"),
+            edgecolor="black" if r.get("pareto") else "none",
+            label=None if g in seen else g,
+            zorder=3,
+        )
+        seen.add(g)
+        ax.annotate(
+            r["name"],
+            (r["recall_mean"], r["reasoning_score"]),
+            textcoords="offset points",
+            xytext=(4, 3),
+            fontsize=7,
+        )
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["recall_mean"])
+    if len(front) > 1:
+        ax.plot(
+            [r["recall_mean"] for r in front],
+            [r["reasoning_score"] for r in front],
+            color="black",
+            lw=1,
+            ls="--",
+            zorder=2,
+            label="Pareto front",
+        )
+    pick = (report.get("pick") or {}).get("name")
+    for r in rows:
+        if r["name"] == pick:
+            ax.scatter(
+                r["recall_mean"],
+                r["reasoning_score"],
+                s=260,
+                facecolor="none",
+                edgecolor="black",
+                lw=1.5,
+                zorder=4,
+                label="picked",
+            )
+    src = report.get("recall_source") or "recall"
+    lengths = (report.get("niah") or {}).get("lengths")
+    ax.set_xlabel(f"recall ({src}, mean" + (f" over {lengths})" if lengths else ")"))
+    ax.set_ylabel(f"reasoning ({report.get('reasoning_metric') or '-'})")
+    ax.set_title("qkrestore sweep: recall vs reasoning")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    _save(fig, path)
