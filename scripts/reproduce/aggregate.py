@@ -13,8 +13,10 @@ accuracy with the runs' min–max as a band or bar, and the SFT curve). Single r
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,8 +37,53 @@ STYLE = {
 }
 
 
+CURVE_LINE = re.compile(r"^\[sft\] curve at step \d+: (\{.*\})$")
+
+
 def load(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())
+    """A run's results.json; for a run stopped before its first evaluation (so without one), the
+    SFT curve read back from its log.txt, with no models."""
+    if (run / "results.json").is_file():
+        return json.loads((run / "results.json").read_text())
+    curve = [
+        ast.literal_eval(m.group(1))
+        for line in (run / "log.txt").read_text().splitlines()
+        if (m := CURVE_LINE.match(line))
+    ]
+    lengths = [int(k) for k in curve[0]["recall"]] if curve else []
+    return {"seed": run.name, "models": {}, "config": {"lengths": lengths}, "sft": {"curve": curve}}
+
+
+def curve_figure(runs: list[dict], path: Path) -> None:
+    """Recall of +SFT and of +SFT with PRE's QK-Restore rows, and CoT, along SFT: one panel per run
+    (runs that diverge are not averaged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
+    for ax, res in zip(axes[0], runs, strict=True):
+        curve = res["sft"]["curve"]
+        steps = [p["step"] for p in curve]
+        lengths = res["config"]["lengths"]
+        for L, color in zip((lengths[0], lengths[-1]), ("tab:cyan", "tab:red"), strict=True):
+            ax.plot(steps, [100 * p["recall"][str(L)] for p in curve], color=color, marker="o",
+                    ms=3, label=f"+SFT recall@{L}")  # fmt: skip
+            if all("recall_qk_restored" in p for p in curve):
+                ax.plot(steps, [100 * p["recall_qk_restored"][str(L)] for p in curve], color=color,
+                        linestyle="--", label=f"+QK-Restore recall@{L}")  # fmt: skip
+        ax.plot(steps, [100 * p["cot"] for p in curve], color="black", marker="s", ms=3,
+                label="+SFT CoT answer")  # fmt: skip
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("SFT step")
+        ax.set_title(f"run {res['seed']}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("%")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def stats(values: Iterable[float | None]) -> tuple[float, float, float, float, int] | None:
@@ -118,6 +165,22 @@ def curve_table(runs: list[dict], lengths: list[int]) -> list[str]:
         recs = [cell(p["recall"][str(L)] if p else None for p in ps) for L in lengths]
         n = sum(p is not None for p in ps)
         lines.append(f"| {s} | " + " | ".join(recs) + f" | {cell(p['cot'] if p else None for p in ps)} | {n} |")  # fmt: skip
+    return lines
+
+
+def curve_rows(res: dict) -> list[str]:
+    """One run's SFT curve, with +QK-Restore's recall beside +SFT's where it was measured."""
+    lengths = res["config"]["lengths"]
+    head = "| SFT step | " + " | ".join(f"recall@{L} SFT / QK-Restore" for L in lengths)
+    lines = ["", head + " | CoT answer |", "|---" * (len(lengths) + 2) + "|"]
+    for p in res["sft"]["curve"]:
+        qk = p.get("recall_qk_restored") or {}
+        cells = [
+            f"{100 * p['recall'][str(L)]:.1f} / "
+            + (f"{100 * qk[str(L)]:.1f}" if str(L) in qk else "–")
+            for L in lengths
+        ]
+        lines.append(f"| {p['step']} | " + " | ".join(cells) + f" | {100 * p['cot']:.1f} |")
     return lines
 
 
@@ -242,9 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("agg"))
+    ap.add_argument("--curves", action="store_true",
+                    help="only the SFT curves, one panel per run (agg.png), and their table")  # fmt: skip
     args = ap.parse_args(argv)
     runs = [load(r) for r in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        lines = []
+        for res in runs:
+            lines += [f"## run {res['seed']}", *curve_rows(res), ""]
+        Path(f"{args.out}.md").write_text("\n".join(lines))
+        curve_figure(runs, Path(f"{args.out}.png"))
+        print(f"wrote {args.out}.md and {args.out}.png")
+        return 0
     Path(f"{args.out}.md").write_text(table(runs))
     figure(runs, Path(f"{args.out}.png"))
     print(f"wrote {args.out}.md and {args.out}.png")
