@@ -472,3 +472,34 @@ def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
     assert pre_row.split(" | ")[1] == f"{100 * r:.1f} ± 0.0"  # two copies of one run: no spread
     assert "Q-Restore" in text and "QK-Frozen" in text and "Along SFT" in text
     assert (tmp_path / "agg.png").stat().st_size > 0
+
+
+def test_sweep_items_are_the_probes_queries_and_the_cot_problems(tmp_path: Path) -> None:
+    """run.py --sweep hands `qkrestore sweep` the run's own probe: each recall item is one query's
+    prompt up to its key with the two needle values as answer, each reasoning item a whole trace."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import run
+        import sizes
+    finally:
+        sys.path.remove(str(RUN.parent))
+    _, data, mc, _ = _analog_modules()
+    cfg = sizes.resolve("toy", "analog")
+    vocab = data.Vocab(**cfg["vocab"])
+    task = mc.MarkovCoT(vocab, cfg["cot_lambda"])
+    rec, rea = tmp_path / "rec.jsonl", tmp_path / "rea.jsonl"
+    run.write_sweep_items(rec, rea, data.Markov(vocab), cfg, 0, task)
+    items = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert {x["group"] for x in items} == {str(L) for L in cfg["lengths"]}
+    for x in items:
+        p, (v1, v2) = x["prompt"], x["answer"]
+        assert p[-2] == data.QUERY  # the prompt ends with "QUERY key"
+        needle = [i for i in range(len(p) - 3) if p[i] == data.NEEDLE and p[i + 1] == p[-1]]
+        assert len(needle) == 1 and p[needle[0] + 2 : needle[0] + 4] == [v1, v2]
+        assert len(p) < int(x["group"])
+    problems = [json.loads(line) for line in rea.read_text().splitlines()]
+    assert len(problems) == max(1, cfg["eval_problems"] // 2)
+    for x in problems:
+        assert x["prompt"][:2] == [data.BOS, data.PROB] and x["answer"][-1] == data.EOS
+        n = len(x["prompt"]) - 4
+        assert len(x["answer"]) == n + 3
