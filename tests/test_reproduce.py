@@ -424,7 +424,7 @@ def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
          "--setup", "analog", "--pre-steps", "12", "--sft-steps", "6", "--curve-every", "3",
-         "--ridges", "1", "--lengths", "96"],
+         "--ridges", "1", "--lengths", "96", "--also-targets", "none", "--also-targets", "v"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
@@ -437,8 +437,7 @@ def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
     assert [p["step"] for p in results["sft"]["curve"]] == [0, 3, 6]
     assert all(set(p["recall"]) == {"96"} for p in results["sft"]["curve"])
     assert set(results["models"]) == {
-        "PRE", "+SFT", "+QK-Restore", "+Restore {q}", "+Restore {k}", "+Restore {v}",
-        "+QK-Pro (R=1)", "QK-Frozen SFT",
+        "PRE", "+SFT", "+QK-Restore", "+Restore {v}", "+QK-Pro (R=1)", "QK-Frozen SFT",
     }  # fmt: skip
     abl = results["ablations"]["PRE"]
     assert "softmax W_Q zeroed (all softmax layers)" in abl
@@ -470,7 +469,9 @@ def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
     pre_row = next(line for line in text.splitlines() if line.startswith("| PRE |"))
     r = results["models"]["PRE"]["recall"]["96"]
     assert pre_row.split(" | ")[1] == f"{100 * r:.1f} ± 0.0"  # two copies of one run: no spread
-    assert "Q-Restore" in text and "QK-Frozen" in text and "Along SFT" in text
+    assert "V-Restore" in text and "QK-Frozen" in text and "Along SFT" in text
+    # the setup's default Table 4 targets were dropped by "none", then v added back
+    assert results["config"]["also_targets"] == ["v"]
     assert (tmp_path / "agg.png").stat().st_size > 0
 
 
