@@ -241,3 +241,266 @@ def test_locate_measures_each_group_swapped_in_and_leaves_post_unchanged() -> No
     assert set(out) == {"embeddings", "query rows", "gate rows"}
     assert out["embeddings"] == {"tensors": 2, "recall": {"8": 0.5}}
     assert all(torch.equal(before[k], v) for k, v in post.state_dict().items())
+
+
+# -- the analog setup (issue 17) -------------------------------------------------------------
+
+
+def _analog_modules():
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import analog
+        import data
+        import markov_cot
+        import train
+    finally:
+        sys.path.remove(str(RUN.parent))
+    return analog, data, markov_cot, train
+
+
+def test_markov_traces_compute_the_running_class_sum_over_the_whole_vocabulary() -> None:
+    import numpy as np
+
+    _, data, mc, _ = _analog_modules()
+    task = mc.MarkovCoT(data.Vocab(), lam=0.75)
+    rng = np.random.default_rng(0)
+    content = set(range(data.N_SPECIAL, task.vocab.fill0 + task.vocab.n_fill))
+    seen: set[int] = set()
+    for _ in range(400):
+        n = int(rng.integers(3, 11))
+        prompt, resp = task.example(rng, n)
+        assert prompt[:2] == [data.BOS, data.PROB] and prompt[-2:] == [data.EQ, data.NL]
+        xs, ys = prompt[2:-2], resp[:-3]
+        assert len(xs) == len(ys) == n and resp[-3] == data.ANS and resp[-1] == data.EOS
+        s = 0
+        for x, y in zip(xs, ys, strict=True):
+            s = (s + (x - data.N_SPECIAL) % 10) % 10  # the running sum of the classes
+            assert (y - data.N_SPECIAL) % 10 == s  # ... is y's class
+            assert (y - data.N_SPECIAL) // 10 == (x - data.N_SPECIAL) // 10  # x's variant, quoted
+        assert resp[-2] == data.DIGIT0 + s
+        seen |= set(xs) | set(ys)
+    assert seen == content  # every needle key, value and filler token is in the SFT data
+    ids, labels = task.batch(rng, 8, 3, 10)
+    assert ((labels == -100) | (labels == ids)).all()
+    assert (ids[labels != -100] != data.PAD).all()
+
+
+@pytest.mark.parametrize("lam", [0.6, 0.85])
+def test_autocorr_recovers_the_latent_chains_decay_length(tmp_path: Path, lam: float) -> None:
+    """`qkrestore autocorr` on the Markov CoT traces finds τ = −1/ln λ₂ within 20 %."""
+    import numpy as np
+
+    _, data, mc, _ = _analog_modules()
+    task = mc.MarkovCoT(data.Vocab(), lam=lam)
+    corpus = tmp_path / "cot.jsonl"
+    with open(corpus, "w") as f:
+        for t in task.traces(np.random.default_rng(1), 30_000, 3, 10):
+            f.write(json.dumps({"input_ids": t}) + "\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-m", "qkrestore", "autocorr", str(corpus), "--max-distance", "32",
+         "--json"], env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    tau = json.loads(res.stdout)["tau"]
+    assert abs(tau / task.tau - 1) < 0.2, (tau, task.tau)
+
+
+def _toy_model(tied: bool = True):
+    _, data, _, train = _analog_modules()
+    return train.build_model(data.Vocab(n_keys=32, n_vals=16, n_fill=32).size, "toy", 0, tied=tied)
+
+
+def _linear_response(model, length: int = 96, early: int = 8) -> tuple[list[float], int]:
+    """Per position: how much the first linear layer's output moves when the first ``early``
+    inputs change."""
+    import torch
+
+    layer = next(m for m in model.modules() if hasattr(m, "A_log"))
+    torch.manual_seed(1)
+    x = torch.randn(1, length, model.config.hidden_size)
+    y = x.clone()
+    y[:, :early] = torch.randn(1, early, model.config.hidden_size)
+    with torch.no_grad():
+        a, b = (layer(h) for h in (x, y))
+    a, b = (t[0] if isinstance(t, tuple) else t for t in (a, b))
+    diff = (a - b).norm(dim=-1)[0] / a.norm(dim=-1)[0]
+    return diff.tolist(), early
+
+
+def test_fixed_linear_decay_forgets_within_the_needle_distance() -> None:
+    import torch
+
+    analog, _, _, _ = _analog_modules()
+    slow = _toy_model()
+    analog.fix_linear_decay(slow, 0.999)
+    diff, early = _linear_response(slow)
+    assert min(diff[60:]) > 1e-3  # a slow decay: the change still shows 50+ tokens later
+
+    model = _toy_model(tied=False)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert analog.fix_linear_decay(model, 0.8) == 3
+    diff, early = _linear_response(model)
+    assert min(diff[early : early + 3]) > 1e-2  # the next few tokens still see the change
+    assert max(diff[60:]) < 1e-4  # 50+ tokens later it is gone
+    # the decay is frozen: a training step moves other weights but not those three
+    layer = next(m for m in model.modules() if hasattr(m, "A_log"))
+    before = [t.detach().clone() for t in (layer.A_log, layer.dt_bias, layer.in_proj_a.weight)]
+    other = layer.out_proj.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    after = (layer.A_log, layer.dt_bias, layer.in_proj_a.weight)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not torch.equal(other, layer.out_proj.weight)
+
+
+def test_ablations_zero_the_selected_rows_and_leave_the_model_as_it_was() -> None:
+    import torch
+
+    analog, _, _, _ = _analog_modules()
+    model = _toy_model(tied=False)
+    names = list(model.state_dict())
+    q = "model.layers.3.self_attn.q_proj.weight"
+    qk_set = {q: ((0, 16), (32, 48)), "model.layers.3.self_attn.k_proj.weight": None}
+    sels = analog.select_ablations(names, qk_set, list(model.config.layer_types))
+    assert sels["softmax W_Q zeroed (all softmax layers)"] == {q: ((0, 16), (32, 48))}
+    mixers = [k for k in sels if k.startswith("linear mixer zeroed (layer")]
+    assert len(mixers) == 3 and "linear mixers zeroed (all linear layers)" in sels
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def measure(m) -> dict[str, float]:
+        sd = m.state_dict()
+        seen[len(seen)] = {
+            k: sd[k].clone() for k in (q, "model.layers.0.linear_attn.out_proj.weight")
+        }
+        return {"96": 0.5}
+
+    out = analog.ablate(model, measure, sels)
+    wq = seen[0][q]
+    assert (wq[0:16] == 0).all() and (wq[32:48] == 0).all()
+    assert torch.equal(wq[16:32], before[q][16:32])  # the gate rows are left
+    assert (seen[1]["model.layers.0.linear_attn.out_proj.weight"] == 0).all()
+    assert out["softmax W_Q zeroed (all softmax layers)"] == {"tensors": 1, "recall": {"96": 0.5}}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_row_freezer_holds_the_qk_restore_rows_through_training(tmp_path: Path) -> None:
+    import torch
+
+    analog, _, _, _ = _analog_modules()
+    locate = _reproduce_modules()[2]
+    model = _toy_model(tied=False)
+    model.save_pretrained(tmp_path / "m")
+    qk_set, gate = locate.qk_restore_selections(str(tmp_path / "m"), str(tmp_path / "m"))
+    assert qk_set and gate
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    freeze = analog.RowFreezer(model, qk_set)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, 32))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        freeze()
+    params = dict(model.named_parameters())
+    for name, rows in qk_set.items():
+        for a, b in rows or ((0, params[name].shape[0]),):
+            assert torch.equal(params[name].detach()[a:b], before[name][a:b]), name
+    for name, rows in gate.items():  # QK-Frozen lets Qwen3.5's gate rows of q_proj train
+        a, b = rows[0]
+        assert not torch.equal(params[name].detach()[a:b], before[name][a:b])
+
+
+def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
+    """The analog setup at toy size: every flag recorded, untied checkpoints, the SFT curve,
+    Table 4's models, the zeroing ablations, QK-Frozen's held rows and the seed aggregate."""
+    out = tmp_path / "an"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
+         "--setup", "analog", "--pre-steps", "12", "--sft-steps", "6", "--curve-every", "3",
+         "--ridges", "1", "--lengths", "96", "--also-targets", "none", "--also-targets", "v"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    setup = results["setup"]
+    assert setup["name"] == "analog" and setup["untied"] is True
+    assert setup["linear_decay"] == 0.8 and setup["cot_task"] == "markov"
+    assert setup["lr_ratio"] <= 0.1 and setup["budget"] == "steps"
+    assert results["pretrain"]["steps"] == 12 and results["sft"]["steps"] == 6
+    assert [p["step"] for p in results["sft"]["curve"]] == [0, 3, 6]
+    assert all(set(p["recall"]) == {"96"} for p in results["sft"]["curve"])
+    assert set(results["models"]) == {
+        "PRE", "+SFT", "+QK-Restore", "+Restore {v}", "+QK-Pro (R=1)", "QK-Frozen SFT",
+    }  # fmt: skip
+    abl = results["ablations"]["PRE"]
+    assert "softmax W_Q zeroed (all softmax layers)" in abl
+    assert sum(k.startswith("linear mixer zeroed (layer") for k in abl) == 3
+    assert results["autocorr"]["cot"]["tokens"] > 100_000
+
+    from safetensors.numpy import load_file
+
+    ckpt = out / "ckpt"
+    pre_w = load_file(ckpt / "pre" / "model.safetensors")
+    sft_w = load_file(ckpt / "sft" / "model.safetensors")
+    frozen_w = load_file(ckpt / "qk-frozen" / "model.safetensors")
+    assert "lm_head.weight" in pre_w  # untied: saved as a tensor of its own
+    assert not (pre_w["lm_head.weight"] == pre_w["model.embed_tokens.weight"]).all()
+    for k in (k for k in pre_w if k.endswith(("A_log", "dt_bias", "in_proj_a.weight"))):
+        assert (pre_w[k] == sft_w[k]).all()  # the fixed decay stayed fixed through SFT
+    plan = json.loads((ckpt / "qkrestore" / "qkrestore.json").read_text())["plan"]["tensors"]
+    for t in plan:  # QK-Frozen kept exactly the rows QK-Restore restores
+        for a, b in t["rows"]:
+            assert (frozen_w[t["name"]][a:b] == pre_w[t["name"]][a:b]).all()
+    assert not (frozen_w["lm_head.weight"] == pre_w["lm_head.weight"]).all()
+
+    agg = subprocess.run(
+        [sys.executable, str(RUN.parent / "aggregate.py"), str(out), str(out), "--out",
+         str(tmp_path / "agg")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert agg.returncode == 0, agg.stderr[-2000:]
+    text = (tmp_path / "agg.md").read_text()
+    pre_row = next(line for line in text.splitlines() if line.startswith("| PRE |"))
+    r = results["models"]["PRE"]["recall"]["96"]
+    assert pre_row.split(" | ")[1] == f"{100 * r:.1f} ± 0.0"  # two copies of one run: no spread
+    assert "V-Restore" in text and "QK-Frozen" in text and "Along SFT" in text
+    # the setup's default Table 4 targets were dropped by "none", then v added back
+    assert results["config"]["also_targets"] == ["v"]
+    assert (tmp_path / "agg.png").stat().st_size > 0
+
+
+def test_sweep_items_are_the_probes_queries_and_the_cot_problems(tmp_path: Path) -> None:
+    """run.py --sweep hands `qkrestore sweep` the run's own probe: each recall item is one query's
+    prompt up to its key with the two needle values as answer, each reasoning item a whole trace."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import run
+        import sizes
+    finally:
+        sys.path.remove(str(RUN.parent))
+    _, data, mc, _ = _analog_modules()
+    cfg = sizes.resolve("toy", "analog")
+    vocab = data.Vocab(**cfg["vocab"])
+    task = mc.MarkovCoT(vocab, cfg["cot_lambda"])
+    rec, rea = tmp_path / "rec.jsonl", tmp_path / "rea.jsonl"
+    run.write_sweep_items(rec, rea, data.Markov(vocab), cfg, 0, task)
+    items = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert {x["group"] for x in items} == {str(L) for L in cfg["lengths"]}
+    for x in items:
+        p, (v1, v2) = x["prompt"], x["answer"]
+        assert p[-2] == data.QUERY  # the prompt ends with "QUERY key"
+        needle = [i for i in range(len(p) - 3) if p[i] == data.NEEDLE and p[i + 1] == p[-1]]
+        assert len(needle) == 1 and p[needle[0] + 2 : needle[0] + 4] == [v1, v2]
+        assert len(p) < int(x["group"])
+    problems = [json.loads(line) for line in rea.read_text().splitlines()]
+    assert len(problems) == max(1, cfg["eval_problems"] // 2)
+    for x in problems:
+        assert x["prompt"][:2] == [data.BOS, data.PROB] and x["answer"][-1] == data.EOS
+        n = len(x["prompt"]) - 4
+        assert len(x["answer"]) == n + 3

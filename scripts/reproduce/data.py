@@ -156,16 +156,19 @@ def plain_batch(
     n_problems: int,
     n_max: int,
     cot_max: int = 0,
+    task=None,
 ) -> np.ndarray:
     """General next-token text: filler with a few arithmetic problems in it, half of them worked
-    step by step (3..``cot_max`` digits) when ``cot_max`` >= 3, else all direct-answer."""
+    step by step (3..``cot_max`` digits) when ``cot_max`` >= 3, else all direct-answer. ``task``:
+    an object with ``worked(rng, n_max)`` and ``direct(rng, n_max)`` for the problems
+    (``markov_cot.MarkovCoT``); None: running sums of digits."""
+    worked = worked_problem if task is None else task.worked
+    direct = direct_problem if task is None else task.direct
     out = np.empty((batch, length), dtype=np.int64)
     bodies = markov.sample(rng, batch, length)
     for b in range(batch):
         probs = [
-            worked_problem(rng, cot_max)
-            if cot_max >= 3 and rng.random() < 0.5
-            else direct_problem(rng, n_max)
+            worked(rng, cot_max) if cot_max >= 3 and rng.random() < 0.5 else direct(rng, n_max)
             for _ in range(n_problems)
         ]
         body_len = length - 1 - sum(len(p) for p in probs)

@@ -44,7 +44,7 @@ def load(path: str, device: torch.device):
 def run_recall(
     model, markov: Markov, cfg: dict, seed: int, device: torch.device
 ) -> dict[str, float]:
-    """The recall probe as a run of size ``cfg`` measures it (``run.SIZES``), keyed by length."""
+    """The recall probe as a run of size ``cfg`` measures it (``sizes.resolve``), keyed by length."""
     rec = recall(
         model, markov, cfg["lengths"], n_docs=cfg["eval_docs"], batch=cfg["eval_batch"],
         needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=10_000 + seed,
@@ -59,17 +59,22 @@ def n_needles_for(length: int, per_1k: float) -> int:
 
 @torch.no_grad()
 def reasoning(
-    model, *, n_problems: int, n_min: int, n_max: int, seed: int, device: torch.device
-) -> dict[str, float]:
+    model, *, n_problems: int, n_min: int, n_max: int, seed: int, device: torch.device,
+    task=None,
+) -> dict[str, float]:  # fmt: skip
     """Greedy generation from the prompt; ``answer``: the token after the first ANS is the sum mod
-    10; ``trace``: the whole generated trace equals the reference."""
+    10; ``trace``: the whole generated trace equals the reference. ``task``: an object with
+    ``example(rng, n) -> (prompt, response)`` (``markov_cot.MarkovCoT``); None: the first setup's
+    running sums of digits."""
     rng = np.random.default_rng(seed)
     ans_ok = trace_ok = 0
     per_n = max(1, n_problems // (n_max - n_min + 1))
     total = 0
     for n in range(n_min, n_max + 1):
-        digits = rng.integers(0, 10, (per_n, n))
-        exs = [cot_example(d) for d in digits]
+        if task is None:
+            exs = [cot_example(d) for d in rng.integers(0, 10, (per_n, n))]
+        else:
+            exs = [task.example(rng, n) for _ in range(per_n)]
         prompts = torch.tensor([p for p, _ in exs], device=device)
         max_new = len(exs[0][1]) + 2
         seq = prompts

@@ -131,16 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import data
     import evaluate
-    import run
+    import sizes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("pre", type=Path)
     ap.add_argument("post", type=Path)
-    ap.add_argument("--size", choices=sorted(run.SIZES), default="cpu", help="run.py size used")
+    ap.add_argument("--size", choices=sorted(sizes.SIZES), default="cpu", help="run.py size used")
+    ap.add_argument("--setup", choices=sorted(sizes.SETUPS), default="first", help="run.py setup")
     ap.add_argument("--seed", type=int, default=0, help="run.py seed used (the probe's documents)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    cfg = run.SIZES[args.size]
+    cfg = sizes.resolve(args.size, args.setup)
     dev = torch.device(args.device)
     markov = data.Markov(data.Vocab(**cfg["vocab"]), seed=1234)
 

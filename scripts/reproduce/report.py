@@ -93,9 +93,10 @@ def autocorr_lines(autocorr: dict | None) -> list[str]:
             lines.append(f"| {name} | - | - | - | - |")
             continue
         rho = r["rho"]
-        r8 = f"{rho[7]:.3f}" if len(rho) >= 8 else "-"
+        r1 = "-" if not rho or rho[0] is None else f"{rho[0]:.3f}"
+        r8 = f"{rho[7]:.3f}" if len(rho) >= 8 and rho[7] is not None else "-"
         tau = "-" if r.get("tau") is None else f"{r['tau']:.1f}"
-        lines.append(f"| {name} | {r['tokens']:,} | {rho[0]:.3f} | {r8} | {tau} |")
+        lines.append(f"| {name} | {r['tokens']:,} | {r1} | {r8} | {tau} |")
     return lines
 
 
@@ -116,6 +117,45 @@ def located_lines(located: dict | None, lengths: list[int]) -> list[str]:
             rec = " | ".join(_pct(r["recall"][str(L)]) for L in lengths)
             lines.append(f"| {model} | {group} | {r['tensors']} | {rec} |")
     return [*lines, ""]
+
+
+def curve_lines(sft: dict | None, lengths: list[int]) -> list[str]:
+    """Recall and CoT measured along SFT (``--curve-every``)."""
+    if not sft or not sft.get("curve"):
+        return []
+    lines = [
+        "## Along SFT (recall on a quarter of the probe's documents, CoT on a third of its problems)",
+        "",
+        "| SFT step | " + " | ".join(f"recall@{L}" for L in lengths) + " | CoT answer |",
+        "|---" * (len(lengths) + 2) + "|",
+    ]
+    for p in sft["curve"]:
+        rec = " | ".join(_pct(p["recall"][str(L)]) for L in lengths)
+        lines.append(f"| {p['step']} | {rec} | {_pct(p['cot'])} |")
+    return [*lines, ""]
+
+
+def ablation_lines(ablations: dict | None, lengths: list[int]) -> list[str]:
+    """PRE's recall with parts zeroed (``--ablate``)."""
+    if not ablations:
+        return []
+    lines = [
+        "## Which layers carry recall (`--ablate`: parts of PRE zeroed)",
+        "",
+        "| model | zeroed | tensors | " + " | ".join(f"recall@{L}" for L in lengths) + " |",
+        "|---" * (len(lengths) + 3) + "|",
+    ]
+    for model, rows in ablations.items():
+        for label, r in rows.items():
+            rec = " | ".join(_pct(r["recall"][str(L)]) for L in lengths)
+            lines.append(f"| {model} | {label} | {r['tensors']} | {rec} |")
+    return [*lines, ""]
+
+
+def setup_lines(setup: dict | None) -> list[str]:
+    if not setup:
+        return []
+    return [f"Setup: `{setup}`.", ""]
 
 
 def write(results: dict, out: Path, figure: str) -> Path:
@@ -144,25 +184,35 @@ def write(results: dict, out: Path, figure: str) -> Path:
         "",
         f"Device: {results['device']}; total wall time {results['wall_seconds']:.0f} s; seed {results['seed']}.",
         "",
+        *setup_lines(results.get("setup")),
         "Recall = exact match (both value tokens) of needle values queried at the end of a context of the "
         "given length, queried needles in the first half of the context; "
         f"{cfg['eval_docs']} documents x {cfg['n_queries']} queries per length "
         f"(chance {100 / cfg['vocab']['n_vals'] ** 2:.2g} %). "
-        "CoT accuracy = greedy step-by-step generation of a running sum mod 10 of "
-        f"{cfg['cot_digits'][0]}-{cfg['cot_digits'][1]} digits; *answer* = the final token is right, "
+        + (
+            "CoT accuracy = greedy generation of the whole-vocabulary Markov traces (markov_cot.py) "
+            f"of {cfg['cot_digits'][0]}-{cfg['cot_digits'][1]} steps; "
+            if cfg.get("cot_task") == "markov"
+            else "CoT accuracy = greedy step-by-step generation of a running sum mod 10 of "
+            f"{cfg['cot_digits'][0]}-{cfg['cot_digits'][1]} digits; "
+        )
+        + "*answer* = the final token is right, "
         "*trace* = the whole trace is right. All numbers in %.",
         "",
         *rows,
         "",
         f"![recall and reasoning]({figure})",
         "",
+        *curve_lines(results.get("sft"), lengths),
+        *ablation_lines(results.get("ablations"), lengths),
         *located_lines(results.get("located"), lengths),
         "## Training",
         "",
         f"- model: `qwen3_5_text`, {results['params'] / 1e6:.1f} M parameters, layer types "
         f"{results['layer_types']}",
         f"- pre-training: {results['pretrain']}",
-        f"- CoT-SFT: {results['sft']}",
+        f"- CoT-SFT: { {k: v for k, v in results['sft'].items() if k != 'curve'} }",
+        f"- QK-Frozen SFT (QK-Restore's rows held at PRE's values): {results.get('sft_qk_frozen')}",
         f"- longer CoT-SFT (continues +SFT; `+SFT-long` rows): {results.get('sft_long')}",
         f"- config: `{cfg}`",
         "",

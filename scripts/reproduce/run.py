@@ -3,6 +3,10 @@
 
     python scripts/reproduce/run.py --out runs/toy --size toy      # CPU, < 1 min (CI)
     python scripts/reproduce/run.py --out runs/gpu --size gpu      # one H100, a few minutes
+    python scripts/reproduce/run.py --out runs/an --size gpu --setup analog   # the analog setup
+
+``--setup first`` is the first setup (docs/reproduce.md); ``--setup analog`` matches the paper's
+assumptions where the first did not (sizes.py lists the points, each also a flag here).
 
 1. pre-train a small Qwen3.5-text hybrid on haystack documents (needle recall) + filler text;
 2. CoT-SFT it on step-by-step running-sum traces (short, local Markov structure);
@@ -29,42 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import analog
 import data
 import evaluate
 import locate
+import markov_cot
 import report
+import sizes
 import train
 
 REPO = Path(__file__).resolve().parents[2]
-
-SIZES = {
-    "toy": dict(
-        vocab=dict(n_keys=32, n_vals=16, n_fill=32), pre_len=96, pre_batch=8, pre_steps=40,
-        pre_lr=3e-3, pre_seconds=None, pre_curriculum=[1, 1], needles_per_1k=60.0, n_queries=2,
-        train_needles_per_1k=60.0, train_queries=4,
-        plain_frac=0.2, cot_pretrain=4, sft_steps=30, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5),
-        lengths=[48, 96], eval_docs=32, eval_batch=32, eval_problems=30, ridges=[0.1, 1.0],
-        sft2_steps=20, sft2_seconds=None,
-    ),
-    "cpu": dict(
-        vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=256, pre_batch=16, pre_steps=20000,
-        pre_lr=1e-3, pre_seconds=300.0, pre_curriculum=[1, 1], needles_per_1k=16.0, n_queries=4,
-        train_needles_per_1k=32.0, train_queries=8,
-        plain_frac=0.2, cot_pretrain=5, sft_steps=300, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 8),
-        lengths=[64, 128, 256], eval_docs=64, eval_batch=64, eval_problems=60,
-        ridges=[1.0], sft2_steps=0, sft2_seconds=None,
-    ),
-    "gpu": dict(
-        vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=1024, pre_batch=16, pre_steps=20000,
-        pre_lr=1e-3, pre_seconds=240.0, pre_curriculum=[3, 2, 2, 3], needles_per_1k=16.0, n_queries=4,
-        train_needles_per_1k=32.0, train_queries=32,
-        plain_frac=0.2, cot_pretrain=5, sft_steps=400, sft_batch=64, sft_lr=3e-4, cot_digits=(3, 8),
-        lengths=[128, 256, 512, 1024], eval_docs=128, eval_batch=64, eval_problems=240,
-        ridges=[0.1, 1.0, 10.0], sft2_steps=4000, sft2_seconds=45.0,
-    ),
-}  # fmt: skip
-OVERRIDES = ("pre_steps", "pre_seconds", "pre_lr", "pre_len", "pre_curriculum", "cot_pretrain", "sft_steps", "sft_lr",
-             "sft2_steps", "sft2_seconds", "ridges", "lengths")  # fmt: skip
 
 
 def curriculum(length: int, shares: list[float]) -> list[tuple[int, float]]:
@@ -84,10 +62,42 @@ def curriculum(length: int, shares: list[float]) -> list[tuple[int, float]]:
     return out
 
 
+def write_sweep_items(
+    recall_path: Path, reasoning_path: Path, markov: data.Markov, cfg: dict, seed: int, cot
+) -> None:
+    """The run's recall probe and CoT problems as ``qkrestore sweep`` items (token ids): one
+    recall item per query (prompt up to its key, answer its two values, grouped by length), and one
+    reasoning item per problem (answer: the whole trace, so exact match = the trace is right)."""
+    with open(recall_path, "w") as f:
+        for L in cfg["lengths"]:
+            rng = np.random.default_rng(10_000 + seed + L)  # the probe's documents
+            n_needles = evaluate.n_needles_for(L, cfg["needles_per_1k"])
+            ids, ans = data.haystack_batch(
+                rng, markov, min(cfg["eval_docs"], 32), L, n_needles,
+                min(cfg["n_queries"], n_needles), far=True,
+            )  # fmt: skip
+            for b in range(ids.shape[0]):
+                for v1, v2 in ans[b]:
+                    item = {"prompt": ids[b, :v1].tolist(), "answer": [int(ids[b, v1]),
+                            int(ids[b, v2])], "group": str(L)}  # fmt: skip
+                    f.write(json.dumps(item) + "\n")
+    rng = np.random.default_rng(20_000 + seed)
+    with open(reasoning_path, "w") as f:
+        for _ in range(max(1, cfg["eval_problems"] // 2)):
+            n = int(rng.integers(cfg["cot_digits"][0], cfg["cot_digits"][1] + 1))
+            if cot is None:
+                p, r = data.cot_example(rng.integers(0, 10, n))
+            else:
+                p, r = cot.example(rng, n)
+            f.write(json.dumps({"prompt": p, "answer": r}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--size", choices=sorted(SIZES), default="toy")
+    ap.add_argument("--size", choices=sorted(sizes.SIZES), default="toy")
+    ap.add_argument("--setup", choices=sorted(sizes.SETUPS), default="first",
+                    help="first: the first setup; analog: the paper's assumptions (sizes.py)")  # fmt: skip
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
@@ -108,17 +118,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
     ap.add_argument("--also-targets", action="append", metavar="LIST",
-                    help="also merge with --targets LIST (e.g. q,k,v,o), as an ablation; repeatable")  # fmt: skip
+                    help="also merge with --targets LIST (e.g. q,k,v,o), as an ablation; repeatable; "
+                         "'none' drops the setup's")  # fmt: skip
     ap.add_argument("--locate", action="store_true",
                     help="also measure POST's recall with each group of PRE's parameters put back")  # fmt: skip
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
                     help="probe context lengths")  # fmt: skip
+    ap.add_argument("--untied", action=argparse.BooleanOptionalAction,
+                    help="untied input/output embeddings (analog default)")  # fmt: skip
+    ap.add_argument("--linear-decay", type=float,
+                    help="fixed per-token retention of the linear layers' state (0: learned)")  # fmt: skip
+    ap.add_argument("--cot-task", choices=["sum", "markov"],
+                    help="SFT traces: running digit sums (first) or whole-vocabulary Markov (analog)")  # fmt: skip
+    ap.add_argument("--cot-lambda", type=float,
+                    help="second eigenvalue of the Markov traces' latent chain")  # fmt: skip
+    ap.add_argument("--curve-every", type=int,
+                    help="measure recall and CoT every N SFT steps (0: only at the end)")  # fmt: skip
+    ap.add_argument("--qk-frozen", action=argparse.BooleanOptionalAction,
+                    help="also SFT from PRE with the QK-Restore rows held (Table 4's QK-Frozen)")  # fmt: skip
+    ap.add_argument("--sweep", action="store_true",
+                    help="also run `qkrestore sweep PRE +SFT` on the run's own recall/CoT items")  # fmt: skip
+    ap.add_argument("--ablate", action=argparse.BooleanOptionalAction,
+                    help="zeroing ablations of PRE: softmax W_Q, each linear layer's mixer")  # fmt: skip
     args = ap.parse_args(argv)
 
-    cfg = dict(SIZES[args.size])
-    for k in OVERRIDES:
-        if getattr(args, k) is not None:
-            cfg[k] = getattr(args, k)
+    cfg = sizes.resolve(
+        args.size, args.setup,
+        {k: getattr(args, k) for k in (*sizes.OVERRIDES, "untied", "linear_decay", "cot_task",
+                                        "cot_lambda", "curve_every", "qk_frozen", "ablate")},
+    )  # fmt: skip
+    if cfg["linear_decay"] == 0:
+        cfg["linear_decay"] = None
+    for t in args.also_targets or []:
+        if t == "none":  # drop the setup's default ablations
+            cfg["also_targets"] = []
+        elif t not in cfg["also_targets"]:
+            cfg["also_targets"] = [*cfg["also_targets"], t]
     dev = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -140,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed
     vocab = data.Vocab(**cfg["vocab"])
     markov = data.Markov(vocab, seed=1234)
+    # the CoT task of SFT and of the reasoning metric (None: the first setup's digit sums)
+    cot = markov_cot.MarkovCoT(vocab, cfg["cot_lambda"]) if cfg["cot_task"] == "markov" else None
     commands = [
         " ".join(
             shlex.quote(a) for a in ["python", "scripts/reproduce/run.py", *(argv or sys.argv[1:])]
@@ -147,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     # 1. pre-training ------------------------------------------------------------------------
-    model = train.build_model(vocab.size, args.size, seed).to(dev)
+    model = train.build_model(vocab.size, args.size, seed, tied=not cfg["untied"]).to(dev)
+    if cfg["linear_decay"]:
+        n_fixed = analog.fix_linear_decay(model, cfg["linear_decay"])
+        log(f"linear-attention decay fixed at {cfg['linear_decay']} per token in {n_fixed} layers")
     n_params = sum(p.numel() for p in model.parameters())
     layer_types = list(model.config.layer_types)
     # transformers runs the gated-DeltaNet layers with flash-linear-attention's kernels when the
@@ -172,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         n_plain = round(B * cfg["plain_frac"])
         hay, ans = data.haystack_batch(rng, markov, B - n_plain, L, n_train, n_q, spread=True)
         plain = data.plain_batch(
-            rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1], cfg["cot_pretrain"]
-        )
+            rng, markov, n_plain, L, max(1, L // 128), cfg["cot_digits"][1], cfg["cot_pretrain"],
+            task=cot,
+        )  # fmt: skip
         ids = np.concatenate([hay, plain])
         focus = np.zeros(ids.shape, dtype=bool)
         focus[np.arange(B - n_plain)[:, None, None], ans] = True  # the queried needle values
@@ -197,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         curriculum=[[L, round(end, 3)] for L, end in stages],
     )  # fmt: skip
     model.save_pretrained(ckpt / "pre")
+    pre, sft = str(ckpt / "pre"), str(ckpt / "sft")
+    # the rows QK-Restore takes from PRE, as the tool plans them (also what QK-Frozen holds, and
+    # what the SFT curve swaps in to follow +QK-Restore along SFT)
+    qk_set = locate.qk_restore_selections(pre, pre)[0]
+    pre_qk = {n: t.detach().clone() for n, t in model.state_dict().items() if n in qk_set}
 
     # 2. CoT-SFT -----------------------------------------------------------------------------
     rng_sft = np.random.default_rng(seed + 1)
@@ -204,12 +250,39 @@ def main(argv: list[str] | None = None) -> int:
         model.get_input_embeddings().weight.requires_grad_(False)
 
     def sft_batch(i: int, progress: float):
-        ids, labels = data.cot_batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
+        if cot is None:
+            ids, labels = data.cot_batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
+        else:
+            ids, labels = cot.batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
         return torch.from_numpy(ids).to(dev), torch.from_numpy(labels).to(dev)
+
+    def sft_curve(m: torch.nn.Module) -> dict:
+        """Recall (a quarter of the final probe's documents) and CoT (a third of its problems)."""
+        r = evaluate.recall(
+            m, markov, cfg["lengths"], n_docs=max(8, cfg["eval_docs"] // 4), batch=cfg["eval_batch"],
+            needles_per_1k=cfg["needles_per_1k"], n_queries=cfg["n_queries"], seed=10_000 + seed,
+            device=dev,
+        )  # fmt: skip
+        rea = evaluate.reasoning(
+            m, n_problems=max(1, cfg["eval_problems"] // 3), n_min=cfg["cot_digits"][0],
+            n_max=cfg["cot_digits"][1], seed=20_000 + seed, device=dev, task=cot,
+        )  # fmt: skip
+        point = {"recall": {str(k): v for k, v in r.items()}, "cot": float(rea["answer"])}
+        saved = locate.swap(m, pre_qk, qk_set)  # the same model with PRE's QK-Restore rows
+        try:
+            r = evaluate.recall(
+                m, markov, cfg["lengths"], n_docs=max(8, cfg["eval_docs"] // 4),
+                batch=cfg["eval_batch"], needles_per_1k=cfg["needles_per_1k"],
+                n_queries=cfg["n_queries"], seed=10_000 + seed, device=dev,
+            )  # fmt: skip
+        finally:
+            locate.swap(m, saved, dict.fromkeys(qk_set))
+        point["recall_qk_restored"] = {str(k): v for k, v in r.items()}
+        return point
 
     sft_info = train.train(
         model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log, name="sft",
-        amp=amp,
+        amp=amp, curve=sft_curve, curve_every=cfg["curve_every"],
     )  # fmt: skip
     sft_info.update(
         batch=cfg["sft_batch"], lr=cfg["sft_lr"], digits=list(cfg["cot_digits"]),
@@ -225,6 +298,20 @@ def main(argv: list[str] | None = None) -> int:
         sft2_info["total_sft_steps"] = sft_info["steps"] + sft2_info["steps"]
         model.save_pretrained(ckpt / "sft-long")
     del model
+    frozen_info = None
+    if cfg["qk_frozen"]:  # Table 4's QK-Frozen: the same SFT from PRE, QK-Restore's rows held
+        model = evaluate.load(pre, dev)
+        if cfg["linear_decay"]:
+            analog.fix_linear_decay(model, cfg["linear_decay"])  # same values; frozen again
+        if args.sft_freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        rng_sft = np.random.default_rng(seed + 1)  # the same batches as +SFT
+        frozen_info = train.train(
+            model, sft_batch, steps=cfg["sft_steps"], lr=cfg["sft_lr"], warmup=20, log=log,
+            name="sft-qk-frozen", amp=amp, after_step=analog.RowFreezer(model, qk_set),
+        )  # fmt: skip
+        model.save_pretrained(ckpt / "qk-frozen")
+        del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -242,11 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{shown} failed ({res.returncode}):\n{res.stderr[-3000:]}")
         return res.stdout
 
-    pre, sft = str(ckpt / "pre"), str(ckpt / "sft")
     variants = {"PRE": pre, "+SFT": sft}
     cli("merge", pre, sft, "-o", str(ckpt / "qkrestore"), "--overwrite", "--quiet")
     variants["+QK-Restore"] = str(ckpt / "qkrestore")
-    for targets in args.also_targets or []:  # ablations: restore more of the softmax layers
+    for targets in cfg["also_targets"]:  # ablations: restore other parts of the softmax layers
         o = ckpt / f"restore-{targets.replace(',', '')}"
         cli("merge", pre, sft, "-o", str(o), "--targets", targets, "--overwrite", "--quiet")
         variants[f"+Restore {{{targets}}}"] = str(o)
@@ -256,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         cli("pro", pre, sft, "-o", str(o), "--fix", "key", "--ridge", f"{r:g}", "--device", pro_dev,
             "--overwrite", "--quiet")  # fmt: skip
         variants[f"+QK-Pro (R={r:g})"] = str(o)
+    if frozen_info:
+        variants["QK-Frozen SFT"] = str(ckpt / "qk-frozen")
     if sft2_info:
         long = str(ckpt / "sft-long")
         variants["+SFT-long"] = long
@@ -292,10 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     np.save(out / "corpus-pretrain.npy", hay)
     with open(out / "corpus-cot.jsonl", "w") as f:
-        for _ in range(512):
-            p_, r_ = data.cot_example(rng_c.integers(0, 10, int(rng_c.integers(3, 9))))
-            f.write(json.dumps({"input_ids": p_ + r_}) + "\n")
+        if cot is None:
+            for _ in range(512):
+                p_, r_ = data.cot_example(rng_c.integers(0, 10, int(rng_c.integers(3, 9))))
+                f.write(json.dumps({"input_ids": p_ + r_}) + "\n")
+        else:  # the traces' step tokens; enough of them that τ is measured to a few %
+            for t_ in cot.traces(rng_c, 30_000, *cfg["cot_digits"]):
+                f.write(json.dumps({"input_ids": t_}) + "\n")
     max_d = str(min(128, cfg["pre_len"] // 2))
+    sweep = None
     autocorr = {
         "pretrain": diagnostic("autocorr-pretrain", "autocorr", str(out / "corpus-pretrain.npy"),
                                "--max-distance", max_d),
@@ -305,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. evaluation ---------------------------------------------------------------------------
     located: dict[str, dict] = {}
+    ablations: dict[str, dict] = {}
 
     def finish(models: dict) -> Path:
         results = {
@@ -313,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "models": models, "drift": drift, "drift_long": drift_long, "attn_distance": attn,
             "autocorr": autocorr, "located": located, "commands": commands,
+            "setup": {"name": args.setup, "untied": cfg["untied"], "linear_decay": cfg["linear_decay"],
+                      "cot_task": cfg["cot_task"], "cot_lambda": cfg["cot_lambda"],
+                      "cot_tau": cot.tau if cot else None, "lr_ratio": cfg["sft_lr"] / cfg["pre_lr"],
+                      "budget": "seconds" if cfg["pre_seconds"] else "steps"},
+            "sft_qk_frozen": frozen_info, "ablations": ablations, "sweep": sweep,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }  # fmt: skip
         results["wall_seconds"] = time.time() - t_start
@@ -327,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = evaluate.run_recall(m, markov, cfg, seed, dev)
         rea = evaluate.reasoning(
             m, n_problems=cfg["eval_problems"], n_min=cfg["cot_digits"][0],
-            n_max=cfg["cot_digits"][1], seed=20_000 + seed, device=dev,
+            n_max=cfg["cot_digits"][1], seed=20_000 + seed, device=dev, task=cot,
         )  # fmt: skip
         models[name] = {
             "recall": rec,
@@ -339,11 +438,19 @@ def main(argv: list[str] | None = None) -> int:
         del m
         finish(models)  # after every model, so a run cut short still leaves a report
 
+    def measure(m) -> dict[str, float]:
+        return evaluate.run_recall(m, markov, cfg, seed, dev)
+
+    if cfg["ablate"]:  # is recall carried by the softmax layers alone? (zero parts of PRE)
+        pre_m = evaluate.load(pre, dev)
+        sels = analog.select_ablations(list(pre_m.state_dict()), qk_set, layer_types)
+        ablations["PRE"] = analog.ablate(pre_m, measure, sels)
+        for label, r in ablations["PRE"].items():
+            log(f"PRE, {label}: recall {[round(100 * v, 1) for v in r['recall'].values()]}")
+        del pre_m
+        finish(models)
+
     if args.locate:  # which of PRE's parameter groups, put back alone, brings recall back?
-
-        def measure(m) -> dict[str, float]:
-            return evaluate.run_recall(m, markov, cfg, seed, dev)
-
         pre_m = evaluate.load(pre, dev)
         for name in ("+SFT", "+SFT-long"):
             if name in variants:
@@ -356,6 +463,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"{[round(100 * v, 1) for v in r['recall'].values()]}")  # fmt: skip
         del pre_m
 
+    # last, as the slowest part: the tool's own candidate sweep, scored on this run's probe
+    if args.sweep:
+        rec_items, rea_items = out / "sweep-recall.jsonl", out / "sweep-reasoning.jsonl"
+        write_sweep_items(rec_items, rea_items, markov, cfg, seed, cot)
+        sweep = diagnostic(
+            "sweep", "sweep", pre, sft, "--recall", str(rec_items), "--reasoning", str(rea_items),
+            "--ridges", ",".join(f"{r:g}" for r in (0.1, 1.0, 10.0)), "--device",
+            "auto" if dev.type == "cuda" else "cpu", "--quiet",
+        )  # fmt: skip
     path = finish(models)
     log(f"report: {path} ({time.time() - t_start:.0f}s)")
     logf.close()

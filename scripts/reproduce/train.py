@@ -30,8 +30,10 @@ MODEL_DIMS: dict[str, dict] = {
 }  # fmt: skip
 
 
-def build_model(vocab_size: int, size: str, seed: int):
-    """A Qwen3.5-text hybrid (gated-DeltaNet linear layers + a few full-attention layers)."""
+def build_model(vocab_size: int, size: str, seed: int, tied: bool = True):
+    """A Qwen3.5-text hybrid (gated-DeltaNet linear layers + a few full-attention layers).
+    ``tied``: one matrix for the input embeddings and the output layer (the first setup); the
+    paper's models have them untied (the analog setup)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dims = MODEL_DIMS[size]
@@ -41,7 +43,7 @@ def build_model(vocab_size: int, size: str, seed: int):
         linear_conv_kernel_dim=4,
         max_position_embeddings=8192,
         hidden_act="silu",
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -87,13 +89,21 @@ def train(
     amp: bool = False,
     probe: Callable[[torch.nn.Module], str] | None = None,
     log_every: float = 30.0,
+    curve: Callable[[torch.nn.Module], dict] | None = None,
+    curve_every: int = 0,
+    after_step: Callable[[], None] | None = None,
 ) -> dict:
     """AdamW, linear warm-up, cosine decay to lr/10 over ``steps`` or ``seconds`` of wall time, whichever
     runs out first (training stops there). ``batch_fn(i, progress)`` (progress in [0, 1], by the
     same rule, so data can follow a curriculum) gives ``(ids, labels)`` or
     ``(ids, labels, focus)`` (see ``lm_loss``). ``amp``: bfloat16 autocast (CUDA); the weights and
     the optimizer stay float32. Progress is logged every tenth of ``steps`` and every ``log_every``
-    seconds, with ``probe(model)``'s text (e.g. a quick recall check) when given."""
+    seconds, with ``probe(model)``'s text (e.g. a quick recall check) when given.
+
+    ``curve``: measured on the model before the first step and after every ``curve_every`` steps
+    and the last one; the results, each with its ``step``, are returned as ``info["curve"]``
+    (recall and CoT along SFT, counted in steps so that runs on different machines compare).
+    ``after_step``: called after every optimizer step (e.g. to hold some rows fixed)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(warmup, max(1, steps // 10))
 
@@ -111,7 +121,19 @@ def train(
         cos = 0.5 * (1 + math.cos(math.pi * progress(i, warmup)))
         return lr * (0.1 + 0.9 * cos)  # floor: lr / 10
 
+    points: list[dict] = []
+
+    def measure_curve(step: int) -> None:
+        if curve is None or curve_every <= 0:
+            return
+        model.eval()
+        point = {"step": step, **curve(model)}
+        model.train()
+        points.append(point)
+        log(f"[{name}] curve at step {step}: {point}")
+
     model.train()
+    measure_curve(0)
     t0, losses, done = time.time(), [], 0
     t_log = t0
     for i in range(steps):
@@ -125,8 +147,12 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         done = i + 1
+        if curve_every > 0 and (done % curve_every == 0 or done == steps):
+            measure_curve(done)
         if i % max(1, steps // 10) == 0 or i == steps - 1 or time.time() - t_log > log_every:
             t_log = time.time()
             extra = ""
@@ -141,5 +167,8 @@ def train(
             log(f"[{name}] time budget {seconds:.0f}s reached at step {done}/{steps}")
             break
     model.eval()
-    return {"steps": done, "planned_steps": steps, "seconds": round(time.time() - t0, 1),
+    info = {"steps": done, "planned_steps": steps, "seconds": round(time.time() - t0, 1),
             "final_loss": float(sum(losses[-10:]) / len(losses[-10:]))}  # fmt: skip
+    if points:
+        info["curve"] = points
+    return info
