@@ -75,6 +75,13 @@ HF_BUILT = {
         _range(48),
         [],
     ),
+    # mistralai/Mixtral-8x7B-v0.1: sliding_window null, all 32 layers full; no layer_types and no
+    # adapter: derived from transformers
+    "mixtral-8x7b-v0.1.json": (
+        SMALL | {"num_local_experts": 2, "num_experts_per_tok": 1},
+        _range(32),
+        [],
+    ),
 }
 
 
