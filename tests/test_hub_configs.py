@@ -354,3 +354,87 @@ def test_kimi_linear_published_prefix(tmp_path: Path, cli) -> None:
             (h * (nope + v), h * (nope + v) + nope) for h in range(2)
         ]
     assert_merged(out, pre, post, expected)
+
+
+# -- a VLM-nested config: google/medgemma-27b-it (Gemma 3, text_config inside) -----------------
+
+# medgemma-27b-it's text model: 62 layers, a full-attention layer every sixth (5, 11, ..., 59), the
+# others sliding with window 1024 over a 131072 context (layer_types as published)
+MEDGEMMA_GLOBAL = list(range(5, 62, 6))
+MEDGEMMA_LOCAL = [i for i in range(62) if i not in MEDGEMMA_GLOBAL]
+
+
+def _medgemma_shrunk() -> dict:
+    cfg = published("medgemma-27b-it.json")
+    cfg["text_config"] = cfg["text_config"] | SMALL | {"head_dim": 16}
+    cfg["vision_config"] = cfg["vision_config"] | {
+        "hidden_size": 16,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 1,
+        "image_size": 28,
+    }
+    return cfg | {"mm_tokens_per_image": 4}
+
+
+def test_medgemma_vlm_nested_config_layer_map_and_merge(tmp_path: Path, cli) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = _medgemma_shrunk()
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3", **kwargs))
+    pre, post = tmp_path / "pre", tmp_path / "post"
+    model.save_pretrained(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(post, max_shard_size="200KB")
+    for folder in (pre, post):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    info = json.loads(cli("inspect-layers", post, "--json").out)
+    assert info["global_layers"] == MEDGEMMA_GLOBAL
+    assert info["local_layers"] == MEDGEMMA_LOCAL
+    assert "1024 < context 131072" in info["layer_reasons"][0]
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == MEDGEMMA_GLOBAL
+    post_t, _ = load_all(post)
+    prefix = "language_model.model.layers."  # transformers saves Gemma 3 in the published layout
+    expected = resolve_rows(routing_rows(post_t, MEDGEMMA_GLOBAL, prefix=prefix), post_t)
+    assert len(expected) == 4 * len(MEDGEMMA_GLOBAL)  # q, k, q_norm, k_norm
+    assert_merged(out, pre, post, expected)
+
+
+def test_medgemma_published_tensor_names(tmp_path: Path, cli) -> None:
+    """The published shards name the text model ``language_model.model.layers.N`` (the layout
+    before transformers 5); the routing set uses exactly the index's names."""
+    cfg = _medgemma_shrunk()
+    index = json.loads((FIXTURES / "medgemma-27b-it.index-layers-4-5.json").read_text())
+    g = torch.Generator().manual_seed(2)
+    shapes = {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32)}
+    shapes |= {"q_norm": (16,), "k_norm": (16,), "down_proj": (32, 37)}
+    shapes |= {"gate_proj": (37, 32), "up_proj": (37, 32)}
+    tensors = {"language_model.model.embed_tokens.weight": torch.randn(99, 32, generator=g)}
+    for i in range(62):  # every layer named like the index's layer 4 (sliding) or 5 (full)
+        model_layer = ".layers.5." if i in MEDGEMMA_GLOBAL else ".layers.4."
+        for name in index["weight_map"]:
+            if model_layer in name:
+                leaf = name.split(".")[-2]
+                t = torch.randn(*shapes.get(leaf, (32,)), generator=g).to(torch.bfloat16)
+                tensors[name.replace(model_layer, f".layers.{i}.")] = t
+    pre = write_hand(tmp_path / "pre", cfg, tensors)
+    post = write_hand(tmp_path / "post", cfg, perturbed(tensors, seed=3), shards=2)
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    planned = {p["name"] for p in json.loads(r.out)["plan"]["tensors"] if p["layer"] == 5}
+    base = "language_model.model.layers.5.self_attn."
+    assert planned == {
+        base + s for s in ("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight")
+    }
+    assert planned <= set(index["weight_map"])
+    want = routing_rows(tensors, MEDGEMMA_GLOBAL, prefix="language_model.model.layers.")
+    assert_merged(out, pre, post, resolve_rows(want, tensors))
