@@ -438,3 +438,44 @@ def test_medgemma_published_tensor_names(tmp_path: Path, cli) -> None:
     assert planned <= set(index["weight_map"])
     want = routing_rows(tensors, MEDGEMMA_GLOBAL, prefix="language_model.model.layers.")
     assert_merged(out, pre, post, resolve_rows(want, tensors))
+
+
+# -- Qwen3.6-27B (qwen3_5, dense), VLM-nested, with a compressed-tensors quantization_config --------
+
+QWEN36 = "qwen3.6-27b-int4-fantasylord.json"
+QWEN36_FULL = list(range(3, 64, 4))  # layer_types: full attention every fourth layer, of 64
+
+
+def test_qwen36_vlm_nested_quantized_config_layer_map_and_merge(tmp_path: Path, cli) -> None:
+    """The gated q_proj (attn_output_gate) keeps each head's query rows and leaves its gate rows."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = published(QWEN36)
+    cfg["text_config"] = cfg["text_config"] | SMALL | {"head_dim": 16, "linear_key_head_dim": 8}
+    cfg["text_config"] |= {"linear_value_head_dim": 8, "linear_num_key_heads": 1}
+    cfg["text_config"] |= {"linear_num_value_heads": 2}
+    cfg["vision_config"] = cfg["vision_config"] | {"depth": 1, "hidden_size": 16, "num_heads": 2}
+    cfg["vision_config"] |= {"intermediate_size": 16, "out_hidden_size": 32}
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", **kwargs))
+    pre, post = tmp_path / "pre", tmp_path / "post"
+    model.save_pretrained(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(post, max_shard_size="200KB")
+    for folder in (pre, post):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    info = json.loads(cli("inspect-layers", post, "--json").out)
+    assert info["global_layers"] == QWEN36_FULL and info["local_layers"] == []
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == QWEN36_FULL
+    post_t, _ = load_all(post)
+    prefix = next(n for n in post_t if ".layers.3.self_attn.q_proj" in n).split("3.self_attn")[0]
+    want = routing_rows(post_t, QWEN36_FULL, prefix=prefix, gated_heads=(2, 16))
+    assert len(want) == 4 * len(QWEN36_FULL)  # q (query rows only), k, q_norm, k_norm
+    assert_merged(out, pre, post, resolve_rows(want, post_t))
