@@ -77,6 +77,13 @@ HF_BUILT = {
     ),
     # mistralai/Mixtral-8x7B-v0.1: sliding_window null, all 32 layers full; no layer_types and no
     # adapter: derived from transformers
+    # ibm-granite/granite-3.1-1b-a400m-instruct: granitemoe, 24 layers all full (no window, no
+    # layer_types, no adapter): derived from transformers
+    "granite-3.1-1b-a400m-instruct.json": (
+        SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2},
+        _range(24),
+        [],
+    ),
     "mixtral-8x7b-v0.1.json": (
         SMALL | {"num_local_experts": 2, "num_experts_per_tok": 1},
         _range(32),
