@@ -525,13 +525,41 @@ def test_mistral_7b_published_window_is_local(tmp_path: Path, cli) -> None:
     _check_merge(cli, tmp_path, pre, post, _range(32), extra=("--include-sliding",))
 
 
-def test_falcon_40b_refinedweb_config_is_refused_with_one_clear_line(tmp_path: Path, cli) -> None:
-    """falcon-40b as first published: model_type 'RefinedWeb' (remote code), n_head/n_layer. The
-    tool has a falcon adapter but not this spelling; it refuses in one line that names the
-    model_type and the way to name the tensors by hand (a gap reported, not yet filled)."""
-    cfg = published("falcon-40b.json")
-    tensors = {"transformer.word_embeddings.weight": torch.zeros(99, 32)}
-    post = write_hand(tmp_path / "post", cfg, tensors)
-    r = cli("inspect-layers", post)
-    assert r.code == 2 and len(r.err_lines) == 1
-    assert "model_type 'RefinedWeb'" in r.err and "--layers" in r.err
+def test_falcon_40b_legacy_refinedweb_config(tmp_path: Path, cli) -> None:
+    """falcon-40b as first published: model_type 'RefinedWeb' (remote code) with n_head, n_head_kv
+    and n_layer. Its query_key_value is grouped like FalconConfig's new_decoder_architecture: per
+    KV group [q x (heads / groups) | k | v], here 2 groups of [2 x q | k | v] with head_dim 8."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = published("falcon-40b.json") | {"hidden_size": 32, "n_head": 4, "n_head_kv": 2}
+    cfg |= {"vocab_size": 99}
+    torch.manual_seed(0)
+    model = FalconForCausalLM(  # the same model in FalconConfig's names
+        FalconConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            num_hidden_layers=60,
+            new_decoder_architecture=True,
+            bias=False,
+            parallel_attn=True,
+            vocab_size=99,
+        )
+    )
+    pre, post = tmp_path / "pre", tmp_path / "post"
+    model.save_pretrained(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(post, max_shard_size="200KB")
+    for folder in (pre, post):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    info = json.loads(cli("inspect-layers", post, "--json").out)
+    assert info["adapter"] == "falcon" and info["global_layers"] == _range(60)
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    rows = [(0, 24), (32, 56)]  # per group: 2 query heads and the key head (8 rows each), not v
+    expected = {f"transformer.h.{i}.self_attention.query_key_value.weight": rows for i in range(60)}
+    assert_merged(out, pre, post, expected)

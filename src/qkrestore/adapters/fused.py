@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from ..checkpoint import TensorInfo
 from ..errors import ConfigError, PlanError
-from .base import Adapter, Config, RowRanges, TensorSpec, head_dim, int_field
+from .base import Adapter, Config, Kind, RowRanges, TensorSpec, head_dim, int_field
 from .families import all_global_kinds, mistral_kinds
 
 Blocks = list[tuple[str, int]]  # (target, number of rows), in row order
@@ -74,6 +74,35 @@ def gpt_neox_layout(cfg: Config) -> tuple[str, Blocks]:
     )
 
 
+# The remote-code spelling Falcon was first published in (tiiuae/falcon-40b and falcon-7b before
+# their move to ``falcon``): ``RefinedWeb`` is the grouped new decoder architecture with
+# ``n_head_kv`` groups, ``RefinedWebModel`` the multi-query one; ``n_head``/``n_layer`` are the old
+# names of ``num_attention_heads``/``num_hidden_layers``. Source: falcon-40b's ``modelling_RW.py``
+# and transformers' conversion of these configs into ``FalconConfig``.
+LEGACY_FALCON = ("RefinedWeb", "RefinedWebModel")
+
+
+def _modern_falcon(cfg: Config) -> Config:
+    """``cfg`` with the legacy RefinedWeb keys given their ``FalconConfig`` names."""
+    if cfg.get("model_type") not in LEGACY_FALCON:
+        return cfg
+    out = dict(cfg)
+    for old, new in (("n_head", "num_attention_heads"), ("n_layer", "num_hidden_layers")):
+        if out.get(new) is None and out.get(old) is not None:
+            out[new] = out[old]
+    if cfg.get("model_type") == "RefinedWeb":
+        out.setdefault("new_decoder_architecture", True)
+        if out.get("num_kv_heads") is None and out.get("n_head_kv") is not None:
+            out["num_kv_heads"] = out["n_head_kv"]
+    return out
+
+
+def falcon_kinds(cfg: Config, n: int | None) -> list[Kind]:
+    """Every layer global; the legacy spelling counts its layers in ``n_layer``."""
+    legacy = _modern_falcon(cfg)
+    return all_global_kinds(legacy, n if n is not None else legacy.get("num_hidden_layers"))
+
+
 def falcon_layout(cfg: Config) -> tuple[str, Blocks]:
     """The three Falcon layouts, chosen like ``FalconAttention`` does (defaults as ``FalconConfig``).
 
@@ -81,6 +110,7 @@ def falcon_layout(cfg: Config) -> tuple[str, Blocks]:
     to the head count and only matters for the new decoder architecture; ``n_embed`` is the old name
     of ``hidden_size``.
     """
+    cfg = _modern_falcon(cfg)
     hidden_key = "n_embed" if cfg.get("n_embed") is not None else "hidden_size"
     heads, hd = _split_head_dim(cfg, hidden_key)
     if cfg.get("new_decoder_architecture", False):
@@ -183,9 +213,9 @@ FAMILIES: tuple[Adapter, ...] = (
     ),
     Adapter(
         name="falcon",
-        model_types=("falcon",),
-        architectures=("FalconForCausalLM",),
-        kinds=all_global_kinds,
+        model_types=("falcon", *LEGACY_FALCON),
+        architectures=("FalconForCausalLM", "RWForCausalLM"),
+        kinds=falcon_kinds,
         tensors=fused_projections(falcon_layout, "query_key_value", "dense"),
         container="h",
         module="self_attention",
