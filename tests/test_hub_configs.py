@@ -31,6 +31,20 @@ SMALL = {
 }
 
 
+def save_pair(model: torch.nn.Module, root: Path, cfg: dict) -> tuple[Path, Path]:
+    """PRE = ``model``; POST = PRE + noise, sharded; both with the published ``config.json``
+    (transformers' re-serialisation would drop or rename published fields)."""
+    pre, post = root / "pre", root / "post"
+    model.save_pretrained(pre)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(post, max_shard_size="200KB")
+    for folder in (pre, post):
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return pre, post
+
+
 def published(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
@@ -101,14 +115,7 @@ def build_published_pair(root: Path, name: str, overrides: dict) -> tuple[Path, 
     kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg["model_type"], **kwargs))
-    pre, post = root / "pre", root / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.save_pretrained(post, max_shard_size="200KB")
-    for folder in (pre, post):
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre, post = save_pair(model, root, cfg)
     return pre, post, cfg
 
 
@@ -333,14 +340,7 @@ def test_kimi_linear_published_prefix(tmp_path: Path, cli) -> None:
     kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("kimi_linear", **kwargs))
-    pre, post = tmp_path / "pre", tmp_path / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.save_pretrained(post, max_shard_size="200KB")
-    for folder in (pre, post):
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre, post = save_pair(model, tmp_path, cfg)
 
     mla = [3, 7, 11, 15, 19, 23, 26]
     info = json.loads(cli("inspect-layers", post, "--json").out)
@@ -391,14 +391,7 @@ def test_medgemma_vlm_nested_config_layer_map_and_merge(tmp_path: Path, cli) -> 
     kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3", **kwargs))
-    pre, post = tmp_path / "pre", tmp_path / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.save_pretrained(post, max_shard_size="200KB")
-    for folder in (pre, post):
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre, post = save_pair(model, tmp_path, cfg)
 
     info = json.loads(cli("inspect-layers", post, "--json").out)
     assert info["global_layers"] == MEDGEMMA_GLOBAL
@@ -466,14 +459,7 @@ def test_qwen36_vlm_nested_quantized_config_layer_map_and_merge(tmp_path: Path, 
     kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", **kwargs))
-    pre, post = tmp_path / "pre", tmp_path / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.save_pretrained(post, max_shard_size="200KB")
-    for folder in (pre, post):
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre, post = save_pair(model, tmp_path, cfg)
 
     info = json.loads(cli("inspect-layers", post, "--json").out)
     assert info["global_layers"] == QWEN36_FULL and info["local_layers"] == []
@@ -546,14 +532,7 @@ def test_falcon_40b_legacy_refinedweb_config(tmp_path: Path, cli) -> None:
             vocab_size=99,
         )
     )
-    pre, post = tmp_path / "pre", tmp_path / "post"
-    model.save_pretrained(pre)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.save_pretrained(post, max_shard_size="200KB")
-    for folder in (pre, post):
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    pre, post = save_pair(model, tmp_path, cfg)
 
     info = json.loads(cli("inspect-layers", post, "--json").out)
     assert info["adapter"] == "falcon" and info["global_layers"] == _range(60)
