@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ._version import __version__
+from .errors import QKRestoreError
 from .plan import RestorePlan
 
 if TYPE_CHECKING:
@@ -245,7 +246,23 @@ def write_local_record(folder: Path, paths: dict[str, str]) -> None:
     local.write_text(json.dumps(paths, indent=2) + "\n", encoding="utf-8")
 
 
-def recorded_source_paths(out: Path, record: dict[str, Any]) -> dict[str, Path | None]:
+def source_paths(
+    out: Path, record: dict[str, Any], pre: Path | None, post: Path | None
+) -> tuple[Path, Path]:
+    """PRE's and POST's folders for re-checking OUT: the ones given, else where they were when OUT
+    was written; one line saying what to pass when neither is known (a moved or downloaded OUT)."""
+    recorded = _recorded_source_paths(out, record)
+    pre, post = pre or recorded["pre"], post or recorded["post"]
+    if pre is None or post is None:
+        missing = " and ".join(s for s, p in (("--pre", pre), ("--post", post)) if p is None)
+        raise QKRestoreError(
+            f"{out}: OUT does not record where its sources are on this machine",
+            hint=f"pass {missing} (the folders it was made from)",
+        )
+    return Path(pre), Path(post)
+
+
+def _recorded_source_paths(out: Path, record: dict[str, Any]) -> dict[str, Path | None]:
     """Where OUT's sources were when it was written: the local record, else the provenance's paths
     (outputs made with ``--record-paths`` or by earlier versions)."""
     local = out / LOCAL_RECORD

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_NAME, PROVENANCE_NAME, recorded_source_paths
+from .card import CARD_NAME, PROVENANCE_NAME, source_paths
 from .carried import carried_index
 from .checkpoint import CHUNK, INDEX_NAME, Checkpoint, read_header_bytes
 from .dtypes import cast_chunk, convert, to_tensor
@@ -106,17 +106,7 @@ def verify_output(
     out = Path(out)
     record = read_provenance(out)
     plan = RestorePlan.from_json(record["plan"])
-    recorded = recorded_source_paths(out, record)
-    pre_root, post_root = pre_path or recorded["pre"], post_path or recorded["post"]
-    if pre_root is None or post_root is None:
-        missing = " and ".join(
-            s for s, p in (("--pre", pre_root), ("--post", post_root)) if p is None
-        )
-        raise QKRestoreError(
-            f"{out}: OUT does not record where its sources are on this machine",
-            hint=f"pass {missing} (the folders it was made from)",
-        )
-    pre_root, post_root = Path(pre_root), Path(post_root)
+    pre_root, post_root = source_paths(out, record, pre_path, post_path)
     report = VerifyReport(out=str(out), pre=str(pre_root), post=str(post_root))
     entry = restored_entry(out, record)
     _check_weight_sets(report, out, entry)

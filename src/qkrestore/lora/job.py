@@ -20,8 +20,8 @@ from ..card import (
     CARD_NAME,
     PAPER,
     PROVENANCE_NAME,
-    recorded_source_paths,
     redact_command,
+    source_paths,
     split_front_matter,
     write_local_record,
 )
@@ -432,13 +432,7 @@ def verify_adapter_output(
     import torch
 
     out = Path(out)
-    recorded = recorded_source_paths(out, record)
-    pre_root, post_root = pre or recorded["pre"], post or recorded["post"]
-    if pre_root is None or post_root is None:
-        raise QKRestoreError(
-            f"{out}: OUT does not record where its sources are on this machine",
-            hint="pass --pre and --post (the base model and the input adapter)",
-        )
+    pre_root, post_root = source_paths(out, record, pre, post)
     kind = record[JOB_KEY]["output_kind"]
     plan = RestorePlan.from_json(record["plan"])
     restore = {p.name: p.rows for p in plan.patches if p.source == "pre"}
