@@ -20,7 +20,15 @@ from qkrestore.candidates import ModelPatcher, PlanSettings, plan_candidate, pla
 from qkrestore.checkpoint import Checkpoint
 from qkrestore.diagnostics import niah as nh
 from qkrestore.errors import QKRestoreError
-from qkrestore.evaluation import Item, Runner, example_reasoning_file, load_items, summarise_items
+from qkrestore.evaluation import (
+    BATCH_TOKENS,
+    Item,
+    Runner,
+    _batches,
+    example_reasoning_file,
+    load_items,
+    summarise_items,
+)
 from qkrestore.runtime import quiet_transformers
 from qkrestore.sweep import (
     SweepConfig,
@@ -233,6 +241,46 @@ def test_reasoning_metric_on_the_shipped_file(dense) -> None:
         mixed.append(Item(tuple(p), tuple(cont)))
     got = summarise_items(runner.score_items(mixed))
     assert got["exact"] == 0.5
+
+
+def test_batched_scoring_equals_one_at_a_time(dense) -> None:
+    """Right padding cannot change a causal LM's scores: batches of mixed lengths give the rows
+    that one forward pass per item gives, in the items' order."""
+    _, post = dense
+    model = load(post)
+    rng = random.Random(3)
+    vocab = model.config.vocab_size
+    items = [
+        Item(
+            tuple(rng.randrange(vocab) for _ in range(rng.randrange(3, 40))),
+            tuple(rng.randrange(vocab) for _ in range(rng.randrange(1, 6))),
+        )
+        for _ in range(23)
+    ]
+    # one item that is the model's own greedy continuation, so that "exact" is not all False
+    seq = [5, 9, 11]
+    with torch.inference_mode():
+        for _ in range(3):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    items.append(Item(tuple(seq[:3]), tuple(seq[3:])))
+    one = Runner(model, None, torch.device("cpu"), autocast=False, label="p").score_items(items)
+    many = Runner(model, None, torch.device("cpu"), autocast=False, label="p", batch_size=7)
+    ticks: list[int] = []
+    rows = many.score_items(items, ticks.append)
+    assert sum(ticks) == len(items) and len(ticks) == 4  # 24 items in batches of ≤ 7
+    assert [r["exact"] for r in rows] == [r["exact"] for r in one]
+    assert rows[-1]["exact"] is True
+    for r, o in zip(rows, one):
+        assert r["tokens"] == o["tokens"]
+        assert r["loglik"] == pytest.approx(o["loglik"], abs=1e-5)
+
+
+def test_batches_bound_items_and_padded_tokens() -> None:
+    lengths = [BATCH_TOKENS, BATCH_TOKENS // 2, BATCH_TOKENS // 4, 100, 90, 80, 70, 60]
+    got = list(_batches(range(len(lengths)), lengths, 3))
+    assert got == [[0], [1, 2], [3, 4, 5], [6, 7]]
+    for b in got:  # longest first, so the first item is the batch's width
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * lengths[b[0]] <= BATCH_TOKENS)
 
 
 def test_items_file_errors(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ EXAMPLE_REASONING = "reasoning-example.jsonl"
 LM_EVAL_INSTALL = 'pip install "qkrestore[eval]" (or: pip install "lm_eval>=0.4")'
 
 Progress = Callable[[int], None]
+# Padded tokens per batch of scored items: bounds the logits' memory (tokens × vocabulary).
+BATCH_TOKENS = 16_384
 _MANAGERS: dict[tuple[Any, ...], Any] = {}  # lm-eval TaskManagers, built once per process
 
 
@@ -147,8 +149,10 @@ class Runner:
         *,
         autocast: bool,
         label: str,
+        batch_size: int = 1,
     ) -> None:
         self.model = model
+        self.batch_size = max(1, batch_size)
         self.tok = tokenizer
         self.device = device
         self.autocast = autocast and device.type == "cuda"
@@ -199,24 +203,37 @@ class Runner:
     def score_items(
         self, items: Sequence[Item], progress: Progress | None = None
     ) -> list[dict[str, Any]]:
-        """Per item: ``exact`` (bool) and ``loglik`` (mean log-probability of the answer)."""
-        rows = []
-        for p, a in self._encode(items):
-            ids = torch.tensor([p + a], device=self.device)
-            with self.context(len(p) + len(a)):
-                logits = self.model(input_ids=ids).logits[0, len(p) - 1 : len(p) + len(a) - 1]
-            logits = logits.float()
-            target = torch.tensor(a, device=logits.device)
-            logp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
-            rows.append(
-                {
-                    "exact": bool((logits.argmax(-1) == target).all()),
+        """Per item: ``exact`` (bool) and ``loglik`` (mean log-probability of the answer).
+
+        Items are scored in batches of up to ``batch_size`` sequences of similar length (and at
+        most :data:`BATCH_TOKENS` padded tokens, so long items run alone), padded on the right. In a causal LM a position's logits depend only on the tokens before it, so the
+        padding after an item cannot change its scores; only the kernels' summation order differs
+        from one-at-a-time (float32 on CPU: ~1e-6; bf16 autocast: a tie may flip).
+        """
+        encoded = self._encode(items)
+        rows: list[dict[str, Any]] = [{} for _ in encoded]
+        # longest first, so that a batch that runs out of memory does so at once
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
+        for batch in _batches(order, [len(p) + len(a) for p, a in encoded], self.batch_size):
+            width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = encoded[i][0] + encoded[i][1]
+                ids[row, : len(seq)] = torch.tensor(seq)
+            with self.context(width):
+                logits = self.model(input_ids=ids.to(self.device)).logits
+            for row, i in enumerate(batch):
+                p, a = encoded[i]
+                lg = logits[row, len(p) - 1 : len(p) + len(a) - 1].float()
+                target = torch.tensor(a, device=lg.device)
+                logp = torch.log_softmax(lg, -1).gather(1, target[:, None])[:, 0]
+                rows[i] = {
+                    "exact": bool((lg.argmax(-1) == target).all()),
                     "loglik": float(logp.mean()),
                     "tokens": len(a),
                 }
-            )
             if progress:
-                progress(1)
+                progress(len(batch))
         return rows
 
     def niah(self, s: NiahSettings, progress: Progress | None = None) -> dict[str, float]:
@@ -256,6 +273,20 @@ class Runner:
             if progress:
                 progress(1)
         return {str(n): hits[n] / s.samples for n in s.lengths}
+
+
+def _batches(order: Sequence[int], lengths: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Consecutive runs of ``order`` (longest first) of at most ``size`` items and at most
+    :data:`BATCH_TOKENS` padded tokens; an item longer than that forms a batch of its own."""
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) >= size or (len(batch) + 1) * width > BATCH_TOKENS):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def summarise_items(rows: Sequence[dict[str, Any]]) -> dict[str, float]:

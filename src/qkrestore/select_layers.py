@@ -40,6 +40,7 @@ class SelectConfig:
     device: Any = None
     dtype: Any = None
     autocast: bool = True
+    batch_size: int = 8  # items scored per forward pass (evaluation.Runner.score_items)
     trust_remote_code: bool = False
 
     def as_sweep(self) -> SweepConfig:
@@ -51,6 +52,7 @@ class SelectConfig:
             device=self.device,
             dtype=self.dtype,
             autocast=self.autocast,
+            batch_size=self.batch_size,
         )
 
 
@@ -85,7 +87,7 @@ def run_select_layers(
                 raise PlanError(f"layer {i}: the plan names no query weight to ablate")
         tokenizer = load_tokenizer(model_dir) if needs_tok(sweep_cfg) else None
         model = load_model(model_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        runner = Runner(model, tokenizer, cfg.device, autocast=cfg.autocast, label=str(model_dir))
+        runner = Runner(model, tokenizer, cfg.device, autocast=cfg.autocast, batch_size=cfg.batch_size, label=str(model_dir))
         patcher = ModelPatcher(model)
         n_units = _units(sweep_cfg)
         total = len(layers) + 1

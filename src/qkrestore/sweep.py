@@ -70,6 +70,7 @@ class SweepConfig:
     device: Any = None  # torch.device
     dtype: Any = None  # torch.dtype
     autocast: bool = True
+    batch_size: int = 8  # items scored per forward pass (evaluation.Runner.score_items)
     trust_remote_code: bool = False
     adapter_options: dict[str, Any] = field(default_factory=dict)
 
@@ -444,7 +445,7 @@ def run_sweep(
         }
         tokenizer = load_tokenizer(post_dir) if needs_tok(cfg) else None
         model = load_model(post_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        runner = Runner(model, tokenizer, cfg.device, autocast=cfg.autocast, label=str(post_dir))
+        runner = Runner(model, tokenizer, cfg.device, autocast=cfg.autocast, batch_size=cfg.batch_size, label=str(post_dir))
         patcher = ModelPatcher(model)
         results: dict[str, dict[str, Any]] = {}
         order = [c for c in cands if c.kind != "pre"]

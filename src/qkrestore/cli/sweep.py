@@ -106,6 +106,15 @@ AutocastOpt = Annotated[
     bool,
     typer.Option("--autocast/--no-autocast", help="bf16 autocast of the forward pass on CUDA."),
 ]
+BatchOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Recall/reasoning items scored per forward pass (padded on the right; at most "
+        "16384 tokens a batch, longer items run alone).",
+    ),
+]
 PlotOpt = Annotated[
     Path | None,
     typer.Option(
@@ -332,6 +341,7 @@ def sweep(
     device: DeviceOpt = DeviceChoice.auto,
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
+    batch_size: BatchOpt = 8,
     trust_remote_code: RemoteOpt = False,
     plot: PlotOpt = None,
     config: RecipeOpt = None,
@@ -408,6 +418,7 @@ def sweep(
         device=dev,
         dtype=dt,
         autocast=autocast,
+        batch_size=batch_size,
         trust_remote_code=trust_remote_code,
     )
     merged = _merged_post(post, pre_dir, quiet) if adapter else contextlib.nullcontext(post_dir)
@@ -519,6 +530,7 @@ def select_layers(
     device: DeviceOpt = DeviceChoice.auto,
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
+    batch_size: BatchOpt = 8,
     trust_remote_code: RemoteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -557,6 +569,7 @@ def select_layers(
         device=dev,
         dtype=dt,
         autocast=autocast,
+        batch_size=batch_size,
         trust_remote_code=trust_remote_code,
     )
     with BarProgress(not quiet) as bar:
