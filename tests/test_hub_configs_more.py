@@ -218,3 +218,79 @@ def test_falcon_7b_legacy_refinedwebmodel_config(tmp_path: Path, cli) -> None:
     post_t, _ = load_all(post)
     assert post_t["transformer.h.0.self_attention.query_key_value.weight"].shape[0] == 64
     assert_merged(out, pre, post, expected)
+
+
+# -- OLMo-3.1-32B-Instruct (olmo3): layer_types with a 4096 window over a 65536 context ------------
+
+# allenai/Olmo-3.1-32B-Instruct: 64 layers, three sliding-window layers then one full, so full at
+# 3, 7, ..., 63; sliding_window 4096 < max_position_embeddings 65536: the others are local.
+OLMO3_FULL = list(range(3, 64, 4))
+OLMO3_SLIDING = [i for i in range(64) if i not in OLMO3_FULL]
+
+
+def test_olmo3_published_layer_types(tmp_path: Path, cli) -> None:
+    """q_norm/k_norm are whole-projection norms (heads x head_dim): restored with q/k."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = published("olmo-3.1-32b-instruct.json") | SMALL | {"num_key_value_heads": 1}
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("olmo3", **kwargs))
+    pre, post = save_pair(model, tmp_path, cfg)
+
+    r = cli("inspect-layers", post, "--json")
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["global_layers"] == OLMO3_FULL and info["local_layers"] == OLMO3_SLIDING
+    assert "4096 < context 65536" in info["layer_reasons"][0]
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == OLMO3_FULL
+    post_t, _ = load_all(post)
+    expected = {}
+    for i in OLMO3_FULL:
+        for leaf in ("q_proj", "k_proj", "q_norm", "k_norm"):
+            name = f"model.layers.{i}.self_attn.{leaf}.weight"
+            expected[name] = [(0, post_t[name].shape[0])]
+    assert_merged(out, pre, post, expected)
+
+
+# -- LFM2.5-VL-1.6B (lfm2_vl): VLM nesting, text_config.layer_types ---------------------------------
+
+# LiquidAI/LFM2.5-VL-1.6B: the language model is LFM2-1.2B's 16 layers (text_config._name_or_path),
+# its layer_types naming full_attention at 2, 5, 8, 10, 12, 14 and conv elsewhere.
+
+
+def test_lfm25_vl_nested_text_config(tmp_path: Path, cli) -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = published("lfm2.5-vl-1.6b.json")
+    assert cfg["text_config"]["layer_types"].count("full_attention") == 6
+    cfg["text_config"] |= SMALL | {"block_dim": 32, "conv_dim": 32, "conv_dim_out": 32}
+    cfg["text_config"] |= {"block_ff_dim": 48, "block_multiple_of": 8, "num_heads": 2}
+    cfg["vision_config"] |= {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2}
+    cfg["vision_config"] |= {"num_hidden_layers": 1}
+    cfg |= {"projector_hidden_size": 16}
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("lfm2_vl", **kwargs))
+    pre, post = save_pair(model, tmp_path, cfg)
+
+    r = cli("inspect-layers", post, "--json")
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["global_layers"] == LFM2_ATTN and info["local_layers"] == []
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == LFM2_ATTN
+    post_t, _ = load_all(post)
+    prefix = next(n for n in post_t if ".layers.2.self_attn.q_proj" in n).split("2.self_attn")[0]
+    expected = {}
+    for i in LFM2_ATTN:
+        for leaf in ("q_proj", "k_proj", "q_layernorm", "k_layernorm"):
+            name = f"{prefix}{i}.self_attn.{leaf}.weight"
+            expected[name] = [(0, post_t[name].shape[0])]
+    assert_merged(out, pre, post, expected)
