@@ -1,5 +1,5 @@
 """Hybrid-family adapters against configs as published (tests/fixtures/hub_configs, sources in
-SOURCES-fixA.md): Qwen3-Next, Nemotron-H, Falcon-H1 and Jamba.
+SOURCES.md): Qwen3-Next, Nemotron-H, Falcon-H1 and Jamba.
 
 Each test states the layer map from the model card and the config's own layer-map field (not read
 back through qkrestore), builds a tiny PRE/POST pair with transformers whose ``config.json`` is the

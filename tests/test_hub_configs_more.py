@@ -1,7 +1,7 @@
 """More adapters against configs as published on the Hub (issue 14 point 7): LFM2, MiniMax-M1,
 DeepSeek-V3 and falcon-7b's legacy ``RefinedWebModel`` spelling.
 
-Fixtures are in tests/fixtures/hub_configs (sources in SOURCES-fixB.md). As in test_hub_configs.py,
+Fixtures are in tests/fixtures/hub_configs (sources in SOURCES.md). As in test_hub_configs.py,
 each test states the layer map from the model card and the published config, builds a tiny pair
 whose ``config.json`` is the published one with only the sizes shrunk (layer-map fields, legacy
 spellings, ``quantization_config`` and ``auto_map`` kept), merges it through the CLI and compares

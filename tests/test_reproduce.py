@@ -504,3 +504,35 @@ def test_sweep_items_are_the_probes_queries_and_the_cot_problems(tmp_path: Path)
         assert x["prompt"][:2] == [data.BOS, data.PROB] and x["answer"][-1] == data.EOS
         n = len(x["prompt"]) - 4
         assert len(x["answer"]) == n + 3
+
+
+def test_aggregate_sweep_table_means_the_change_from_each_runs_post() -> None:
+    """The seed aggregate of `qkrestore sweep`: Δ columns are taken within each run (candidate minus
+    that run's POST) before averaging, and the front/pick counts come from each run's JSON."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import aggregate
+    finally:
+        sys.path.remove(str(RUN.parent))
+
+    def cand(name: str, rec: float, exact: float, ll: float, front: bool) -> dict:
+        return {"name": name, "recall": {"128": rec, "1024": rec - 0.1}, "recall_mean": rec,
+                "reasoning": {"exact": exact, "loglik": ll}, "pareto": front}  # fmt: skip
+
+    runs = [
+        {"sweep": {"pick": {"name": "qk-restore"}, "candidates": [
+            cand("post", 0.60, 0.20, -1.0, True), cand("qk-restore", 0.80, 0.10, -1.5, True)]}},
+        {"sweep": {"pick": {"name": "post"}, "candidates": [
+            cand("post", 0.90, 0.30, -2.0, True), cand("qk-restore", 0.94, 0.30, -2.1, False)]}},
+        {"sweep": None},  # a run without a sweep is left out, not counted as a zero
+    ]  # fmt: skip
+    lines = aggregate.sweep_table(runs)
+    assert "n = 2 runs" in lines[1]
+    row = next(x for x in lines if x.startswith("| qk-restore |")).split(" | ")
+    # recall 80 and 94; Δ recall +20 and +4 → 12.0 ± 11.3; Δ loglik −0.5 and −0.1 → −0.300 ± 0.283
+    assert row[1] == "87.0 ± 9.9" and row[2] == "77.0 ± 9.9"
+    assert row[5] == "12.0 ± 11.3" and row[6] == "-5.0 ± 7.1" and row[7] == "-0.300 ± 0.283"
+    assert row[8] == "1/2" and row[9].startswith("1/2")
+    post = next(x for x in lines if x.startswith("| post |")).split(" | ")
+    assert post[5] == "0.0 ± 0.0" and post[8] == "2/2"
+    assert aggregate.sweep_table([{"sweep": None}]) == []

@@ -150,7 +150,47 @@ def table(runs: list[dict]) -> str:
     out += drift_table(runs)
     out += attn_table(runs)
     out += tau_table(runs)
+    out += sweep_table(runs)
     return "\n".join(out) + "\n"
+
+
+def _sweep_values(c: dict) -> tuple[float, float | None, float, float]:
+    """(recall mean, recall at the longest length, exact, loglik) of one sweep candidate."""
+    last = max(c.get("recall", {}), key=int, default=None)
+    rec_last = c["recall"][last] if last is not None else None
+    return c["recall_mean"], rec_last, c["reasoning"]["exact"], c["reasoning"]["loglik"]
+
+
+def sweep_table(runs: list[dict]) -> list[str]:
+    """``qkrestore sweep``'s candidates over the runs that have one: recall (mean over lengths and
+    at the longest), reasoning (exact and log-likelihood), each also as the change from the same
+    run's POST, and how often the candidate was on the Pareto front and picked."""
+    sweeps = [r["sweep"] for r in runs if r.get("sweep")]
+    if not sweeps:
+        return []
+    names = list(dict.fromkeys(c["name"] for s in sweeps for c in s["candidates"]))
+    last = max((k for s in sweeps for c in s["candidates"] for k in c.get("recall", {})), key=int)
+    out = ["", f"### `qkrestore sweep` (n = {len(sweeps)} runs; Δ = change from the run's POST)", "",
+           f"| candidate | recall | recall@{last} | exact | loglik | Δ recall | Δ exact | Δ loglik "
+           "| on front | picked |", "|---" * 10 + "|"]  # fmt: skip
+    # per column: (index into _sweep_values, relative to POST?, scale, digits)
+    columns = [(0, False, 100.0, 1), (1, False, 100.0, 1), (2, False, 100.0, 1), (3, False, 1.0, 3),
+               (0, True, 100.0, 1), (2, True, 100.0, 1), (3, True, 1.0, 3)]  # fmt: skip
+    for name in names:
+        vals, front, picked = [], 0, 0
+        for s in sweeps:
+            by = {c["name"]: c for c in s["candidates"]}
+            if name in by:
+                vals.append((_sweep_values(by[name]), _sweep_values(by["post"])))
+                front += bool(by[name].get("pareto"))
+                picked += (s.get("pick") or {}).get("name") == name
+        cells = [
+            cell((v[i] - p[i] if rel else v[i] for v, p in vals), scale, digits)
+            for i, rel, scale, digits in columns
+        ]
+        n = len(vals)
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {front}/{n} | {picked}/{n} |")
+    return out
 
 
 def curve_table(runs: list[dict], lengths: list[int]) -> list[str]:
