@@ -106,17 +106,33 @@ HF_BUILT = {
 }
 
 
-def build_published_pair(root: Path, name: str, overrides: dict) -> tuple[Path, Path, dict]:
-    """A tiny PRE/POST from transformers' classes; config.json is the published one, shrunk."""
+def build_pair(
+    root: Path, cfg: dict, model_type: str | None = None, auto=None, token_ids: bool = True
+) -> tuple[Path, Path]:
+    """A tiny PRE/POST from transformers' classes (``auto``: AutoModelForCausalLM unless given),
+    built from ``cfg`` without the saved-file fields; config.json is ``cfg`` itself."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = published(name) | overrides
     kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if token_ids:
+        kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg["model_type"], **kwargs))
-    pre, post = save_pair(model, root, cfg)
+    config = AutoConfig.for_model(model_type or cfg["model_type"], **kwargs)
+    return save_pair((auto or AutoModelForCausalLM).from_config(config), root, cfg)
+
+
+def build_published_pair(root: Path, name: str, overrides: dict) -> tuple[Path, Path, dict]:
+    """A tiny PRE/POST from transformers' classes; config.json is the published one, shrunk."""
+    cfg = published(name) | overrides
+    pre, post = build_pair(root, cfg)
     return pre, post, cfg
+
+
+def inspect_json(cli, path: Path) -> dict:
+    """``inspect-layers --json`` of ``path``, which must succeed."""
+    r = cli("inspect-layers", path, "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
 
 
 def _check_merge(cli, tmp: Path, pre: Path, post: Path, want: list[int], extra=()) -> dict:
@@ -146,9 +162,7 @@ def _check_merge(cli, tmp: Path, pre: Path, post: Path, want: list[int], extra=(
 def test_published_config_layer_map_and_merge(tmp_path: Path, cli, name: str) -> None:
     overrides, want_global, want_local = HF_BUILT[name]
     pre, post, cfg = build_published_pair(tmp_path, name, overrides)
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == want_global
     assert info["local_layers"] == want_local
     assert len(info["layer_reasons"]) == cfg["num_hidden_layers"]
@@ -227,7 +241,7 @@ def test_published_remote_code_config(tmp_path: Path, cli, name: str) -> None:
     tensors = _hand_tensors(cfg, want_global + want_local, bias, norms)
     pre = write_hand(tmp_path / "pre", cfg, tensors)
     post = write_hand(tmp_path / "post", cfg, perturbed(tensors, seed=3), shards=3)
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == want_global and info["local_layers"] == want_local
     window = cfg.get("efficient_attention_config", {}).get("swa", {}).get("window_size")
     for i in want_local:
@@ -280,7 +294,7 @@ def test_new_family_with_layer_types_uses_the_generic_adapter(tmp_path: Path, cl
     }
     for folder in (pre, post):
         (folder / "config.json").write_text(json.dumps(renamed, indent=2))
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "generic"
     assert info["global_layers"] == list(range(1, 24, 2))
     r = cli("merge", pre, post, "-o", tmp_path / "out")
@@ -294,7 +308,7 @@ def test_new_family_with_layer_types_uses_the_generic_adapter(tmp_path: Path, cl
 def test_phi3_window_longer_than_context_is_global(tmp_path: Path, cli) -> None:
     overrides = HF_BUILT["phi-3.5-mini-instruct.json"][0]
     pre, post, _ = build_published_pair(tmp_path, "phi-3.5-mini-instruct.json", overrides)
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == _range(32)
     assert info["layer_reasons"][0] == (
         "sliding_window 262144 ≥ context 131072: the window never slides, global"
@@ -317,7 +331,7 @@ def test_mistral_window_against_its_context(
 
     kwargs = {"num_hidden_layers": 2, "sliding_window": window, "max_position_embeddings": context}
     pre, post = build_hf_pair(tmp_path, "mistral", kwargs)
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info[f"{kind}_layers"] == [0, 1]
     assert all(reason in why for why in info["layer_reasons"])
     shown = cli("inspect-layers", post).out  # the human view says why, once for both layers
@@ -334,16 +348,11 @@ def test_kimi_linear_published_prefix(tmp_path: Path, cli) -> None:
     sizes |= {"num_experts_per_token": 2, "moe_intermediate_size": 12}
     cfg = published("kimi-linear-48b-a3b-instruct-nvfp4.prefix.json") | sizes
     cfg["linear_attn_config"] = cfg["linear_attn_config"] | {"num_heads": 2, "head_dim": 8}
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("kimi_linear", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "kimi_linear")
 
     mla = [3, 7, 11, 15, 19, 23, 26]
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "kimi_linear" and info["global_layers"] == mla
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -385,15 +394,11 @@ def _medgemma_shrunk() -> dict:
 
 
 def test_medgemma_vlm_nested_config_layer_map_and_merge(tmp_path: Path, cli) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = _medgemma_shrunk()
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "gemma3", token_ids=False)
 
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == MEDGEMMA_GLOBAL
     assert info["local_layers"] == MEDGEMMA_LOCAL
     assert "1024 < context 131072" in info["layer_reasons"][0]
@@ -448,7 +453,7 @@ QWEN36_FULL = list(range(3, 64, 4))  # layer_types: full attention every fourth 
 
 def test_qwen36_vlm_nested_quantized_config_layer_map_and_merge(tmp_path: Path, cli) -> None:
     """The gated q_proj (attn_output_gate) keeps each head's query rows and leaves its gate rows."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     cfg = published(QWEN36)
     cfg["text_config"] = cfg["text_config"] | SMALL | {"head_dim": 16, "linear_key_head_dim": 8}
@@ -456,12 +461,11 @@ def test_qwen36_vlm_nested_quantized_config_layer_map_and_merge(tmp_path: Path, 
     cfg["text_config"] |= {"linear_num_value_heads": 2}
     cfg["vision_config"] = cfg["vision_config"] | {"depth": 1, "hidden_size": 16, "num_heads": 2}
     cfg["vision_config"] |= {"intermediate_size": 16, "out_hidden_size": 32}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(
+        tmp_path, cfg, "qwen3_5", auto=AutoModelForImageTextToText, token_ids=False
+    )
 
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == QWEN36_FULL and info["local_layers"] == []
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -484,7 +488,7 @@ def test_redpajama_gpt_neox_fused_qkv(tmp_path: Path, cli) -> None:
     pre, post, _ = build_published_pair(
         tmp_path, "redpajama-incite-7b-base.json", sizes | {"vocab_size": 99}
     )
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "gpt_neox" and info["global_layers"] == _range(32)
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -503,7 +507,7 @@ def test_mistral_7b_published_window_is_local(tmp_path: Path, cli) -> None:
     local; a default merge has nothing to restore and says so, --include-sliding takes all 32."""
     sizes = SMALL | {"num_key_value_heads": 1}
     pre, post, _ = build_published_pair(tmp_path, "mistral-7b-v0.1-resharded.json", sizes)
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == [] and info["local_layers"] == _range(32)
     assert all("sliding_window 4096 < context 32768" in why for why in info["layer_reasons"])
     r = cli("merge", pre, post, "-o", tmp_path / "refused")
@@ -534,7 +538,7 @@ def test_falcon_40b_legacy_refinedweb_config(tmp_path: Path, cli) -> None:
     )
     pre, post = save_pair(model, tmp_path, cfg)
 
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "falcon" and info["global_layers"] == _range(60)
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")

@@ -11,28 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from conftest import assert_merged, load_all, resolve_rows, routing_rows
-from test_hub_configs import META, SMALL, _check_merge, published, save_pair
-
-
-def _build(root: Path, name: str, overrides: dict) -> tuple[Path, Path, dict]:
-    """PRE/POST built by transformers; config.json is the published one with ``overrides``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = published(name) | overrides
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg["model_type"], **kwargs))
-    pre, post = save_pair(model, root, cfg)
-    return pre, post, cfg
-
-
-def _inspect(cli, post: Path) -> dict:
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    return json.loads(r.out)
+from test_hub_configs import SMALL, _check_merge, build_published_pair, inspect_json
 
 
 def _planned(summary: dict, layer: int) -> set[str]:
@@ -54,9 +34,9 @@ QWEN3_NEXT_SIZES |= {"linear_key_head_dim": 8, "linear_value_head_dim": 8}
 def test_qwen3_next_published_interval_layer_map_and_gated_merge(tmp_path: Path, cli) -> None:
     """The gated q_proj (per head [query | gate], attn_output_gate by default) keeps each head's
     query rows from PRE and its gate rows from POST; k_proj and the q/k norms come from PRE."""
-    pre, post, cfg = _build(tmp_path, QWEN3_NEXT, QWEN3_NEXT_SIZES)
+    pre, post, cfg = build_published_pair(tmp_path, QWEN3_NEXT, QWEN3_NEXT_SIZES)
     assert "layer_types" not in cfg and cfg["full_attention_interval"] == 4
-    info = _inspect(cli, post)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "qwen3_next"
     assert info["global_layers"] == QWEN3_NEXT_FULL and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 48
@@ -82,11 +62,11 @@ NEMOTRON_H_SIZES |= {"n_groups": 1, "chunk_size": 8}
 
 
 def test_nemotron_h_published_pattern_layer_map_and_merge(tmp_path: Path, cli) -> None:
-    pre, post, cfg = _build(tmp_path, NEMOTRON_H, NEMOTRON_H_SIZES)
+    pre, post, cfg = build_published_pair(tmp_path, NEMOTRON_H, NEMOTRON_H_SIZES)
     pattern = cfg["hybrid_override_pattern"]
     assert len(pattern) == 52 and [i for i, c in enumerate(pattern) if c == "*"] == NEMOTRON_H_ATTN
     assert "layers_block_type" not in cfg and "layer_types" not in cfg  # the legacy spelling only
-    info = _inspect(cli, post)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "nemotron_h"
     assert info["global_layers"] == NEMOTRON_H_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 52
@@ -119,9 +99,9 @@ FALCON_H1_SIZES |= {"mamba_d_ssm": 16}
 def test_falcon_h1_published_parallel_hybrid_is_all_attention(tmp_path: Path, cli) -> None:
     """Falcon-H1 runs attention beside Mamba-2 in every one of its 36 layers (model card: parallel
     hybrid); the published ``attn_layer_indices: null`` must not turn any layer into Mamba only."""
-    pre, post, cfg = _build(tmp_path, FALCON_H1, FALCON_H1_SIZES)
+    pre, post, cfg = build_published_pair(tmp_path, FALCON_H1, FALCON_H1_SIZES)
     assert cfg["attn_layer_indices"] is None and cfg["num_hidden_layers"] == 36
-    info = _inspect(cli, post)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "falcon_h1"
     assert info["global_layers"] == list(range(36)) and info["local_layers"] == []
     summary = _check_merge(cli, tmp_path, pre, post, list(range(36)))
@@ -139,10 +119,10 @@ JAMBA_SIZES |= {"mamba_dt_rank": 4}
 
 
 def test_jamba_published_period_offset_layer_map_and_merge(tmp_path: Path, cli) -> None:
-    pre, post, cfg = _build(tmp_path, JAMBA, JAMBA_SIZES)
+    pre, post, cfg = build_published_pair(tmp_path, JAMBA, JAMBA_SIZES)
     assert (cfg["attn_layer_period"], cfg["attn_layer_offset"]) == (8, 4)
     assert cfg["sliding_window"] is None
-    info = _inspect(cli, post)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "jamba"
     assert info["global_layers"] == JAMBA_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 32

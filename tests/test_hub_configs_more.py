@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from conftest import assert_merged, load_all, perturbed
 from conftest import write_checkpoint as write_hand
-from test_hub_configs import FIXTURES, META, SMALL, published, save_pair
+from test_hub_configs import FIXTURES, SMALL, build_pair, inspect_json, published, save_pair
 
 # -- LFM2-1.2B (lfm2), as first published: the layer map in full_attn_idxs, no layer_types ---------
 
@@ -28,19 +28,14 @@ LFM2_ATTN = [2, 5, 8, 10, 12, 14]
 def test_lfm2_published_full_attn_idxs(tmp_path: Path, cli) -> None:
     """The attention layers' q_proj, k_proj, q_layernorm and k_layernorm come from PRE; the conv
     layers (conv.in_proj, conv.out_proj) and everything else stay POST's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = published("lfm2-1.2b.json")
     assert "layer_types" not in cfg and cfg["full_attn_idxs"] == LFM2_ATTN
     cfg |= SMALL | {"block_dim": 32, "conv_dim": 32, "conv_dim_out": 32, "block_ff_dim": 48}
     cfg |= {"block_multiple_of": 8, "num_heads": 2}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("lfm2", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "lfm2")
 
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "lfm2"
     assert info["global_layers"] == LFM2_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 16
@@ -106,9 +101,7 @@ def test_minimax_m1_published_attn_type_list(tmp_path: Path, cli) -> None:
     tensors = _minimax_m1_tensors(cfg)
     pre = write_hand(tmp_path / "pre", cfg, tensors)
     post = write_hand(tmp_path / "post", cfg, perturbed(tensors, seed=3), shards=3)
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == MINIMAX_M1_SOFTMAX and info["local_layers"] == []
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -141,7 +134,6 @@ DEEPSEEK_LAYERS = list(range(61))
 
 
 def test_deepseek_v3_published_config(tmp_path: Path, cli) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = published("deepseek-v3.json")
     assert cfg["quantization_config"]["quant_method"] == "fp8"
@@ -150,15 +142,9 @@ def test_deepseek_v3_published_config(tmp_path: Path, cli) -> None:
     cfg |= {"q_lora_rank": q_rank, "kv_lora_rank": kv_rank, "qk_nope_head_dim": nope}
     cfg |= {"qk_rope_head_dim": rope, "v_head_dim": v, "n_routed_experts": 4, "n_group": 1}
     cfg |= {"topk_group": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 12}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "deepseek_v3")
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == DEEPSEEK_LAYERS and info["local_layers"] == []
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -208,7 +194,7 @@ def test_falcon_7b_legacy_refinedwebmodel_config(tmp_path: Path, cli) -> None:
     )
     pre, post = save_pair(model, tmp_path, cfg)
 
-    info = json.loads(cli("inspect-layers", post, "--json").out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "falcon" and info["global_layers"] == list(range(32))
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
@@ -230,18 +216,11 @@ OLMO3_SLIDING = [i for i in range(64) if i not in OLMO3_FULL]
 
 def test_olmo3_published_layer_types(tmp_path: Path, cli) -> None:
     """q_norm/k_norm are whole-projection norms (heads x head_dim): restored with q/k."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = published("olmo-3.1-32b-instruct.json") | SMALL | {"num_key_value_heads": 1}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("olmo3", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "olmo3")
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == OLMO3_FULL and info["local_layers"] == OLMO3_SLIDING
     assert "4096 < context 65536" in info["layer_reasons"][0]
     out = tmp_path / "out"
@@ -264,7 +243,7 @@ def test_olmo3_published_layer_types(tmp_path: Path, cli) -> None:
 
 
 def test_lfm25_vl_nested_text_config(tmp_path: Path, cli) -> None:
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     cfg = published("lfm2.5-vl-1.6b.json")
     assert cfg["text_config"]["layer_types"].count("full_attention") == 6
@@ -273,14 +252,11 @@ def test_lfm25_vl_nested_text_config(tmp_path: Path, cli) -> None:
     cfg["vision_config"] |= {"hidden_size": 16, "intermediate_size": 16, "num_attention_heads": 2}
     cfg["vision_config"] |= {"num_hidden_layers": 1}
     cfg |= {"projector_hidden_size": 16}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("lfm2_vl", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(
+        tmp_path, cfg, "lfm2_vl", auto=AutoModelForImageTextToText, token_ids=False
+    )
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == LFM2_ATTN and info["local_layers"] == []
     out = tmp_path / "out"
     r = cli("merge", pre, post, "-o", out, "--json")
