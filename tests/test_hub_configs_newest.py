@@ -1,0 +1,76 @@
+"""The newest releases of the README's families against their configs as published (issue 14
+point 7): Qwen's own Qwen3.5 uploads (dense ``qwen3_5``, VLM-nested ``text_config.layer_types``).
+
+Fixtures are in tests/fixtures/hub_configs (sources in SOURCES-fixC.md). As in
+test_hub_configs.py, each test states the layer map from the model card and the published config,
+builds a tiny pair whose ``config.json`` is the published one with only the sizes shrunk (layer-map
+fields, spellings, windows and ``quantization_config`` kept), merges it through the CLI and
+compares bytes with its own statement of the routing set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_merged, load_all, resolve_rows, routing_rows
+from test_hub_configs import META, SMALL, published, save_pair
+
+# -- Qwen3.5-27B / Qwen3.5-9B (qwen3_5, dense), as Qwen published them: VLM nesting ----------------
+
+# Qwen/Qwen3.5-27B: 64 layers, 16 x (3 x Gated DeltaNet -> 1 x Gated Attention), so full attention
+# at 3, 7, ..., 63; Qwen/Qwen3.5-9B: 32 layers in the same layout (full at 3, 7, ..., 31). Both say
+# it twice, in text_config.layer_types and full_attention_interval 4; no window.
+QWEN35 = {
+    "qwen3.5-27b.json": (64, list(range(3, 64, 4))),
+    "qwen3.5-9b.json": (32, list(range(3, 32, 4))),
+}
+
+
+def _qwen35_pair(root: Path, name: str) -> tuple[Path, Path, dict]:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = published(name)
+    cfg["text_config"] = cfg["text_config"] | SMALL | {"head_dim": 16, "linear_key_head_dim": 8}
+    cfg["text_config"] |= {"linear_value_head_dim": 8, "linear_num_key_heads": 1}
+    cfg["text_config"] |= {"linear_num_value_heads": 2}
+    cfg["vision_config"] = cfg["vision_config"] | {"depth": 1, "hidden_size": 16, "num_heads": 2}
+    cfg["vision_config"] |= {"intermediate_size": 16, "out_hidden_size": 32}
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", **kwargs))
+    pre, post = save_pair(model, root, cfg)
+    return pre, post, cfg
+
+
+@pytest.mark.parametrize("name", sorted(QWEN35))
+def test_qwen35_published_vlm_nested_layer_map_and_gated_merge(
+    tmp_path: Path, cli, name: str
+) -> None:
+    """The gated q_proj (attn_output_gate true: per head [query | gate]) keeps each head's query
+    rows from PRE and its gate rows from POST; k_proj and the q/k norms come from PRE."""
+    layers, full = QWEN35[name]
+    pre, post, cfg = _qwen35_pair(tmp_path, name)
+    text = cfg["text_config"]
+    assert cfg["model_type"] == "qwen3_5" and text["model_type"] == "qwen3_5_text"
+    assert text["num_hidden_layers"] == layers and text["full_attention_interval"] == 4
+    assert [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"] == full
+    assert text["attn_output_gate"] is True and "sliding_window" not in text
+
+    r = cli("inspect-layers", post, "--json")
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["global_layers"] == full and info["local_layers"] == []
+    assert len(info["layer_reasons"]) == layers
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == full
+    post_t, _ = load_all(post)
+    prefix = next(n for n in post_t if ".layers.3.self_attn.q_proj" in n).split("3.self_attn")[0]
+    want = routing_rows(post_t, full, prefix=prefix, gated_heads=(2, 16))
+    assert len(want) == 4 * len(full)  # q (query rows only), k, q_norm, k_norm
+    assert not any(f"{prefix}{i}.self_attn." in n for i in range(0, layers, 4) for n in post_t)
+    assert_merged(out, pre, post, resolve_rows(want, post_t))
