@@ -74,3 +74,41 @@ def test_qwen35_published_vlm_nested_layer_map_and_gated_merge(
     assert len(want) == 4 * len(full)  # q (query rows only), k, q_norm, k_norm
     assert not any(f"{prefix}{i}.self_attn." in n for i in range(0, layers, 4) for n in post_t)
     assert_merged(out, pre, post, resolve_rows(want, post_t))
+
+
+# -- Gemma-3-1B-it (gemma3_text): the layer map in sliding_window_pattern, no layer_types ---------
+
+# google/gemma-3-1b-it: 26 layers, five local (sliding window 512) layers then one global, so global
+# at 5, 11, 17, 23 (sliding_window_pattern 6); the window 512 is shorter than the 32768 context.
+GEMMA3_1B_GLOBAL = [5, 11, 17, 23]
+GEMMA3_1B_LOCAL = [i for i in range(26) if i not in GEMMA3_1B_GLOBAL]
+
+
+def test_gemma3_1b_published_sliding_window_pattern(tmp_path: Path, cli) -> None:
+    """q_norm/k_norm are per-head norms: restored with q/k in the global layers only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = published("gemma-3-1b-it.json")
+    assert cfg["model_type"] == "gemma3_text" and "layer_types" not in cfg
+    assert (cfg["sliding_window_pattern"], cfg["sliding_window"]) == (6, 512)
+    cfg |= SMALL | {"head_dim": 16, "query_pre_attn_scalar": 16}
+    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
+    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **kwargs))
+    pre, post = save_pair(model, tmp_path, cfg)
+
+    r = cli("inspect-layers", post, "--json")
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["adapter"] == "gemma3"
+    assert info["global_layers"] == GEMMA3_1B_GLOBAL and info["local_layers"] == GEMMA3_1B_LOCAL
+    assert "512 < context 32768" in info["layer_reasons"][0]
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["layers"] == GEMMA3_1B_GLOBAL
+    post_t, _ = load_all(post)
+    want = routing_rows(post_t, GEMMA3_1B_GLOBAL)
+    assert len(want) == 4 * len(GEMMA3_1B_GLOBAL)  # q, k, q_norm, k_norm
+    assert_merged(out, pre, post, resolve_rows(want, post_t))
