@@ -112,3 +112,49 @@ def test_gemma3_1b_published_sliding_window_pattern(tmp_path: Path, cli) -> None
     want = routing_rows(post_t, GEMMA3_1B_GLOBAL)
     assert len(want) == 4 * len(GEMMA3_1B_GLOBAL)  # q, k, q_norm, k_norm
     assert_merged(out, pre, post, resolve_rows(want, post_t))
+
+
+# -- Granite-4.0-H-350M (granitemoehybrid, dense): layer_types mamba / attention ---------------------
+
+# ibm-granite/granite-4.0-h-350m: 32 layers, 28 Mamba-2 and 4 attention layers (model card: "4
+# attention layers + 28 Mamba2"), at 10, 13, 17 and 27 in layer_types; NoPE, no window; no experts
+# (num_local_experts 0: a shared dense MLP).
+GRANITE_H_ATTN = [10, 13, 17, 27]
+
+
+def test_granite_4_h_350m_published_layer_types(tmp_path: Path, cli) -> None:
+    """Read back with AutoConfig.from_pretrained, as transformers reads the file (the published
+    ``time_step_limit`` holds transformers 5's ``{"__float__": "Infinity"}`` spelling)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = published("granite-4.0-h-350m-resaved.json")
+    assert [i for i, t in enumerate(cfg["layer_types"]) if t == "attention"] == GRANITE_H_ATTN
+    assert cfg["num_local_experts"] == 0 and cfg["position_embedding_type"] == "nope"
+    cfg |= SMALL | {"shared_intermediate_size": 37, "mamba_n_heads": 4, "mamba_d_head": 16}
+    cfg |= {"mamba_d_state": 8, "mamba_chunk_size": 8}
+    shrunk = tmp_path / "config"
+    shrunk.mkdir()
+    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # inside the tiny vocabulary
+    (shrunk / "config.json").write_text(json.dumps(cfg | ids))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shrunk))
+    pre, post = save_pair(model, tmp_path, cfg)
+
+    r = cli("inspect-layers", post, "--json")
+    assert r.code == 0, r.err
+    info = json.loads(r.out)
+    assert info["adapter"] == "granitemoehybrid"
+    assert info["global_layers"] == GRANITE_H_ATTN and info["local_layers"] == []
+    assert len(info["layer_reasons"]) == 32
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--json")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["layers"] == GRANITE_H_ATTN
+    planned = {p["name"] for p in summary["plan"]["tensors"] if p["layer"] == 10}
+    base = "model.layers.10.self_attn."
+    assert planned == {base + "q_proj.weight", base + "k_proj.weight"}
+    post_t, _ = load_all(post)
+    want = routing_rows(post_t, GRANITE_H_ATTN)
+    assert len(want) == 2 * len(GRANITE_H_ATTN)
+    assert_merged(out, pre, post, resolve_rows(want, post_t))
