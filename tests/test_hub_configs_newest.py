@@ -1,5 +1,7 @@
 """The newest releases of the README's families against their configs as published (issue 14
-point 7): Qwen's own Qwen3.5 uploads (dense ``qwen3_5``, VLM-nested ``text_config.layer_types``).
+point 7): Qwen's own Qwen3.5 uploads (dense ``qwen3_5``, VLM-nested ``text_config.layer_types``),
+Gemma-3-1B (``gemma3_text``, the ``sliding_window_pattern`` spelling) and Granite-4.0-H-350M
+(``granitemoehybrid``, ``layer_types`` mamba / attention).
 
 Fixtures are in tests/fixtures/hub_configs (sources in SOURCES-fixC.md). As in
 test_hub_configs.py, each test states the layer map from the model card and the published config,
