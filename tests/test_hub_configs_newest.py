@@ -3,7 +3,7 @@ point 7): Qwen's own Qwen3.5 uploads (dense ``qwen3_5``, VLM-nested ``text_confi
 Gemma-3-1B (``gemma3_text``, the ``sliding_window_pattern`` spelling) and Granite-4.0-H-350M
 (``granitemoehybrid``, ``layer_types`` mamba / attention).
 
-Fixtures are in tests/fixtures/hub_configs (sources in SOURCES-fixC.md). As in
+Fixtures are in tests/fixtures/hub_configs (sources in SOURCES.md). As in
 test_hub_configs.py, each test states the layer map from the model card and the published config,
 builds a tiny pair whose ``config.json`` is the published one with only the sizes shrunk (layer-map
 fields, spellings, windows and ``quantization_config`` kept), merges it through the CLI and
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_merged, load_all, resolve_rows, routing_rows
-from test_hub_configs import META, SMALL, published, save_pair
+from test_hub_configs import SMALL, build_pair, inspect_json, published, save_pair
 
 # -- Qwen3.5-27B / Qwen3.5-9B (qwen3_5, dense), as Qwen published them: VLM nesting ----------------
 
@@ -32,7 +32,7 @@ QWEN35 = {
 
 
 def _qwen35_pair(root: Path, name: str) -> tuple[Path, Path, dict]:
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     cfg = published(name)
     cfg["text_config"] = cfg["text_config"] | SMALL | {"head_dim": 16, "linear_key_head_dim": 8}
@@ -40,10 +40,7 @@ def _qwen35_pair(root: Path, name: str) -> tuple[Path, Path, dict]:
     cfg["text_config"] |= {"linear_num_value_heads": 2}
     cfg["vision_config"] = cfg["vision_config"] | {"depth": 1, "hidden_size": 16, "num_heads": 2}
     cfg["vision_config"] |= {"intermediate_size": 16, "out_hidden_size": 32}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", **kwargs))
-    pre, post = save_pair(model, root, cfg)
+    pre, post = build_pair(root, cfg, "qwen3_5", auto=AutoModelForImageTextToText, token_ids=False)
     return pre, post, cfg
 
 
@@ -61,9 +58,7 @@ def test_qwen35_published_vlm_nested_layer_map_and_gated_merge(
     assert [i for i, t in enumerate(text["layer_types"]) if t == "full_attention"] == full
     assert text["attn_output_gate"] is True and "sliding_window" not in text
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["global_layers"] == full and info["local_layers"] == []
     assert len(info["layer_reasons"]) == layers
     out = tmp_path / "out"
@@ -88,21 +83,14 @@ GEMMA3_1B_LOCAL = [i for i in range(26) if i not in GEMMA3_1B_GLOBAL]
 
 def test_gemma3_1b_published_sliding_window_pattern(tmp_path: Path, cli) -> None:
     """q_norm/k_norm are per-head norms: restored with q/k in the global layers only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = published("gemma-3-1b-it.json")
     assert cfg["model_type"] == "gemma3_text" and "layer_types" not in cfg
     assert (cfg["sliding_window_pattern"], cfg["sliding_window"]) == (6, 512)
     cfg |= SMALL | {"head_dim": 16, "query_pre_attn_scalar": 16}
-    kwargs = {k: v for k, v in cfg.items() if k not in META and k != "model_type"}
-    kwargs |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma3_text", **kwargs))
-    pre, post = save_pair(model, tmp_path, cfg)
+    pre, post = build_pair(tmp_path, cfg, "gemma3_text")
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "gemma3"
     assert info["global_layers"] == GEMMA3_1B_GLOBAL and info["local_layers"] == GEMMA3_1B_LOCAL
     assert "512 < context 32768" in info["layer_reasons"][0]
@@ -142,9 +130,7 @@ def test_granite_4_h_350m_published_layer_types(tmp_path: Path, cli) -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shrunk))
     pre, post = save_pair(model, tmp_path, cfg)
 
-    r = cli("inspect-layers", post, "--json")
-    assert r.code == 0, r.err
-    info = json.loads(r.out)
+    info = inspect_json(cli, post)
     assert info["adapter"] == "granitemoehybrid"
     assert info["global_layers"] == GRANITE_H_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 32
