@@ -541,3 +541,14 @@ def test_pick_names_an_unknown_candidate(dense, cli) -> None:
     )  # fmt: skip
     assert r.code == 2 and len(r.err_lines) == 1
     assert "no candidate named 'base'" in r.err and "qk-restore" in r.err
+
+
+def test_sweep_plot_stacks_the_names_of_points_that_would_overlap() -> None:
+    """Candidates with (nearly) the same recall and reasoning get one stacked label, so no name is
+    printed over another; points apart in either direction keep their own label."""
+    from qkrestore.diagnostics.plots import label_clusters
+
+    pts = [(0.80, 0.10), (0.90, 0.20), (0.801, 0.1005), (0.80, 0.15), (1.0, 0.0), (0.9005, 0.2)]
+    assert label_clusters(pts) == [[0, 2], [1, 5], [3], [4]]
+    assert label_clusters([]) == []
+    assert label_clusters([(0.5, 0.5), (0.5, 0.5)]) == [[0, 1]]  # zero spans: exact ties only

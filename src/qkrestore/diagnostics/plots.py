@@ -258,6 +258,68 @@ SWEEP_COLORS = {
 }
 
 
+def label_clusters(points: list[tuple[float, float]], tol: float = 0.025) -> list[list[int]]:
+    """Indices of points grouped so that each group gets one label (names stacked): points closer
+    than ``tol`` of the axes' spans in both directions would print their names over each other.
+    Greedy in input order; each group is labelled at its first point."""
+    if not points:
+        return []
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[list[int]] = []
+    for i, (x, y) in enumerate(points):
+        for g in groups:
+            gx, gy = points[g[0]]
+            if abs(x - gx) < tol * dx and abs(y - gy) < tol * dy:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+# Where a label may go around its point: offset in points, and the text's alignment there.
+_LABEL_SPOTS = [
+    (4, 3, "left", "bottom"),
+    (4, -3, "left", "top"),
+    (-4, 3, "right", "bottom"),
+    (-4, -3, "right", "top"),
+    (0, 9, "center", "bottom"),
+    (0, -9, "center", "top"),
+    (10, 12, "left", "bottom"),
+    (10, -12, "left", "top"),
+    (-10, 12, "right", "bottom"),
+    (-10, -12, "right", "top"),
+]
+
+
+def _place_labels(fig: Any, ax: Any, anchors: list[tuple[float, float]], texts: list[str]) -> None:
+    """Annotate each anchor with its text at the first spot around it whose box overlaps no label
+    placed before (greedy; the first spot when none is free), so names stay readable where
+    candidates crowd together."""
+    fig.canvas.draw()  # fixes the axes' limits and gives a renderer to measure text with
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for (x, y), text in zip(anchors, texts, strict=True):
+        chosen = None
+        for dx, dy, ha, va in _LABEL_SPOTS:
+            t = ax.annotate(
+                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va
+            )
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                chosen = (t, box)
+                break
+            t.remove()
+        if chosen is None:
+            dx, dy, ha, va = _LABEL_SPOTS[0]
+            t = ax.annotate(
+                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va
+            )
+            chosen = (t, t.get_window_extent(renderer))
+        placed.append(chosen[1])
+
+
 def sweep_figure(report: dict[str, Any], path: Path) -> None:
     """Recall against reasoning for every candidate of a sweep, the Pareto front joined by a line.
 
@@ -286,13 +348,14 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
             zorder=3,
         )
         seen.add(g)
-        ax.annotate(
-            r["name"],
-            (r["recall_mean"], r["reasoning_score"]),
-            textcoords="offset points",
-            xytext=(4, 3),
-            fontsize=7,
-        )
+    points = [(r["recall_mean"], r["reasoning_score"]) for r in rows]
+    clusters = label_clusters(points)
+    _place_labels(
+        fig,
+        ax,
+        [points[c[0]] for c in clusters],
+        ["\n".join(rows[i]["name"] for i in c) for c in clusters],
+    )
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["recall_mean"])
     if len(front) > 1:
         ax.plot(
