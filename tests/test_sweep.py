@@ -21,10 +21,10 @@ from qkrestore.checkpoint import Checkpoint
 from qkrestore.diagnostics import niah as nh
 from qkrestore.errors import QKRestoreError
 from qkrestore.evaluation import (
-    BATCH_TOKENS,
     Item,
     Runner,
     _batches,
+    _vocabulary,
     example_reasoning_file,
     load_items,
     summarise_items,
@@ -276,11 +276,21 @@ def test_batched_scoring_equals_one_at_a_time(dense) -> None:
 
 
 def test_batches_bound_items_and_padded_tokens() -> None:
-    lengths = [BATCH_TOKENS, BATCH_TOKENS // 2, BATCH_TOKENS // 4, 100, 90, 80, 70, 60]
-    got = list(_batches(range(len(lengths)), lengths, 3))
+    cap = 1000
+    lengths = [cap, cap // 2, cap // 4, 100, 90, 80, 70, 60]
+    got = list(_batches(range(len(lengths)), lengths, 3, cap))
     assert got == [[0], [1, 2], [3, 4, 5], [6, 7]]
     for b in got:  # longest first, so the first item is the batch's width
-        assert len(b) <= 3 and (len(b) == 1 or len(b) * lengths[b[0]] <= BATCH_TOKENS)
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * lengths[b[0]] <= cap)
+    assert list(_batches([0], [5 * cap], 8, cap)) == [[0]]  # too long for any batch: alone
+
+
+def test_batch_cap_counts_the_vocabulary(dense) -> None:
+    """The batch's token cap is BATCH_LOGITS over the output layer's rows (the logits' width)."""
+    _, post = dense
+    model = load(post)
+    assert _vocabulary(model) == model.config.vocab_size == model.lm_head.weight.shape[0]
+    assert _vocabulary(object()) == 1
 
 
 def test_items_file_errors(tmp_path: Path) -> None:

@@ -44,8 +44,9 @@ EXAMPLE_REASONING = "reasoning-example.jsonl"
 LM_EVAL_INSTALL = 'pip install "qkrestore[eval]" (or: pip install "lm_eval>=0.4")'
 
 Progress = Callable[[int], None]
-# Padded tokens per batch of scored items: bounds the logits' memory (tokens × vocabulary).
-BATCH_TOKENS = 16_384
+# Logits per batch of scored items (padded tokens × vocabulary): 2**28 floats are 1 GiB in
+# float32, so batching short items never costs more memory than that beyond one long item alone.
+BATCH_LOGITS = 2**28
 _MANAGERS: dict[tuple[Any, ...], Any] = {}  # lm-eval TaskManagers, built once per process
 
 
@@ -205,16 +206,19 @@ class Runner:
     ) -> list[dict[str, Any]]:
         """Per item: ``exact`` (bool) and ``loglik`` (mean log-probability of the answer).
 
-        Items are scored in batches of up to ``batch_size`` sequences of similar length (and at
-        most :data:`BATCH_TOKENS` padded tokens, so long items run alone), padded on the right. In a causal LM a position's logits depend only on the tokens before it, so the
-        padding after an item cannot change its scores; only the kernels' summation order differs
-        from one-at-a-time (float32 on CPU: ~1e-6; bf16 autocast: a tie may flip).
+        Items are scored in batches of up to ``batch_size`` sequences of similar length, padded on
+        the right, and of at most :data:`BATCH_LOGITS` logits (a long item runs alone). In a
+        causal LM a position's logits depend only on the tokens before it, so the padding after an
+        item cannot change its scores; only the kernels' summation order differs from one item at
+        a time (float32 on CPU: ~1e-6; bf16 autocast: a tie may flip).
         """
         encoded = self._encode(items)
         rows: list[dict[str, Any]] = [{} for _ in encoded]
         # longest first, so that a batch that runs out of memory does so at once
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
-        for batch in _batches(order, [len(p) + len(a) for p, a in encoded], self.batch_size):
+        lengths = [len(p) + len(a) for p, a in encoded]
+        cap = max(1, BATCH_LOGITS // _vocabulary(self.model))
+        for batch in _batches(order, lengths, self.batch_size, cap):
             width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
@@ -275,13 +279,23 @@ class Runner:
         return {str(n): hits[n] / s.samples for n in s.lengths}
 
 
-def _batches(order: Sequence[int], lengths: Sequence[int], size: int) -> Iterator[list[int]]:
+def _vocabulary(model: Any) -> int:
+    """Rows of the model's output layer (the logits' last dimension); 1 if it cannot be told."""
+    try:
+        return int(model.get_output_embeddings().weight.shape[0])
+    except (AttributeError, TypeError, IndexError):
+        return int(getattr(getattr(model, "config", None), "vocab_size", None) or 1)
+
+
+def _batches(
+    order: Sequence[int], lengths: Sequence[int], size: int, max_tokens: int
+) -> Iterator[list[int]]:
     """Consecutive runs of ``order`` (longest first) of at most ``size`` items and at most
-    :data:`BATCH_TOKENS` padded tokens; an item longer than that forms a batch of its own."""
+    ``max_tokens`` padded tokens; an item longer than that forms a batch of its own."""
     batch: list[int] = []
     for i in order:
         width = lengths[batch[0]] if batch else lengths[i]
-        if batch and (len(batch) >= size or (len(batch) + 1) * width > BATCH_TOKENS):
+        if batch and (len(batch) >= size or (len(batch) + 1) * width > max_tokens):
             yield batch
             batch = []
         batch.append(i)

@@ -112,7 +112,7 @@ BatchOpt = Annotated[
         "--batch-size",
         min=1,
         help="Recall/reasoning items scored per forward pass (padded on the right; at most "
-        "16384 tokens a batch, longer items run alone).",
+        "2^28 logits, 1 GiB in float32, a batch; longer items run alone).",
     ),
 ]
 PlotOpt = Annotated[
