@@ -128,6 +128,13 @@ def build_published_pair(root: Path, name: str, overrides: dict) -> tuple[Path, 
     return pre, post, cfg
 
 
+def merge_json(cli, pre: Path, post: Path, out: Path, *extra) -> dict:
+    """``merge --json`` of PRE and POST into ``out``, which must succeed: its summary."""
+    r = cli("merge", pre, post, "-o", out, "--json", *extra)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
 def inspect_json(cli, path: Path) -> dict:
     """``inspect-layers --json`` of ``path``, which must succeed."""
     r = cli("inspect-layers", path, "--json")
@@ -137,9 +144,7 @@ def inspect_json(cli, path: Path) -> dict:
 
 def _check_merge(cli, tmp: Path, pre: Path, post: Path, want: list[int], extra=()) -> dict:
     out = tmp / "out"
-    r = cli("merge", pre, post, "-o", out, "--json", *extra)
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = merge_json(cli, pre, post, out, *extra)
     assert summary["layers"] == want
     post_t, _ = load_all(post)
     expected = resolve_rows(routing_rows(post_t, want), post_t)
@@ -355,9 +360,8 @@ def test_kimi_linear_published_prefix(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["adapter"] == "kimi_linear" and info["global_layers"] == mla
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == mla
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == mla
     # the test's own MLA statement: q_proj whole (q_lora_rank null); K = rope rows [r, r + rope) of
     # kv_a_proj_with_mqa and, per head, the first nope rows of kv_b_proj's [nope + v] block
     heads, nope, rope, v, r_ = 2, 8, 4, 8, 8
@@ -403,9 +407,8 @@ def test_medgemma_vlm_nested_config_layer_map_and_merge(tmp_path: Path, cli) -> 
     assert info["local_layers"] == MEDGEMMA_LOCAL
     assert "1024 < context 131072" in info["layer_reasons"][0]
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == MEDGEMMA_GLOBAL
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == MEDGEMMA_GLOBAL
     post_t, _ = load_all(post)
     prefix = "language_model.model.layers."  # transformers saves Gemma 3 in the published layout
     expected = resolve_rows(routing_rows(post_t, MEDGEMMA_GLOBAL, prefix=prefix), post_t)
@@ -433,9 +436,8 @@ def test_medgemma_published_tensor_names(tmp_path: Path, cli) -> None:
     pre = write_hand(tmp_path / "pre", cfg, tensors)
     post = write_hand(tmp_path / "post", cfg, perturbed(tensors, seed=3), shards=2)
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    planned = {p["name"] for p in json.loads(r.out)["plan"]["tensors"] if p["layer"] == 5}
+    summary = merge_json(cli, pre, post, out)
+    planned = {p["name"] for p in summary["plan"]["tensors"] if p["layer"] == 5}
     base = "language_model.model.layers.5.self_attn."
     assert planned == {
         base + s for s in ("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight")
@@ -468,9 +470,8 @@ def test_qwen36_vlm_nested_quantized_config_layer_map_and_merge(tmp_path: Path, 
     info = inspect_json(cli, post)
     assert info["global_layers"] == QWEN36_FULL and info["local_layers"] == []
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == QWEN36_FULL
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == QWEN36_FULL
     post_t, _ = load_all(post)
     prefix = next(n for n in post_t if ".layers.3.self_attn.q_proj" in n).split("3.self_attn")[0]
     want = routing_rows(post_t, QWEN36_FULL, prefix=prefix, gated_heads=(2, 16))
@@ -491,8 +492,7 @@ def test_redpajama_gpt_neox_fused_qkv(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["adapter"] == "gpt_neox" and info["global_layers"] == _range(32)
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
+    merge_json(cli, pre, post, out)
     hd = 16
     rows = [(3 * hd * j, 3 * hd * j + 2 * hd) for j in range(2)]
     expected = {}
@@ -541,8 +541,7 @@ def test_falcon_40b_legacy_refinedweb_config(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["adapter"] == "falcon" and info["global_layers"] == _range(60)
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
+    merge_json(cli, pre, post, out)
     rows = [(0, 24), (32, 56)]  # per group: 2 query heads and the key head (8 rows each), not v
     expected = {f"transformer.h.{i}.self_attention.query_key_value.weight": rows for i in range(60)}
     assert_merged(out, pre, post, expected)

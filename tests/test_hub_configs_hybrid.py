@@ -8,11 +8,10 @@ published one with only the sizes shrunk, and checks ``inspect-layers`` and ``me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from conftest import assert_merged, load_all, resolve_rows, routing_rows
-from test_hub_configs import SMALL, _check_merge, build_published_pair, inspect_json
+from test_hub_configs import SMALL, _check_merge, build_published_pair, inspect_json, merge_json
 
 
 def _planned(summary: dict, layer: int) -> set[str]:
@@ -41,9 +40,8 @@ def test_qwen3_next_published_interval_layer_map_and_gated_merge(tmp_path: Path,
     assert info["global_layers"] == QWEN3_NEXT_FULL and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 48
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == QWEN3_NEXT_FULL
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == QWEN3_NEXT_FULL
     post_t, _ = load_all(post)
     want = routing_rows(post_t, QWEN3_NEXT_FULL, gated_heads=(2, 16))
     assert len(want) == 4 * len(QWEN3_NEXT_FULL)  # q (query rows only), k, q_norm, k_norm
@@ -71,9 +69,7 @@ def test_nemotron_h_published_pattern_layer_map_and_merge(tmp_path: Path, cli) -
     assert info["global_layers"] == NEMOTRON_H_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 52
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = merge_json(cli, pre, post, out)
     assert summary["layers"] == NEMOTRON_H_ATTN
     # the attention mixer is backbone.layers.<i>.mixer (no self_attn), no bias, no q/k norm
     for i in NEMOTRON_H_ATTN:

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from conftest import assert_merged, load_all, perturbed
 from conftest import write_checkpoint as write_hand
-from test_hub_configs import FIXTURES, SMALL, build_pair, inspect_json, published, save_pair
+from test_hub_configs import (
+    FIXTURES,
+    SMALL,
+    build_pair,
+    inspect_json,
+    merge_json,
+    published,
+    save_pair,
+)
 
 # -- LFM2-1.2B (lfm2), as first published: the layer map in full_attn_idxs, no layer_types ---------
 
@@ -40,9 +48,8 @@ def test_lfm2_published_full_attn_idxs(tmp_path: Path, cli) -> None:
     assert info["global_layers"] == LFM2_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 16
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == LFM2_ATTN
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == LFM2_ATTN
     post_t, _ = load_all(post)
     expected = {}
     for i in LFM2_ATTN:
@@ -104,9 +111,7 @@ def test_minimax_m1_published_attn_type_list(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["global_layers"] == MINIMAX_M1_SOFTMAX and info["local_layers"] == []
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = merge_json(cli, pre, post, out)
     assert summary["layers"] == MINIMAX_M1_SOFTMAX
     expected = {}
     for i in MINIMAX_M1_SOFTMAX:
@@ -147,9 +152,8 @@ def test_deepseek_v3_published_config(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["global_layers"] == DEEPSEEK_LAYERS and info["local_layers"] == []
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == DEEPSEEK_LAYERS
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == DEEPSEEK_LAYERS
     post_t, _ = load_all(post)
     expected: dict[str, list] = {}
     for i in DEEPSEEK_LAYERS:
@@ -197,8 +201,7 @@ def test_falcon_7b_legacy_refinedwebmodel_config(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["adapter"] == "falcon" and info["global_layers"] == list(range(32))
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
+    merge_json(cli, pre, post, out)
     rows = [(0, 48)]  # Q (2 x 16) and the shared k (16); v (rows 48-64) stays POST's
     expected = {f"transformer.h.{i}.self_attention.query_key_value.weight": rows for i in range(32)}
     post_t, _ = load_all(post)
@@ -224,9 +227,8 @@ def test_olmo3_published_layer_types(tmp_path: Path, cli) -> None:
     assert info["global_layers"] == OLMO3_FULL and info["local_layers"] == OLMO3_SLIDING
     assert "4096 < context 65536" in info["layer_reasons"][0]
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == OLMO3_FULL
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == OLMO3_FULL
     post_t, _ = load_all(post)
     expected = {}
     for i in OLMO3_FULL:
@@ -259,9 +261,8 @@ def test_lfm25_vl_nested_text_config(tmp_path: Path, cli) -> None:
     info = inspect_json(cli, post)
     assert info["global_layers"] == LFM2_ATTN and info["local_layers"] == []
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == LFM2_ATTN
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == LFM2_ATTN
     post_t, _ = load_all(post)
     prefix = next(n for n in post_t if ".layers.2.self_attn.q_proj" in n).split("2.self_attn")[0]
     expected = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_merged, load_all, resolve_rows, routing_rows
-from test_hub_configs import SMALL, build_pair, inspect_json, published, save_pair
+from test_hub_configs import SMALL, build_pair, inspect_json, merge_json, published, save_pair
 
 # -- Qwen3.5-27B / Qwen3.5-9B (qwen3_5, dense), as Qwen published them: VLM nesting ----------------
 
@@ -62,9 +62,8 @@ def test_qwen35_published_vlm_nested_layer_map_and_gated_merge(
     assert info["global_layers"] == full and info["local_layers"] == []
     assert len(info["layer_reasons"]) == layers
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == full
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == full
     post_t, _ = load_all(post)
     prefix = next(n for n in post_t if ".layers.3.self_attn.q_proj" in n).split("3.self_attn")[0]
     want = routing_rows(post_t, full, prefix=prefix, gated_heads=(2, 16))
@@ -95,9 +94,8 @@ def test_gemma3_1b_published_sliding_window_pattern(tmp_path: Path, cli) -> None
     assert info["global_layers"] == GEMMA3_1B_GLOBAL and info["local_layers"] == GEMMA3_1B_LOCAL
     assert "512 < context 32768" in info["layer_reasons"][0]
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    assert json.loads(r.out)["layers"] == GEMMA3_1B_GLOBAL
+    summary = merge_json(cli, pre, post, out)
+    assert summary["layers"] == GEMMA3_1B_GLOBAL
     post_t, _ = load_all(post)
     want = routing_rows(post_t, GEMMA3_1B_GLOBAL)
     assert len(want) == 4 * len(GEMMA3_1B_GLOBAL)  # q, k, q_norm, k_norm
@@ -135,9 +133,7 @@ def test_granite_4_h_350m_published_layer_types(tmp_path: Path, cli) -> None:
     assert info["global_layers"] == GRANITE_H_ATTN and info["local_layers"] == []
     assert len(info["layer_reasons"]) == 32
     out = tmp_path / "out"
-    r = cli("merge", pre, post, "-o", out, "--json")
-    assert r.code == 0, r.err
-    summary = json.loads(r.out)
+    summary = merge_json(cli, pre, post, out)
     assert summary["layers"] == GRANITE_H_ATTN
     planned = {p["name"] for p in summary["plan"]["tensors"] if p["layer"] == 10}
     base = "model.layers.10.self_attn."

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import QWEN3_NEXT, build_hf_pair, load_all, raw
 
+from qkrestore import evaluation
 from qkrestore.candidates import ModelPatcher, PlanSettings, plan_candidate, plan_values
 from qkrestore.checkpoint import Checkpoint
 from qkrestore.diagnostics import niah as nh
@@ -243,7 +244,7 @@ def test_reasoning_metric_on_the_shipped_file(dense) -> None:
     assert got["exact"] == 0.5
 
 
-def test_batched_scoring_equals_one_at_a_time(dense) -> None:
+def test_batched_scoring_equals_one_at_a_time(dense, monkeypatch) -> None:
     """Right padding cannot change a causal LM's scores: batches of mixed lengths give the rows
     that one forward pass per item gives, in the items' order."""
     _, post = dense
@@ -273,6 +274,13 @@ def test_batched_scoring_equals_one_at_a_time(dense) -> None:
     for r, o in zip(rows, one):
         assert r["tokens"] == o["tokens"]
         assert r["loglik"] == pytest.approx(o["loglik"], abs=1e-5)
+
+    # a logits cap of 60 tokens' worth splits the longest items into batches of one or two
+    monkeypatch.setattr(evaluation, "BATCH_LOGITS", 60 * vocab)
+    capped: list[int] = []
+    rows = many.score_items(items, capped.append)
+    assert sum(capped) == len(items) and len(capped) > len(ticks)
+    assert [r["exact"] for r in rows] == [r["exact"] for r in one]
 
 
 def test_batches_bound_items_and_padded_tokens() -> None:

@@ -154,10 +154,9 @@ def table(runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _sweep_values(c: dict) -> tuple[float, float | None, float, float]:
-    """(recall mean, recall at the longest length, exact, loglik) of one sweep candidate."""
-    last = max(c.get("recall", {}), key=int, default=None)
-    rec_last = c["recall"][last] if last is not None else None
+def _sweep_values(c: dict, last: str) -> tuple[float, float | None, float, float]:
+    """(recall mean, recall at length ``last``, exact, loglik) of one sweep candidate."""
+    rec_last = c.get("recall", {}).get(last)
     return c["recall_mean"], rec_last, c["reasoning"]["exact"], c["reasoning"]["loglik"]
 
 
@@ -181,7 +180,7 @@ def sweep_table(runs: list[dict]) -> list[str]:
         for s in sweeps:
             by = {c["name"]: c for c in s["candidates"]}
             if name in by:
-                vals.append((_sweep_values(by[name]), _sweep_values(by["post"])))
+                vals.append((_sweep_values(by[name], last), _sweep_values(by["post"], last)))
                 front += bool(by[name].get("pareto"))
                 picked += (s.get("pick") or {}).get("name") == name
         cells = [

@@ -162,6 +162,19 @@ class Runner:
         self._encoded: dict[int, tuple[Sequence[Item], list[tuple[list[int], list[int]]]]] = {}
         self._niah: dict[NiahSettings, list[tuple[Any, int, float]]] = {}
 
+    @classmethod
+    def from_settings(cls, model: Any, tokenizer: Any | None, cfg: Any, label: str) -> Runner:
+        """A runner with the measuring settings ``sweep`` and ``select-layers`` share (``device``,
+        ``autocast``, ``batch_size`` of their configs)."""
+        return cls(
+            model,
+            tokenizer,
+            cfg.device,
+            autocast=cfg.autocast,
+            batch_size=cfg.batch_size,
+            label=label,
+        )
+
     @contextlib.contextmanager
     def context(self, tokens: int) -> Iterator[None]:
         """Inference mode, bf16 autocast on CUDA when asked, and one-line errors."""

@@ -87,14 +87,7 @@ def run_select_layers(
                 raise PlanError(f"layer {i}: the plan names no query weight to ablate")
         tokenizer = load_tokenizer(model_dir) if needs_tok(sweep_cfg) else None
         model = load_model(model_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        runner = Runner(
-            model,
-            tokenizer,
-            cfg.device,
-            autocast=cfg.autocast,
-            batch_size=cfg.batch_size,
-            label=str(model_dir),
-        )
+        runner = Runner.from_settings(model, tokenizer, cfg, str(model_dir))
         patcher = ModelPatcher(model)
         n_units = _units(sweep_cfg)
         total = len(layers) + 1

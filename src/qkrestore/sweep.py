@@ -445,14 +445,7 @@ def run_sweep(
         }
         tokenizer = load_tokenizer(post_dir) if needs_tok(cfg) else None
         model = load_model(post_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        runner = Runner(
-            model,
-            tokenizer,
-            cfg.device,
-            autocast=cfg.autocast,
-            batch_size=cfg.batch_size,
-            label=str(post_dir),
-        )
+        runner = Runner.from_settings(model, tokenizer, cfg, str(post_dir))
         patcher = ModelPatcher(model)
         results: dict[str, dict[str, Any]] = {}
         order = [c for c in cands if c.kind != "pre"]

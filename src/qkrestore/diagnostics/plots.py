@@ -301,23 +301,16 @@ def _place_labels(fig: Any, ax: Any, anchors: list[tuple[float, float]], texts: 
     renderer = fig.canvas.get_renderer()
     placed: list[Any] = []
     for (x, y), text in zip(anchors, texts, strict=True):
-        chosen = None
-        for dx, dy, ha, va in _LABEL_SPOTS:
+        for spot in [*_LABEL_SPOTS, None]:  # None: every spot taken, so the first one
+            dx, dy, ha, va = spot or _LABEL_SPOTS[0]
             t = ax.annotate(
                 text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va
             )
             box = t.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed):
-                chosen = (t, box)
+            if spot is None or not any(box.overlaps(b) for b in placed):
                 break
             t.remove()
-        if chosen is None:
-            dx, dy, ha, va = _LABEL_SPOTS[0]
-            t = ax.annotate(
-                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, ha=ha, va=va
-            )
-            chosen = (t, t.get_window_extent(renderer))
-        placed.append(chosen[1])
+        placed.append(box)
 
 
 def sweep_figure(report: dict[str, Any], path: Path) -> None:
