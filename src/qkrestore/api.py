@@ -23,27 +23,34 @@ from typing import TypedDict
 
 from typing_extensions import Unpack
 
-from .adapters.shared import MLA_LATENT
 from .errors import PlanError, VerifyError
 from .inspect import LayerReport, compare, describe
-from .job import Hooks, JobOptions, JobResult, open_side, run_job
-from .methods import Method, QKRestore
-from .plan import PlanOptions, parse_layers, parse_targets, pre_only_tensors
+from .job import Hooks, JobResult, open_side, run_job
+from .options import CommandOptions, resolve
+from .options import describe as describe_options
+from .plan import pre_only_tensors
 from .verification import Mismatch, VerifyReport, read_provenance, verify_output
-from .writer import WriteOptions
 
 PathLike = str | os.PathLike[str]
-Layers = str | Sequence[int] | None
+Layers = str | int | Sequence[int] | None
 
 
 class JobArgs(TypedDict, total=False):
-    """The keyword options ``merge`` and ``pro`` share (the CLI's flags of the same names)."""
+    """The keyword options ``merge`` and ``pro`` share (the CLI's flags of the same names).
 
+    For type checkers only: the keywords accepted, their parsing and defaults come from the option
+    model (:mod:`qkrestore.options`); ``tests/test_option_model.py`` keeps these keys equal to it.
+    """
+
+    layers: Layers
+    include_sliding: bool
+    allow_arch_mismatch: bool
+    carry_missing: bool
     dry_run: bool
+    expect_layers: Layers
     overwrite: bool
     link: bool
     jobs: int
-    expect_layers: Layers
     push_to_hub: str | None
     private: bool
     revision: str | None
@@ -53,54 +60,36 @@ class JobArgs(TypedDict, total=False):
     pre_weights: str | None
     post_weights: str | None
     merge_adapter: bool
-    on_note: Callable[[str], None] | None
 
 
-def _layers(layers: Layers) -> list[int] | None:
-    """``None``/``"auto"`` → every global layer; a string like ``"3,7-9"``; or a list of ints."""
-    if layers is None:
-        return None
-    if isinstance(layers, str):
-        return parse_layers(layers)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-        raise PlanError(f"layers {list(layers)!r}: give 0-based layer indices")
-    return sorted(set(layers))
+class MergeArgs(JobArgs, total=False):
+    """``merge``'s keyword options: the shared ones and QK-Restore's own."""
+
+    targets: str | Sequence[str]
+    tensor_pattern: str | None
+    mla_latent: str
 
 
-def _targets(targets: str | Sequence[str]) -> tuple[str, ...]:
-    return tuple(parse_targets(targets if isinstance(targets, str) else ",".join(targets)))
+class ProArgs(JobArgs, total=False):
+    """``pro``'s keyword options: the shared ones and QK-Pro's own."""
+
+    fix: str
+    ridge: float
+    form: str
+    device: str
 
 
 def _run(
-    method: Method, pre: PathLike, post: PathLike, output: PathLike, call: str, job: JobArgs
+    options: CommandOptions,
+    pre: PathLike,
+    post: PathLike,
+    output: PathLike,
+    on_note: Callable[[str], None] | None,
 ) -> JobResult:
-    unknown = set(job) - set(JobArgs.__annotations__)
-    if unknown:
-        raise PlanError(f"{call}(): unknown option(s) {', '.join(sorted(unknown))}")
-    jobs = job.get("jobs", 2)
-    if jobs < 1:
-        raise PlanError(f"jobs={jobs}: must be at least 1")
-    options = JobOptions(
-        output=Path(output),
-        dry_run=job.get("dry_run", False),
-        expect_layers=_layers(job.get("expect_layers")),
-        write=WriteOptions(
-            overwrite=job.get("overwrite", False), link=job.get("link", False), jobs=jobs
-        ),
-        push_to_hub=job.get("push_to_hub"),
-        private=job.get("private", False),
-        revision=job.get("revision"),
-        pre_id=job.get("pre_id"),
-        post_id=job.get("post_id"),
-        record_paths=job.get("record_paths", False),
-        pre_weights=job.get("pre_weights"),
-        post_weights=job.get("post_weights"),
-        merge_adapter=job.get("merge_adapter", False),
-    )
     # Recorded like a command line (absolute paths are shortened the same way).
-    command = shlex.join([f"qkrestore.{call}", *map(os.fspath, (pre, post, output))])
-    hooks = Hooks(note=job.get("on_note") or (lambda message: None), command=command)
-    return run_job(os.fspath(pre), os.fspath(post), method, options, hooks)
+    command = shlex.join([f"qkrestore.{options.command}", *map(os.fspath, (pre, post, output))])
+    hooks = Hooks(note=on_note or (lambda message: None), command=command)
+    return run_job(os.fspath(pre), os.fspath(post), options.method(), options.job, hooks)
 
 
 def merge(
@@ -108,36 +97,22 @@ def merge(
     post: PathLike,
     output: PathLike,
     *,
-    layers: Layers = None,
-    include_sliding: bool = False,
-    targets: str | Sequence[str] = ("q", "k"),
-    allow_arch_mismatch: bool = False,
-    tensor_pattern: str | None = None,
-    mla_latent: str = "post",
-    carry_missing: bool = False,
-    **job: Unpack[JobArgs],
+    recipe: PathLike | None = None,
+    on_note: Callable[[str], None] | None = None,
+    **options: Unpack[MergeArgs],
 ) -> JobResult:
     """QK-Restore: write ``output`` = POST with the routing rows of the planned layers from PRE.
 
-    The keyword options are the ``merge`` command's (``layers="auto"`` or ``None`` means every
-    global softmax layer), plus :class:`JobArgs`. ``on_note`` receives the notes the CLI would
-    print; they are also in ``result.notes``. PRE and POST may be folders or Hub ids
-    (``org/name[@rev]``).
+    The keyword options are the ``merge`` command's, by the names below (``layers="auto"`` or
+    ``None`` means every global softmax layer; lists may be given as lists or comma text).
+    ``recipe`` is a YAML recipe (``merge --config``); keywords override its keys. ``on_note``
+    receives the notes the CLI would print; they are also in ``result.notes``. PRE and POST may be
+    folders or Hub ids (``org/name[@rev]``).
+
+    Options:
     """
-    if mla_latent not in ("pre", "post"):
-        raise PlanError(f"mla_latent={mla_latent!r}: use 'pre' or 'post'")
-    method = QKRestore(
-        PlanOptions(
-            layers=_layers(layers),
-            include_sliding=include_sliding,
-            targets=_targets(targets),
-            allow_arch_mismatch=allow_arch_mismatch,
-            tensor_pattern=tensor_pattern,
-            adapter_options={MLA_LATENT: "pre"} if mla_latent == "pre" else {},
-            carry_missing=carry_missing,
-        )
-    )
-    return _run(method, pre, post, output, "merge", job)
+    chosen = resolve("merge", output, options, recipe=recipe)
+    return _run(chosen, pre, post, output, on_note)
 
 
 def pro(
@@ -145,36 +120,25 @@ def pro(
     post: PathLike,
     output: PathLike,
     *,
-    fix: str = "key",
-    ridge: float = 1.0,
-    device: str = "auto",
-    form: str = "ridge",
-    layers: Layers = None,
-    include_sliding: bool = False,
-    allow_arch_mismatch: bool = False,
-    carry_missing: bool = False,
-    **job: Unpack[JobArgs],
+    recipe: PathLike | None = None,
+    on_note: Callable[[str], None] | None = None,
+    **options: Unpack[ProArgs],
 ) -> JobResult:
     """QK-Pro: hold ``fix`` (``"key"`` or ``"query"``) at PRE and solve the other side per head.
 
     ``ridge`` ≥ 0 relaxes the constraint (0 is QK-Restore); ``form="cross-gram"`` keeps PRE's
-    per-head cross-Gram exactly instead; ``device`` is ``auto``, ``cpu`` or ``cuda``. Solve figures are in ``result.summary["solve"]``.
-    """
-    from .qkpro import QKPro  # torch is imported only by the jobs that compute
+    per-head cross-Gram exactly instead; ``device`` is ``auto``, ``cpu`` or ``cuda``. Solve
+    figures are in ``result.summary["solve"]``. ``recipe`` and ``on_note`` as for :func:`merge`.
 
-    method = QKPro(
-        PlanOptions(
-            layers=_layers(layers),
-            include_sliding=include_sliding,
-            allow_arch_mismatch=allow_arch_mismatch,
-            carry_missing=carry_missing,
-        ),
-        fix=fix,
-        ridge=ridge,
-        device=device,
-        form=form,
-    )
-    return _run(method, pre, post, output, "pro", job)
+    Options:
+    """
+    chosen = resolve("pro", output, options, recipe=recipe)
+    return _run(chosen, pre, post, output, on_note)
+
+
+# The options' names, defaults and help, from the model (``help(qkrestore.merge)`` lists them).
+merge.__doc__ = f"{merge.__doc__}\n{describe_options('merge')}\n"
+pro.__doc__ = f"{pro.__doc__}\n{describe_options('pro')}\n"
 
 
 def verify(
@@ -239,6 +203,8 @@ __all__ = [
     "JobArgs",
     "JobResult",
     "LayerReport",
+    "MergeArgs",
+    "ProArgs",
     "VerifyReport",
     "inspect_layers",
     "merge",

@@ -7,6 +7,9 @@ else is a bug and keeps its traceback under ``--debug``.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
@@ -49,3 +52,41 @@ class VerifyError(QKRestoreError):
     """An output does not match its plan."""
 
     exit_code = EXIT_VERIFY_FAILED
+
+
+class OptionError(PlanError):
+    """An option's value is wrong (``layers: layer 9 does not exist``); ``option`` is its name.
+
+    Library messages name options as the Python API and recipes spell them (``layers``,
+    ``tensor_pattern``); other options a message mentions are written in backticks (`` `layers` ``).
+    The CLI renders both as its flags (``--layers``) with :meth:`QKRestoreError.render`.
+    """
+
+    def __init__(self, option: str, detail: str, *, hint: str | None = None) -> None:
+        super().__init__(f"{option}: {detail}", hint=hint)
+        self.option = option
+
+
+class RecipeError(QKRestoreError):
+    """A recipe file cannot be used: unreadable, unsafe YAML, an unknown key or a bad value."""
+
+
+_MENTION = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def spell_options(text: str, flag: Callable[[str], str | None]) -> str:
+    """``text`` with every backticked option name replaced by ``flag(name)`` where it has one."""
+    return _MENTION.sub(lambda m: flag(m.group(1)) or m.group(0), text)
+
+
+def render(exc: QKRestoreError, flag: Callable[[str], str | None]) -> str:
+    """The one line for ``exc`` with option names spelled by ``flag`` (the CLI's flag spellings):
+    the option an :class:`OptionError` is about, and every option mentioned in backticks."""
+    message = exc.message
+    option = getattr(exc, "option", None)
+    spelled = flag(option) if option else None
+    if spelled and message.startswith(f"{option}:"):
+        message = spelled + message[len(option) :]
+    message = spell_options(message, flag)
+    hint = None if exc.hint is None else spell_options(exc.hint, flag)
+    return message if not hint else f"{message} ({hint})"

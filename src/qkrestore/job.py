@@ -44,23 +44,90 @@ ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
 
 @dataclass(frozen=True)
 class JobOptions:
-    """What a job does beyond planning: where OUT goes, how it is written, what happens after."""
+    """What a job does beyond planning: where OUT goes, how it is written, what happens after.
+
+    Fields with ``flags`` metadata are options of the one option model (:mod:`qkrestore.options`);
+    ``write`` holds the writing options (:class:`WriteOptions`), ``output`` is the job's operand.
+    """
 
     output: Path
-    dry_run: bool = False
-    expect_layers: list[int] | None = None
-    write: WriteOptions = field(default_factory=WriteOptions)
-    push_to_hub: str | None = None
-    private: bool = False
-    revision: str | None = None
-    pre_id: str | None = (
-        None  # the Hub ids the card names the sources by, when they cannot be found
+    dry_run: bool = field(
+        default=False,
+        metadata={"flags": ("--dry-run",), "help": "Print the plan; write nothing."},
     )
-    post_id: str | None = None
-    record_paths: bool = False  # keep absolute local paths in the command and provenance
-    pre_weights: str | None = None  # which weight set to read where a folder holds two
-    post_weights: str | None = None
-    merge_adapter: bool = False  # POST a PEFT adapter: write a full checkpoint, not an adapter
+    expect_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "flags": ("--expect-layers",),
+            "help": "Refuse to run unless the planned layers are exactly these (recipes use it "
+            "as a check).",
+            "parse": "layers",
+        },
+    )
+    write: WriteOptions = field(default_factory=WriteOptions, metadata={"nested": True})
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "flags": ("--push-to-hub",),
+            "help": "After success, upload OUT to this Hub repo id.",
+        },
+    )
+    private: bool = field(
+        default=False,
+        metadata={"flags": ("--private",), "help": "Create the Hub repo as private."},
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"flags": ("--revision",), "help": "Hub branch to push to (created if needed)."},
+    )
+    pre_id: str | None = field(  # the Hub ids the card names the sources by, when not found
+        default=None,
+        metadata={
+            "flags": ("--pre-id",),
+            "help": "Hub id to name PRE by in the model card's base_model, when it is a local "
+            "folder that the tool cannot tie to one (found from the HF cache or config otherwise).",
+        },
+    )
+    post_id: str | None = field(
+        default=None,
+        metadata={
+            "flags": ("--post-id",),
+            "help": "Hub id to name POST by in the model card (see --pre-id).",
+        },
+    )
+    record_paths: bool = field(  # keep absolute local paths in the command and provenance
+        default=False,
+        metadata={
+            "flags": ("--record-paths",),
+            "help": "Keep the sources' absolute local paths in qkrestore.json and the recorded "
+            "command (by default only Hub ids and folder names are written, so a push leaks no "
+            "local paths).",
+        },
+    )
+    pre_weights: str | None = field(  # which weight set to read where a folder holds two
+        default=None,
+        metadata={
+            "flags": ("--pre-weights",),
+            "help": "Where PRE holds two weight sets: the one to read (model.safetensors or an "
+            "index).",
+        },
+    )
+    post_weights: str | None = field(
+        default=None,
+        metadata={
+            "flags": ("--post-weights",),
+            "help": "Where POST holds two weight sets: the one to restore (model.safetensors or "
+            "an index); OUT holds only that one.",
+        },
+    )
+    merge_adapter: bool = field(  # POST a PEFT adapter: write a full checkpoint, not an adapter
+        default=False,
+        metadata={
+            "flags": ("--merge-adapter",),
+            "help": "When POST is a PEFT adapter: write a full checkpoint (PRE + adapter merged) "
+            "instead of an adapter.",
+        },
+    )
 
 
 @contextlib.contextmanager

@@ -23,8 +23,9 @@ from .adapters import (
 )
 from .adapters.base import merge_rows
 from .adapters.derived import is_derived
+from .adapters.shared import MLA_LATENT
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import PlanError, QKRestoreError
+from .errors import OptionError, PlanError, QKRestoreError
 
 METHOD_RESTORE = "qk-restore"
 METHOD_PRO = "qk-pro"
@@ -36,15 +37,77 @@ class PlanOptions:
 
     ``adapter_options`` are family switches named by the adapters (e.g. Kimi's
     ``{MLA_LATENT: "pre"}``); ``tensor_pattern`` names tensors by hand for unknown families.
+    Each field's metadata makes it an option of the one option model (:mod:`qkrestore.options`):
+    its flags and help for the CLI, its parser for API keywords and recipe values; the field's
+    default is the option's default everywhere.
     """
 
-    layers: list[int] | None = None
-    include_sliding: bool = False
-    targets: tuple[str, ...] = ("q", "k")
-    allow_arch_mismatch: bool = False
-    tensor_pattern: str | None = None
-    adapter_options: Mapping[str, Any] = field(default_factory=dict)
-    carry_missing: bool = False  # copy tensors PRE has and POST lacks (mtp.*, towers) from PRE
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "flags": ("--layers",),
+            "help": "'auto' (every global softmax-attention layer) or 0-based indices, e.g. "
+            "3,7,11 or 3-7.",
+            "parse": "layers",
+            "show": lambda value: "auto" if value is None else ",".join(map(str, value)),
+        },
+    )
+    include_sliding: bool = field(
+        default=False,
+        metadata={
+            "flags": ("--include-sliding",),
+            "help": "With --layers auto, also restore local (sliding) layers.",
+        },
+    )
+    targets: tuple[str, ...] = field(
+        default=("q", "k"),
+        metadata={
+            "flags": ("--targets",),
+            "help": "Projections to restore: comma list of q,k,v,o (v/o are ablations).",
+            "parse": "targets",
+            "show": ",".join,
+            "only": "merge",
+        },
+    )
+    allow_arch_mismatch: bool = field(
+        default=False,
+        metadata={
+            "flags": ("--allow-arch-mismatch",),
+            "help": "Plan from POST's config even if PRE's names another family or layer map.",
+        },
+    )
+    tensor_pattern: str | None = field(
+        default=None,
+        metadata={
+            "flags": ("--tensor-pattern",),
+            "help": "For families qkrestore does not know: a regular expression for the tensors "
+            "to restore whole, with {i} standing for the layer index; needs explicit --layers.",
+            "only": "merge",
+        },
+    )
+    adapter_options: Mapping[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "key": "mla_latent",
+            "flags": ("--mla-latent",),
+            "help": "MLA layers (Kimi Linear): also take the latent rows of kv_a_proj_with_mqa "
+            "and kv_a_layernorm, which V shares, from PRE ('pre'), or keep POST's ('post', "
+            "default).",
+            "choices": ("post", "pre"),
+            "parse": lambda key, value: {MLA_LATENT: "pre"} if value == "pre" else {},
+            "show": lambda value: str(value.get(MLA_LATENT, "post")),
+            "only": "merge",
+        },
+    )
+    carry_missing: bool = field(  # copy tensors PRE has and POST lacks (mtp.*, towers) from PRE
+        default=False,
+        metadata={
+            "flags": ("--carry-missing",),
+            "help": "Also copy, byte for byte, the tensors PRE has and POST lacks (e.g. mtp.* "
+            "heads or a vision tower a trainer's save dropped) into OUT, as an extra shard in its "
+            "index.",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -174,15 +237,16 @@ class RestorePlan:
 # -- option parsing (pure) ------------------------------------------------------------------------
 
 
-def parse_targets(text: str) -> list[str]:
+def parse_targets(text: str, option: str = "targets") -> list[str]:
+    """A comma list of projections (``q,k``) → the targets in canonical order."""
     targets = [t.strip().lower() for t in text.split(",") if t.strip()]
     bad = [t for t in targets if t not in TARGETS]
     if not targets or bad:
-        raise PlanError(f"--targets {text!r}: use a comma list of {', '.join(TARGETS)} (e.g. q,k)")
+        raise OptionError(option, f"{text!r}: use a comma list of {', '.join(TARGETS)} (e.g. q,k)")
     return sorted(set(targets), key=TARGETS.index)
 
 
-def parse_layers(text: str) -> list[int] | None:
+def parse_layers(text: str, option: str = "layers") -> list[int] | None:
     """``auto`` → None; else a comma list of 0-based indices (ranges like ``3-7`` allowed)."""
     if text.strip().lower() == "auto":
         return None
@@ -198,12 +262,39 @@ def parse_layers(text: str) -> list[int] | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise PlanError(
-                f"--layers {text!r}: use 'auto' or 0-based indices like 3,7,11"
+            raise OptionError(
+                option, f"{text!r}: use 'auto' or 0-based indices like 3,7,11"
             ) from None
     if not out:
-        raise PlanError(f"--layers {text!r}: no layer given")
+        raise OptionError(option, f"{text!r}: no layer given")
     return sorted(set(out))
+
+
+def layers_value(option: str, value: Any) -> list[int] | None:
+    """A layer selection as the API, a recipe or the CLI gives it: ``None``/``"auto"``, text
+    like ``"3,7-9"``, one index, or a list of indices."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_layers(value, option)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        if not value:
+            raise OptionError(option, "no layer given")
+        return sorted(set(value))
+    raise OptionError(option, f"{value!r}: give 'auto' or 0-based layer indices")
+
+
+def targets_value(option: str, value: Any) -> tuple[str, ...]:
+    """Targets as text (``"q,k"``) or a list (``["q", "k"]``)."""
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise OptionError(option, f"{value!r}: use a comma list of {', '.join(TARGETS)}")
+    return tuple(parse_targets(value, option))
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -219,17 +310,18 @@ def choose_layers(
             if Kind.LOCAL in kinds and not include_sliding:
                 raise PlanError(
                     "this model has only local (sliding-window) softmax-attention layers",
-                    hint="pass --include-sliding to restore them",
+                    hint="pass `include_sliding` to restore them",
                 )
             raise PlanError("this model has no softmax-attention layers to restore")
         return chosen
     for i in layers:
         if not 0 <= i < len(kinds):
-            raise PlanError(f"--layers: layer {i} does not exist (the model has {len(kinds)})")
+            raise OptionError("layers", f"layer {i} does not exist (the model has {len(kinds)})")
         if kinds[i] is Kind.OTHER:
             attn = [j for j, k in enumerate(kinds) if k is not Kind.OTHER]
-            raise PlanError(
-                f"--layers: layer {i} is not a softmax-attention layer",
+            raise OptionError(
+                "layers",
+                f"layer {i} is not a softmax-attention layer",
                 hint=f"attention layers: {','.join(map(str, attn)) or 'none'}",
             )
     return layers
@@ -377,7 +469,7 @@ def _check_same_architecture(pre: Checkpoint, post_map: LayerMap) -> None:
     if pre_adapter.name != adapter.name or pre_type != model_type:
         raise PlanError(
             f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
-            hint="pass --allow-arch-mismatch if they really share a layout",
+            hint="pass `allow_arch_mismatch` if they really share a layout",
         )
     if pre_kinds != kinds:
         if len(pre_kinds) != len(kinds):
@@ -387,7 +479,7 @@ def _check_same_architecture(pre: Checkpoint, post_map: LayerMap) -> None:
             where = f"first at layer {first}: {pre_kinds[first].value} vs {kinds[first].value}"
         raise PlanError(
             f"PRE and POST have different layer maps ({where})",
-            hint="pass --allow-arch-mismatch to plan from POST's config anyway",
+            hint="pass `allow_arch_mismatch` to plan from POST's config anyway",
         )
 
 
@@ -396,7 +488,7 @@ def _manual_layers(
 ) -> tuple[list[Kind], list[int], str, str]:
     """Layer map for --tensor-pattern: the adapter's when it knows the family, else 'other'."""
     if layers is None:
-        raise PlanError("--tensor-pattern needs explicit --layers (e.g. --layers 3,7,11)")
+        raise OptionError("tensor_pattern", "needs explicit `layers` (e.g. 3,7,11)")
     model_type = str(post.config.get("model_type", ""))
     try:
         lmap = layer_map(post.config)
@@ -407,7 +499,7 @@ def _manual_layers(
         kinds = [Kind.OTHER] * count
     for i in layers:
         if not 0 <= i < len(kinds):
-            raise PlanError(f"--layers: layer {i} does not exist (the model has {len(kinds)})")
+            raise OptionError("layers", f"layer {i} does not exist (the model has {len(kinds)})")
     return kinds, layers, model_type, "manual"
 
 
@@ -417,12 +509,12 @@ def _pattern_tensors(post: Checkpoint, pattern: str, layers: list[int]) -> list[
         try:
             rx = re.compile(pattern.replace("{i}", str(layer)))
         except re.error as exc:
-            raise PlanError(
-                f"--tensor-pattern {pattern!r}: not a regular expression ({exc})"
+            raise OptionError(
+                "tensor_pattern", f"{pattern!r} is not a regular expression ({exc})"
             ) from None
         names = [n for n in post.tensors if rx.fullmatch(n)]
         if not names:
-            raise PlanError(f"--tensor-pattern {pattern!r} matches no tensor of layer {layer}")
+            raise OptionError("tensor_pattern", f"{pattern!r} matches no tensor of layer {layer}")
         for n in sorted(names):
             found.append(RoutingTensor(n, layer, "manual", "weight", whole(post.tensors[n])))
     return found

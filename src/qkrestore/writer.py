@@ -42,9 +42,25 @@ Progress = Callable[[int], None]
 class WriteOptions:
     """How OUT is written: the writing half of ``merge``/``pro``'s options (planning has its own)."""
 
-    overwrite: bool = False
-    link: bool = False
-    jobs: int = 2
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "flags": ("--overwrite",),
+            "help": "Replace OUT if it exists (only once the new one is complete).",
+        },
+    )
+    link: bool = field(
+        default=False,
+        metadata={
+            "flags": ("--link",),
+            "help": "Hard-link untouched shards instead of copying (they then share storage "
+            "with POST).",
+        },
+    )
+    jobs: int = field(
+        default=2,
+        metadata={"flags": ("--jobs", "-j"), "help": "Files copied in parallel.", "min": 1},
+    )
 
 
 @dataclass

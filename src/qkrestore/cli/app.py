@@ -23,7 +23,9 @@ from ..errors import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     QKRestoreError,
+    render,
 )
+from ..options import flag_for
 from .output import EXIT_CODES_HELP, STATE, err_console
 
 app = typer.Typer(
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except QKRestoreError as exc:
         if STATE["debug"]:
             raise
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        # Library messages name options as the API does (``layers``); the CLI shows its flags.
+        message = render(exc, flag_for)
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

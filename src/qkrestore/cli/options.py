@@ -1,36 +1,73 @@
 """Every shared command-line option and enum, as ``Annotated`` types, and the recipe loader hook.
 
 Commands declare their parameters with these types, so an option reads the same (name, help,
-bounds) in every command that takes it.
+bounds) in every command that takes it. The options of ``merge`` and ``pro`` are not declared here:
+:func:`option_parameters` builds them from the option model (:mod:`qkrestore.options`), and
+:func:`option_type` gives one of them to other commands (``sweep`` takes ``--layers`` too).
 """
 
 from __future__ import annotations
 
+import inspect
 from enum import Enum
+from functools import cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..adapters.shared import MLA_LATENT
+from ..options import OptionSpec, spec_by_key, specs
 from ..recipes import load_recipe
 
 
-class MlaLatent(str, Enum):
-    post = "post"
-    pre = "pre"
-
-    def adapter_options(self) -> dict[str, str]:
-        """The planning option the Kimi adapter reads (named once, in the adapter)."""
-        return {MLA_LATENT: self.value} if self is MlaLatent.pre else {}
-
-
 def _recipe_callback(ctx: typer.Context, value: Path | None) -> Path | None:
-    """Load a recipe as defaults for this command; options given on the command line still win."""
+    """Load a recipe as defaults for this command; options given on the command line still win.
+
+    For commands outside the option model (``sweep``); ``merge``/``pro`` read theirs through
+    :func:`qkrestore.options.resolve`, as the API does."""
     if value is not None:
         params = [(p.name, getattr(p, "opts", [])) for p in ctx.command.params]
         ctx.default_map = {**(ctx.default_map or {}), **load_recipe(value, params)}
     return value
+
+
+@cache
+def _choice_enum(key: str, choices: tuple[str, ...]) -> type[Enum]:
+    """The Enum typer offers as a choice list for an option with fixed ``choices``."""
+    return Enum(key.title().replace("_", ""), [(c.replace("-", "_"), c) for c in choices], type=str)  # type: ignore[return-value]
+
+
+def _annotated(spec: OptionSpec) -> tuple[Any, Any]:
+    """(Annotated type, default) of one option as a typer parameter."""
+    base: Any = spec.kind
+    default = spec.cli_default
+    if spec.cli_enum:
+        base = _choice_enum(spec.key, spec.choices)
+        default = base(default)
+    if default is None:
+        base = base | None
+    option = typer.Option(*spec.flags, help=spec.help, min=spec.minimum)
+    return Annotated[base, option], default
+
+
+def option_type(key: str) -> Any:
+    """The ``Annotated`` type of option ``key`` of the option model, for a command's signature."""
+    return _annotated(spec_by_key()[key])[0]
+
+
+def option_parameters(command: str) -> list[inspect.Parameter]:
+    """The typer parameters of ``command``'s options (keyword-only, named by their keys)."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    out = []
+    for spec in specs(command):
+        annotation, default = _annotated(spec)
+        out.append(inspect.Parameter(spec.key, kw, default=default, annotation=annotation))
+    return out
+
+
+def cli_value(value: Any) -> Any:
+    """A typer value as the option model takes it (choices arrive as Enum members)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 PreArg = Annotated[
@@ -46,50 +83,6 @@ PostArg = Annotated[
     ),
 ]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to create.")]
-ExpectOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--expect-layers",
-        help="Refuse to run unless the planned layers are exactly these (recipes use it as a check).",
-    ),
-]
-PushOpt = Annotated[
-    str | None,
-    typer.Option("--push-to-hub", help="After success, upload OUT to this Hub repo id."),
-]
-CarryMissingOpt = Annotated[
-    bool,
-    typer.Option(
-        "--carry-missing",
-        help="Also copy, byte for byte, the tensors PRE has and POST lacks (e.g. mtp.* heads or a "
-        "vision tower a trainer's save dropped) into OUT, as an extra shard in its index.",
-    ),
-]
-PreIdOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--pre-id",
-        help="Hub id to name PRE by in the model card's base_model, when it is a local folder "
-        "that the tool cannot tie to one (found from the HF cache or config otherwise).",
-    ),
-]
-PostIdOpt = Annotated[
-    str | None,
-    typer.Option("--post-id", help="Hub id to name POST by in the model card (see --pre-id)."),
-]
-RecordPathsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--record-paths",
-        help="Keep the sources' absolute local paths in qkrestore.json and the recorded command "
-        "(by default only Hub ids and folder names are written, so a push leaks no local paths).",
-    ),
-]
-PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo as private.")]
-RevisionOpt = Annotated[
-    str | None,
-    typer.Option("--revision", help="Hub branch to push to (created if needed)."),
-]
 RecipeOpt = Annotated[
     Path | None,
     typer.Option(
@@ -99,91 +92,18 @@ RecipeOpt = Annotated[
         callback=_recipe_callback,
     ),
 ]
+ConfigOpt = Annotated[  # merge/pro: the recipe is read with the options, as the API reads it
+    Path | None,
+    typer.Option(
+        "--config",
+        help="A YAML recipe holding any of these options (see configs/); command-line options win.",
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the plan table.")]
 
 
-LayersOpt = Annotated[
-    str,
-    typer.Option(
-        "--layers",
-        help="'auto' (every global softmax-attention layer) or 0-based indices, e.g. 3,7,11 or 3-7.",
-    ),
-]
-SlidingOpt = Annotated[
-    bool,
-    typer.Option(
-        "--include-sliding",
-        help="With --layers auto, also restore local (sliding) layers.",
-    ),
-]
-TargetsOpt = Annotated[
-    str,
-    typer.Option(
-        "--targets",
-        help="Projections to restore: comma list of q,k,v,o (v/o are ablations).",
-    ),
-]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
-OverwriteOpt = Annotated[
-    bool,
-    typer.Option(
-        "--overwrite",
-        help="Replace OUT if it exists (only once the new one is complete).",
-    ),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes; errors only.")]
-ArchOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-arch-mismatch",
-        help="Plan from POST's config even if PRE's names another family or layer map.",
-    ),
-]
-PatternOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--tensor-pattern",
-        help="For families qkrestore does not know: a regular expression for the tensors to "
-        "restore whole, with {i} standing for the layer index; needs explicit --layers.",
-    ),
-]
-MlaLatentOpt = Annotated[
-    MlaLatent,
-    typer.Option(
-        "--mla-latent",
-        help="MLA layers (Kimi Linear): also take the latent rows of kv_a_proj_with_mqa and "
-        "kv_a_layernorm, which V shares, from PRE ('pre'), or keep POST's ('post', default).",
-    ),
-]
-PreWeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--pre-weights",
-        help="Where PRE holds two weight sets: the one to read (model.safetensors or an index).",
-    ),
-]
-PostWeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--post-weights",
-        help="Where POST holds two weight sets: the one to restore (model.safetensors or an "
-        "index); OUT holds only that one.",
-    ),
-]
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Files copied in parallel.")]
-LinkOpt = Annotated[
-    bool,
-    typer.Option(
-        "--link",
-        help="Hard-link untouched shards instead of copying (they then share storage with POST).",
-    ),
-]
-
-
-class FixSide(str, Enum):
-    key = "key"
-    query = "query"
 
 
 class DeviceChoice(str, Enum):
@@ -217,30 +137,6 @@ class Task(str, Enum):
     single_3 = "single-3"
 
 
-FixOpt = Annotated[
-    FixSide,
-    typer.Option("--fix", help="Side held at PRE: 'key' solves W_Q, 'query' solves W_K."),
-]
-RidgeOpt = Annotated[
-    float,
-    typer.Option(
-        "--ridge",
-        min=0.0,
-        help="Relaxation R ≥ 0 (λ = R·trace(G)/d_h): 0 gives QK-Restore, large R gives POST.",
-    ),
-]
-FormOpt = Annotated[
-    str,  # checked by the planner, so a wrong value gets the one-line error
-    typer.Option(
-        "--form",
-        help="'ridge' (default): the ridge-relaxed bilinear form; 'cross-gram': keep PRE's "
-        "d_h×d_h cross-Gram Q_h K_gᵀ exactly, with the smallest change (ignores --ridge).",
-    ),
-]
-SolveDeviceOpt = Annotated[
-    DeviceChoice,
-    typer.Option("--device", help="Where to solve: auto (CUDA if present), cpu, cuda."),
-]
 ForwardOpt = Annotated[
     ForwardMode,
     typer.Option(
@@ -271,11 +167,12 @@ RemoteOpt = Annotated[
         "as HypeNet). Off by default: that code runs with your permissions.",
     ),
 ]
-MergeAdapterOpt = Annotated[
-    bool,
-    typer.Option(
-        "--merge-adapter",
-        help="When POST is a PEFT adapter: write a full checkpoint (PRE + adapter merged) instead "
-        "of an adapter.",
-    ),
-]
+
+
+# Options of the model that other commands take too (same flags, help and checks).
+LayersOpt = option_type("layers")
+SlidingOpt = option_type("include_sliding")
+ArchOpt = option_type("allow_arch_mismatch")
+PreWeightsOpt = option_type("pre_weights")
+PrivateOpt = option_type("private")
+RevisionOpt = option_type("revision")
