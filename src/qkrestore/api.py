@@ -79,6 +79,10 @@ class ProArgs(JobArgs, total=False):
     device: str
 
 
+def _path(path: PathLike | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 def _run(
     options: CommandOptions,
     pre: PathLike,
@@ -87,7 +91,8 @@ def _run(
     on_note: Callable[[str], None] | None,
 ) -> JobResult:
     # Recorded like a command line (absolute paths are shortened the same way).
-    command = shlex.join([f"qkrestore.{options.command}", *map(os.fspath, (pre, post, output))])
+    paths = [os.fspath(p) for p in (pre, post, output)]
+    command = shlex.join([f"qkrestore.{options.command}", *paths])
     hooks = Hooks(note=on_note or (lambda message: None), command=command)
     return run_job(os.fspath(pre), os.fspath(post), options.method(), options.job, hooks)
 
@@ -111,7 +116,7 @@ def merge(
 
     Options:
     """
-    chosen = resolve("merge", output, options, recipe=recipe)
+    chosen = resolve("merge", os.fspath(output), options, recipe=_path(recipe))
     return _run(chosen, pre, post, output, on_note)
 
 
@@ -132,7 +137,7 @@ def pro(
 
     Options:
     """
-    chosen = resolve("pro", output, options, recipe=recipe)
+    chosen = resolve("pro", os.fspath(output), options, recipe=_path(recipe))
     return _run(chosen, pre, post, output, on_note)
 
 
@@ -185,10 +190,10 @@ def inspect_layers(
 
     With ``compare_with``, ``report.compare`` holds the relative Q/K drift per layer.
     """
-    with open_side(model, "MODEL", weights=weights) as ck:
+    with open_side(os.fspath(model), "MODEL", weights=weights) as ck:
         report = describe(ck)
         if compare_with is not None:
-            with open_side(compare_with, "OTHER") as other:
+            with open_side(os.fspath(compare_with), "OTHER") as other:
                 report.compare = {
                     "other": os.fspath(compare_with),
                     "layers": compare(ck, other, report),

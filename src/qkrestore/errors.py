@@ -83,9 +83,9 @@ def render(exc: QKRestoreError, flag: Callable[[str], str | None]) -> str:
     """The one line for ``exc`` with option names spelled by ``flag`` (the CLI's flag spellings):
     the option an :class:`OptionError` is about, and every option mentioned in backticks."""
     message = exc.message
-    option = getattr(exc, "option", None)
-    spelled = flag(option) if option else None
-    if spelled and message.startswith(f"{option}:"):
+    option = exc.option if isinstance(exc, OptionError) else None
+    spelled = flag(option) if option is not None else None
+    if option is not None and spelled and message.startswith(f"{option}:"):
         message = spelled + message[len(option) :]
     message = spell_options(message, flag)
     hint = None if exc.hint is None else spell_options(exc.hint, flag)

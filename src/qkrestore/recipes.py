@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]  # (types-PyYAML is not a dependency)
 
 from .errors import RecipeError
 
@@ -93,7 +93,9 @@ def _check_value(path: Path, key: str, value: Any) -> None:
 
 
 def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "mapping"
+    return "list" if isinstance(value, list) else type(value).__name__
 
 
 def load_recipe(path: Path, params: Iterable[tuple[str, Iterable[str]]]) -> dict[str, Any]:
