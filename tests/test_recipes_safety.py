@@ -107,3 +107,16 @@ def test_an_unknown_key_is_named_in_api_and_cli(tmp_path: Path, cli) -> None:
         qkrestore.pro("pre", "post", tmp_path / "out", recipe=recipe)
     res = cli("pro", "pre", "post", "-o", tmp_path / "out", "--config", recipe)
     one_line(res, str(recipe), "unknown recipe key 'layerz'")
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_recipes_pass_the_option_model(recipe: Path) -> None:
+    from qkrestore.options import resolve
+
+    for command in ("merge", "pro"):
+        chosen = resolve(command, "out", {}, recipe=recipe)
+        assert chosen.plan.layers is None  # every shipped recipe restores the auto set
+        if recipe.stem != "template":
+            assert chosen.job.expect_layers
