@@ -245,7 +245,7 @@ def kinds_from_words(
     return [words_map.get(w, Kind.OTHER) for w in words]
 
 
-def generic_kinds(cfg: Config, n: int) -> list[Kind]:
+def generic_kinds(cfg: Config, n: int | None) -> list[Kind]:
     """``layer_types`` with transformers' vocabulary."""
     return kinds_from_words(cfg.get("layer_types"), GENERIC_WORDS)
 

@@ -122,7 +122,7 @@ def _softmax_module(layer: Any, index: int, path: str) -> tuple[str, Any] | None
     hits = [
         (name, mod)
         for name, mod in layer.named_modules()
-        if name and _calls_attention_interface(type(mod))
+        if name and _calls_attention_interface(mod.__class__)
     ]
     # keep the outermost ones: a wrapper and the module it wraps are one attention block
     outer = [h for h in hits if not any(h[0].startswith(o[0] + ".") for o in hits if o is not h)]
@@ -272,6 +272,7 @@ def _build(model_type: str, cfg_dict: dict[str, Any]) -> Any:
         ) from None
     # Pick the auto class by its name table: asking AutoModelForCausalLM for a type it lacks makes
     # transformers import every model module to word its error (seconds).
+    auto: type[AutoModel] | type[AutoModelForCausalLM]
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         auto = AutoModelForCausalLM
     elif model_type in MODEL_MAPPING_NAMES:
