@@ -354,6 +354,14 @@ def source_paths(
             f"{out}: OUT does not record where its sources are on this machine",
             hint=f"pass {missing} (the folders it was made from)",
         )
+    given = {"pre": pre is not recorded["pre"], "post": post is not recorded["post"]}
+    for side, path in (("pre", pre), ("post", post)):
+        if not given[side] and not Path(path).exists():
+            raise QKRestoreError(
+                f"{out}: {side.upper()} was at {path} when OUT was written and is not there now",
+                hint="pass --pre PATH and --post PATH (the folders OUT was made from, where they "
+                "are now)",
+            )
     return Path(pre), Path(post)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..card import ADAPTER_JOB_KEY, source_paths
+from ..card import ADAPTER, ADAPTER_JOB_KEY, source_paths
 from ..checkpoint import Checkpoint
 from ..errors import PlanError, QKRestoreError, VerifyError
 from ..plan import PlanOptions, RestorePlan, build_plan
@@ -273,7 +273,8 @@ def verify_adapter_output(
     restore = {p.name: p.rows for p in plan.patches if p.source == "pre"}
     checked = 0
     with Checkpoint.open(pre_root) as pre_ck, open_adapter(post_root) as orig:
-        solved = {a.module for a in plan_adapter(orig, plan).actions if a.action == SOLVE}
+        aplan = plan_adapter(orig, plan, solve_here=kind == ADAPTER)
+        solved = {a.module for a in aplan.actions if a.action == SOLVE}
         new = open_adapter(out) if kind == "adapter" else None
         got_ck = Checkpoint.open(out) if kind == "model" else None
         try:
@@ -295,9 +296,10 @@ def verify_adapter_output(
                 want = _merged(pre_ck, orig, name).to(torch.float32)
                 if got_ck is not None:
                     got = read_tensor(got_ck, name).to(torch.float32)
-                else:
-                    assert new is not None
+                elif new is not None:
                     got = _merged(pre_ck, new, name).to(torch.float32)
+                else:
+                    raise VerifyError(f"{out}: unknown output kind {kind!r}")
                 base = read_tensor(pre_ck, name).to(torch.float32)
                 mask = torch.zeros(want.shape[0], dtype=torch.bool)
                 for r0, r1 in restore.get(name, ()):
@@ -339,6 +341,11 @@ def _close(
 ) -> None:
     import torch
 
+    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
+    if bool(bad_got.any()) or bool(bad_want.any()):
+        # Reported, never compared: a tolerance computed from NaN is no tolerance.
+        where = "OUT and " + what if bool(bad_want.any()) else "OUT (not " + what + ")"
+        raise VerifyError(f"{out}: tensor '{name}': NaN or Inf values in {where} rows")
     if exact:
         ok = torch.equal(got, want)
     else:
