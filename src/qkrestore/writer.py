@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .checkpoint import CHUNK, Checkpoint, read_header_bytes
 from .dtypes import TORCH_DTYPE_NAMES, cast_chunk, convert
@@ -38,6 +39,12 @@ KERNEL_COPY_CHUNK = 256 * 1024 * 1024
 PROVENANCE_NAME = "qkrestore.json"
 
 Progress = Callable[[int], None]
+
+
+class RowSource(Protocol):
+    """Computed rows by tensor name (bytes in POST's dtype): all the writer asks of them."""
+
+    def __getitem__(self, name: str, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -348,7 +355,7 @@ def apply_patch(
     patch: TensorPatch,
     pre: Checkpoint,
     post: Checkpoint,
-    computed: Mapping[str, bytes] | None,
+    computed: RowSource | None,
     digest: hashlib._Hash,
 ) -> int:
     """Overwrite the patch's rows in the open output file; returns bytes read from PRE."""
@@ -387,7 +394,7 @@ def write_output(
     *,
     overwrite: bool = False,
     link: bool = False,
-    computed: Mapping[str, bytes] | None = None,
+    computed: RowSource | None = None,
     finalize: Callable[[Path, WriteResult], None] | None = None,
     progress: Progress | None = None,
     jobs: int = 2,

@@ -234,7 +234,7 @@ def inspect_adapter(
             aplan = plan_adapter(adapter, plan)
         actions = aplan.by_module()
         for m in modules:
-            act = actions[m["module"]]
+            act = actions[str(m["module"])]
             m.update({"action": act.action, "layer": act.layer, "target": act.target})
             m["rows"] = [list(r) for r in act.rows]
         doc |= {
