@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint
-from .dtypes import FLOAT_DTYPES, to_tensor
+from .dtypes import has_nonfinite, to_tensor
 from .errors import PlanError
 
 if TYPE_CHECKING:
@@ -43,9 +43,7 @@ def check_finite(ckpt: Checkpoint, name: str) -> None:
     written without a word.
     """
     info = ckpt.info(name)
-    if info.dtype not in FLOAT_DTYPES or info.dtype.startswith("F8"):
-        return
-    if nonfinite(to_tensor(ckpt.read(name), info.dtype, info.shape)):
+    if has_nonfinite(ckpt.read(name), info.dtype):
         raise PlanError(
             f"{ckpt.root / info.file}: tensor '{name}' holds NaN or Inf values",
             hint="the file is damaged or the training diverged; qkrestore writes finite values only",
