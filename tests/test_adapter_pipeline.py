@@ -139,20 +139,16 @@ def test_outside_symlink_in_an_adapter_folder_is_refused(
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("extra", [[], ["--merge-adapter"]])
-def test_fifo_in_an_adapter_folder_is_refused(dense, tmp_path: Path, cli, extra: list[str]) -> None:
-    pre, adapter = dense
-    src = _copy(adapter, tmp_path / "src")
-    fifo = src / "pipe.txt"
-    os.mkfifo(fifo)
+def _fifo(path: Path) -> None:
+    """A FIFO with a writer that gives up after 10 s, so a reader that opened it (the old code)
+    gets EOF and the test fails instead of hanging."""
+    os.mkfifo(path)
 
-    # A writer that gives up after 10 s, so a reader that opened the FIFO (the old code) gets
-    # EOF and the test fails instead of hanging.
     def writer() -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
             except OSError as exc:
                 if exc.errno != errno.ENXIO:
                     return
@@ -161,13 +157,30 @@ def test_fifo_in_an_adapter_folder_is_refused(dense, tmp_path: Path, cli, extra:
             os.close(fd)
             return
 
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
+    threading.Thread(target=writer, daemon=True).start()
+
+
+@pytest.mark.parametrize("extra", [[], ["--merge-adapter"]])
+def test_fifo_in_an_adapter_folder_is_refused(dense, tmp_path: Path, cli, extra: list[str]) -> None:
+    pre, adapter = dense
+    src = _copy(adapter, tmp_path / "src")
+    _fifo(src / "pipe.txt")
     out = tmp_path / "out"
     res = cli("merge", pre, src, "-o", out, *extra)
     assert res.code == 2 and len(res.err_lines) == 1, res.err
     assert "pipe.txt" in res.err and "FIFO" in res.err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_fifo_as_adapter_weights_is_never_opened(dense, tmp_path: Path, cli) -> None:
+    """inspect-layers reads the adapter too: its weights file as a FIFO is refused, not read."""
+    pre, adapter = dense
+    src = _copy(adapter, tmp_path / "src")
+    (src / "adapter_model.safetensors").unlink()
+    _fifo(src / "adapter_model.safetensors")
+    res = cli("inspect-layers", src, "--base", pre)
+    assert res.code == 2 and len(res.err_lines) == 1, res.err
+    assert "adapter_model.safetensors" in res.err and "FIFO" in res.err
 
 
 # -- no local path in what is pushed ---------------------------------------------------------------
