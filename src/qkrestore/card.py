@@ -6,6 +6,7 @@ to check. POST's own model card is kept, below ours, so nothing POST had is drop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -13,19 +14,21 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from ._version import __version__
 from .errors import QKRestoreError
 from .plan import RestorePlan
-
-if TYPE_CHECKING:
-    from .writer import WriteResult
+from .writer import PROVENANCE_NAME, WriteResult
 
 CARD_NAME = "README.md"
-PROVENANCE_NAME = "qkrestore.json"
+# Output kinds, each with its own card template: POST's layout (a checkpoint), a PEFT adapter, or
+# PRE + a PEFT adapter merged into a full checkpoint.
+CHECKPOINT, ADAPTER, MERGED_ADAPTER = "checkpoint", "adapter", "model"
+# The provenance key that marks an output made from a PEFT adapter (verify re-merges it with PRE).
+ADAPTER_JOB_KEY = "adapter_job"
 # Where OUT keeps what must not leave this machine (the sources' absolute paths, for ``verify``).
 # Under ``.cache/`` like huggingface_hub's own local-folder metadata; ``push`` leaves it out.
 LOCAL_RECORD_DIR = ".cache/qkrestore"
@@ -75,22 +78,6 @@ PAPER = (
     "Wang & Guo, *Attention Amnesia in Hybrid LLMs: When CoT Fine-Tuning Breaks Long-Range Recall, "
     "and How to Fix It* (https://github.com/LARK-AI-Lab/QK-Restore)"
 )
-METHOD_TEXT = {
-    "qk-restore": (
-        "QK-Restore",
-        "In the softmax-attention layers listed below, the query/key routing parameters (W_Q, W_K, "
-        "their biases and norms) were taken from the pre-SFT checkpoint; every other parameter is the "
-        "fine-tuned checkpoint's, byte for byte. This brings back long-range recall that "
-        "chain-of-thought fine-tuning erodes, without training.",
-    ),
-    "qk-pro": (
-        "QK-Pro",
-        "In the softmax-attention layers listed below, one routing side (W_Q or W_K) was taken from "
-        "the pre-SFT checkpoint and the other solved per head in closed form: the matrix closest to "
-        "the fine-tuned one whose routing bilinear form matches the pre-SFT one, relaxed by a ridge. "
-        "Every other parameter is the fine-tuned checkpoint's, byte for byte.",
-    ),
-}
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -109,6 +96,26 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     return (meta if isinstance(meta, dict) else {}), text[m.end() :]
 
 
+@dataclass(frozen=True)
+class CardInput:
+    """What a card and provenance record describe, whatever the output kind.
+
+    ``title``/``explanation`` come from the method object (:class:`qkrestore.methods.Method`), so
+    no card text is looked up by method name; ``adapter`` holds an adapter job's own record
+    (its per-module plan and what was written), ``None`` for a checkpoint POST.
+    """
+
+    kind: str  # CHECKPOINT | ADAPTER | MERGED_ADAPTER
+    plan: RestorePlan
+    pre: SourceRecord
+    post: SourceRecord
+    command: str
+    title: str
+    explanation: str
+    record_paths: bool = False
+    adapter: dict[str, Any] | None = None
+
+
 def model_card(
     plan: RestorePlan,
     pre: SourceRecord,
@@ -116,6 +123,9 @@ def model_card(
     command: str,
     post_card: str | None,
     verification: str = "passed (every restored range re-read and hashed before the output was moved into place)",
+    *,
+    title: str = "",
+    explanation: str = "",
 ) -> str:
     """A model card whose metadata the Hub understands, keeping POST's own card below ours."""
     post_meta, post_body = split_front_matter(post_card or "")
@@ -133,7 +143,7 @@ def model_card(
             "tags": method_tags + [t for t in tags if t not in method_tags],
         }
     )
-    title, explanation = METHOD_TEXT.get(plan.method, (plan.method, ""))
+    title = title or plan.method
     rows = "\n".join(
         f"| {p.layer} | {plan.layer_kinds[p.layer]} | `{p.name}` | {_rows_text(p.rows, p.shape)} | {p.source} |"
         for p in plan.patches
@@ -191,16 +201,11 @@ def provenance(
     """The record ``verify`` replays: sources by Hub id or name (paths only if asked), the plan,
     and a sha256 of every restored tensor."""
 
-    def source(s: SourceRecord) -> dict[str, Any]:
-        return {"source": s.name, "hub_id": s.hub_id} | (
-            {"path": str(s.root)} if record_paths else {}
-        )
-
     return {
         "tool": "qkrestore",
         "version": __version__,
         "command": command,
-        "sources": {"pre": source(pre), "post": source(post)},
+        "sources": {"pre": _source(pre, record_paths), "post": _source(post, record_paths)},
         "plan": plan.to_json(),
         "files": result.files,
         "skipped_files": result.skipped,
@@ -209,34 +214,124 @@ def provenance(
     }
 
 
+def adapter_card(card: CardInput, post_card: str | None) -> str:
+    """The card of an adapter job's output: a PEFT adapter (``library_name: peft``, its base the
+    PRE Hub id) or the merged checkpoint; the input adapter's own card is kept below ours."""
+    assert card.adapter is not None
+    plan, merged = card.plan, card.kind == MERGED_ADAPTER
+    old_meta, old_body = split_front_matter(post_card or "")
+    meta = {
+        k: v
+        for k, v in old_meta.items()
+        if k not in ("base_model", "base_model_relation", "library_name", "tags")
+    }
+    # peft tags its cards ``base_model:adapter:<base>``, a local path for a local base: drop them
+    tags = [
+        t
+        for t in old_meta.get("tags", []) or []
+        if isinstance(t, str) and not t.startswith("base_model:")
+    ]
+    # The Hub's model tree resolves repo ids only: local folders are named in the text instead.
+    ids = [s.hub_id for s in (card.pre, card.post) if s.hub_id]
+    if merged:
+        meta |= ({"base_model": ids, "base_model_relation": "merge"} if ids else {}) | {
+            "library_name": "transformers"
+        }
+        own = [plan.method, "merge", "lora"]
+    else:
+        meta |= ({"base_model": card.pre.hub_id} if card.pre.hub_id else {}) | {
+            "library_name": "peft"
+        }
+        own = [plan.method, "lora", "peft"]
+    meta["tags"] = own + [t for t in tags if t not in own]
+    rows = "\n".join(
+        f"| {a['layer']} | `{a['module']}` | {a['action']} | {a['target']} |"
+        for a in card.adapter["adapter_plan"]["modules"]
+        if a["action"] != "keep"
+    )
+    kind = "a full checkpoint (adapter merged)" if merged else "a PEFT LoRA adapter"
+    body = f"""# {card.title} of the LoRA adapter `{card.post.name}`
+
+This is {kind} for the base model {card.pre.card_text}. In the base model's softmax-attention
+layers {", ".join(map(str, plan.layers))}, the adapter's changes to the query/key routing were
+removed ({card.title}), so that the merged model routes attention as the base model does there;
+everything else the adapter learned is kept. {card.explanation} Method: {PAPER}.
+
+| layer | module | action | target |
+|---|---|---|---|
+{rows}
+
+Made with qkrestore {__version__}:
+
+```bash
+{card.command}
+```
+"""
+    if old_body.strip():
+        body += "\n---\n\n## Model card of the input adapter\n\n" + old_body.lstrip()
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n{body}"
+
+
 def write_card_and_provenance(
-    folder: Path,
-    plan: RestorePlan,
-    result: WriteResult,
-    *,
-    pre: SourceRecord,
-    post: SourceRecord,
-    command: str,
-    record_paths: bool = False,
+    folder: Path, card: CardInput, result: WriteResult | None = None
 ) -> None:
-    """README.md, qkrestore.json and the local record of where the sources are, into ``folder``.
+    """README.md, qkrestore.json and the local record of where the sources are, into ``folder``:
+    the one writer of every output kind, with a card template per kind.
 
     The command is recorded with absolute paths shortened unless ``record_paths`` asks for them.
     """
-    if not record_paths:
-        command = redact_command(command)
-    post_card_path = post.root / CARD_NAME
+    command = card.command if card.record_paths else redact_command(card.command)
+    card = dataclasses.replace(card, command=command)
+    post_card_path = card.post.root / CARD_NAME
     post_card = (
         post_card_path.read_text(encoding="utf-8", errors="replace")
         if post_card_path.is_file()
         else None
     )
-    (folder / CARD_NAME).write_text(
-        model_card(plan, pre, post, command, post_card), encoding="utf-8"
-    )
-    record = provenance(plan, pre, post, command, result, record_paths)
+    if card.kind == CHECKPOINT:
+        assert result is not None
+        text = model_card(
+            card.plan,
+            card.pre,
+            card.post,
+            command,
+            post_card,
+            title=card.title,
+            explanation=card.explanation,
+        )
+        record = provenance(card.plan, card.pre, card.post, command, result, card.record_paths)
+    else:
+        text = adapter_card(card, post_card)
+        record = adapter_provenance(card, result)
+    (folder / CARD_NAME).write_text(text, encoding="utf-8")
     (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    write_local_record(folder, {"pre": str(pre.root), "post": str(post.root)})
+    write_local_record(folder, {"pre": str(card.pre.root), "post": str(card.post.root)})
+
+
+def _source(s: SourceRecord, record_paths: bool) -> dict[str, Any]:
+    return {"source": s.name, "hub_id": s.hub_id} | ({"path": str(s.root)} if record_paths else {})
+
+
+def adapter_provenance(card: CardInput, result: WriteResult | None) -> dict[str, Any]:
+    """An adapter job's record: what ``verify`` needs to re-merge OUT with PRE and compare."""
+    assert card.adapter is not None
+    sources = {
+        "pre": _source(card.pre, card.record_paths),
+        "post": _source(card.post, card.record_paths) | {"adapter": True},
+    }
+    record: dict[str, Any] = {
+        "tool": "qkrestore",
+        "version": __version__,
+        "command": card.command,
+        ADAPTER_JOB_KEY: {"output_kind": card.kind},
+        "sources": sources,
+        "plan": card.plan.to_json(),
+        **card.adapter,
+    }
+    if result is not None:
+        record |= {"files": result.files, "tensor_sha256": result.tensor_sha256}
+    return record
 
 
 def write_local_record(folder: Path, paths: dict[str, str]) -> None:
@@ -259,6 +354,14 @@ def source_paths(
             f"{out}: OUT does not record where its sources are on this machine",
             hint=f"pass {missing} (the folders it was made from)",
         )
+    given = {"pre": pre is not recorded["pre"], "post": post is not recorded["post"]}
+    for side, path in (("pre", pre), ("post", post)):
+        if not given[side] and not Path(path).exists():
+            raise QKRestoreError(
+                f"{out}: {side.upper()} was at {path} when OUT was written and is not there now",
+                hint="pass --pre PATH and --post PATH (the folders OUT was made from, where they "
+                "are now)",
+            )
     return Path(pre), Path(post)
 
 

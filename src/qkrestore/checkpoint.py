@@ -226,18 +226,18 @@ class Checkpoint:
             for name, file in weight_map.items():
                 if file not in shards:  # partial view: shard not downloaded
                     continue
-                info = tensors.get(name)
-                if info is None and not partial:
+                found = tensors.get(name)
+                if found is None and not partial:
                     # transformers reads every tensor of every listed shard and reports a listed
                     # name nobody holds as a missing key: a defect, not a reason to refuse.
                     phantoms[name] = file
                     defects.append(
                         f"{root / file}: tensor '{name}' is in {view.entry} but not in this shard"
                     )
-                elif info is not None and info.file != file:
+                elif found is not None and found.file != file:
                     defects.append(
                         f"{root / file}: tensor '{name}' is in {view.entry} under this shard but "
-                        f"lives in {info.file}"
+                        f"lives in {found.file}"
                     )
             for name, info in tensors.items():
                 if name not in weight_map:
@@ -284,9 +284,6 @@ class Checkpoint:
             return self.tensors[name]
         except KeyError:
             raise CheckpointError(f"{self.root}: no tensor '{name}'") from None
-
-    def shard_path(self, file: str) -> Path:
-        return self.shards[file].path
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> bytes:
         """The bytes of a tensor, or of rows ``[r0, r1)`` of its first axis."""

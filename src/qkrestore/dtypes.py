@@ -113,3 +113,27 @@ def to_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
 
     out = tensor.detach().to("cpu").to(torch_dtype(dtype)).contiguous()
     return out.view(torch.uint8).numpy().tobytes()
+
+
+# Exponent masks of the IEEE-like float dtypes: a value is NaN or Inf exactly when every exponent
+# bit is set. (FP8/FP6/FP4 formats have no Inf and mostly no NaN encoding: not listed.)
+_EXPONENT_MASKS: dict[str, tuple[str, int]] = {
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F32": ("<u4", 0x7F800000),
+    "F64": ("<u8", 0x7FF0000000000000),
+}
+
+
+def has_nonfinite(data: bytes, dtype: str) -> bool:
+    """Whether little-endian ``data`` of ``dtype`` holds a NaN or an Inf, read from the bits
+    (numpy, no torch: checking an adapter's factors costs a plain merge no torch start-up)."""
+    spec = _EXPONENT_MASKS.get(dtype)
+    if spec is None or not data:
+        return False
+    import numpy as np
+
+    fmt, mask = spec
+    bits = np.frombuffer(data, dtype=np.dtype(fmt))
+    m = np.array(mask, dtype=bits.dtype)
+    return bool(np.any((bits & m) == m))

@@ -9,15 +9,24 @@ prints, and nothing branches on which method runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .card import SourceRecord, command_line, write_card_and_provenance
+from .card import (
+    ADAPTER,
+    CHECKPOINT,
+    MERGED_ADAPTER,
+    CardInput,
+    SourceRecord,
+    command_line,
+    write_card_and_provenance,
+)
 from .carried import check_carry, write_carried
 from .checkpoint import INDEX_NAME, Checkpoint
 from .errors import OutputError, PlanError, QKRestoreError
@@ -34,9 +43,13 @@ from .hub import (
     push_folder,
 )
 from .lora import adapter_source
-from .methods import Computed, Method
+from .methods import Method
 from .plan import RestorePlan, pre_names_for, pre_only_tensors
 from .writer import WriteOptions, WriteResult, check_output_location, preflight, write_output
+
+if TYPE_CHECKING:
+    from .lora.plan import AdapterPlan
+    from .lora.reader import LoraAdapter
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
@@ -215,71 +228,111 @@ def run_job(
     options: JobOptions,
     hooks: Hooks | None = None,
 ) -> JobResult:
-    """Run ``method`` on PRE and POST (folders or Hub ids) and write, or only plan, OUT."""
+    """Run ``method`` on PRE and POST (folders or Hub ids) and write, or only plan, OUT.
+
+    POST is a checkpoint or a PEFT adapter (an input kind: POST = PRE + adapter, which has PRE's
+    layout). Either way PRE is opened once with the same options, the method object plans (and
+    computes), OUT is checked once, and the output is written through the writer's staging folder,
+    fsync and atomic rename, with the one card and provenance writer.
+    """
     hooks = hooks or Hooks()
     notes = _Notes(hooks.note)
-    adapter = adapter_source(post)
-    if adapter is not None:
-        return _adapter_job(pre, adapter, method, options, hooks, notes)
-    if options.merge_adapter:
-        raise PlanError(f"--merge-adapter: POST {post} is not a PEFT adapter folder")
     pre_src, post_src = parse_source(pre), parse_source(post)
-    if options.dry_run and (pre_src.is_hub or post_src.is_hub):
+    found = adapter_source(post)
+    if found is None and options.merge_adapter:
+        raise PlanError(f"--merge-adapter: POST {post} is not a PEFT adapter folder")
+    if found is None and options.dry_run and (pre_src.is_hub or post_src.is_hub):
         return _hub_dry_run(pre_src, post_src, method, options, hooks, notes)
-    output = options.output
-    with open_side(fetch_post(post_src), "POST", weights=options.post_weights) as post_ck:
-
-        def needed(meta: Path) -> list[str]:
-            # What PRE must supply is known from POST and PRE's index, before PRE's shards arrive.
-            index = json.loads((meta / INDEX_NAME).read_text(encoding="utf-8"))
-            pre_names = index.get("weight_map", {})
-            names = pre_names_for(method.plan(post_ck, post_ck), post_ck, pre_names)
-            if method.options.carry_missing:
-                names += pre_only_tensors(pre_names, post_ck.tensors).values()
-            return names
-
-        pre_root = fetch_pre(pre_src, needed)
-        with open_side(
-            pre_root, "PRE", partial=pre_src.is_hub, weights=options.pre_weights
-        ) as pre_ck:
-            # Output problems are the cheapest to find: report them before any planning.
-            check_output_location(output.absolute(), {"PRE": pre_ck.root, "POST": post_ck.root})
-            if not options.dry_run and output.exists() and not options.write.overwrite:
-                raise OutputError(
-                    f"{output}: already exists", hint="pass --overwrite to replace it"
-                )
-            if pre_ck.root.resolve() == post_ck.root.resolve():
-                notes("PRE and POST are the same folder: the output will equal POST")
-            plan = checked_plan(method, pre_ck, post_ck, options)
-            defects = [*pre_ck.defects, *post_ck.defects]
-            for n in [*plan.notes, *defects]:
-                notes(n)
-            summary: dict[str, Any] = {
-                "ok": True,
-                "method": plan.method,
-                "dry_run": options.dry_run,
-                "output": str(output),
-                "sources": {
-                    "pre": {"source": pre, "path": str(pre_ck.root)},
-                    "post": {"source": post, "path": str(post_ck.root)},
-                },
-                "layers": plan.layers,
-                "tensors": len(plan.patches),
-                "missing_in_post": plan.missing_in_post,
-                "restored_bytes": plan.restored_bytes(post_ck),
-                "touched_files": plan.touched_files,
-                "weight_files": {"pre": pre_ck.weight_files(), "post": post_ck.weight_files()},
-                "defects": defects,
-                "plan": plan.to_json(),
-            }
-            hooks.on_plan(plan)
-            if options.dry_run:
-                return JobResult(plan, summary, notes.kept)
-            sources = (
-                _source_record("PRE", pre_src, pre_ck, options.pre_id, notes),
-                _source_record("POST", post_src, post_ck, options.post_id, notes),
+    with contextlib.ExitStack() as stack:
+        adapter: LoraAdapter | None = None
+        if found is None:
+            post_ck = stack.enter_context(
+                open_side(fetch_post(post_src), "POST", weights=options.post_weights)
             )
-            result = _write(plan, method, pre_ck, post_ck, sources, options, hooks, notes, summary)
+            pre_root = fetch_pre(pre_src, _pre_needs(method, post_ck))
+            post_root = post_ck.root
+        else:
+            from .lora.job import open_adapter_input
+
+            post_src, post_root = found
+            adapter = stack.enter_context(open_adapter_input(post_root))
+            if options.write.link:
+                notes("--link has no effect when POST is an adapter (OUT shares no file with it)")
+            # An adapter job needs PRE's whole weights (model out) or most of them (shape checks).
+            pre_root = fetch_post(pre_src) if pre_src.is_hub else Path(pre)
+        pre_ck = stack.enter_context(
+            open_side(
+                pre_root,
+                "PRE",
+                partial=pre_src.is_hub and adapter is None,
+                weights=options.pre_weights,
+            )
+        )
+        # POST = PRE + adapter has PRE's layout: an adapter job plans with PRE on both sides.
+        layout = post_ck if adapter is None else pre_ck
+        _check_output(options, {"PRE": pre_ck.root, "POST": post_root}, notes)
+        plan = checked_plan(method, pre_ck, layout, options)
+        aplan = None
+        if adapter is not None:
+            from .lora.job import plan_adapter_job
+
+            aplan, adapter_notes = plan_adapter_job(
+                adapter, plan, pre_ck, pre, options.merge_adapter
+            )
+            plan.notes = [*adapter_notes, *plan.notes]
+        defects = [*pre_ck.defects, *(layout.defects if adapter is None else [])]
+        for n in [*plan.notes, *defects]:
+            notes(n)
+        summary: dict[str, Any] = {
+            "ok": True,
+            "method": plan.method,
+            "dry_run": options.dry_run,
+            "output": str(options.output),
+            "sources": {
+                "pre": {"source": pre_src.repo_id or pre, "path": str(pre_ck.root)},
+                "post": {"source": post_src.repo_id or post, "path": str(post_root)},
+            },
+            "layers": plan.layers,
+            "tensors": len(plan.patches),
+            "missing_in_post": plan.missing_in_post,
+            "restored_bytes": plan.restored_bytes(layout),
+            "touched_files": plan.touched_files,
+            "weight_files": {"pre": pre_ck.weight_files(), "post": layout.weight_files()},
+            "defects": defects,
+            "plan": plan.to_json(),
+        }
+        if aplan is not None:
+            summary |= {
+                "input": "peft-adapter",
+                "output_kind": MERGED_ADAPTER if options.merge_adapter else ADAPTER,
+                "adapter_plan": aplan.to_json(),
+                "notes": list(notes.kept),
+            }
+            summary["sources"]["post"]["adapter"] = True
+        hooks.on_plan(plan)
+        if options.dry_run:
+            return JobResult(plan, summary, notes.kept)
+        sources = (
+            _source_record("PRE", pre_src, pre_ck, options.pre_id, notes),
+            _post_record(post_src, post_root, layout, adapter, options.post_id, notes),
+        )
+        card = CardInput(
+            kind=CHECKPOINT,
+            plan=plan,
+            pre=sources[0],
+            post=sources[1],
+            command=hooks.command or command_line(),
+            title=method.title,
+            explanation=method.explanation,
+            record_paths=options.record_paths,
+        )
+        if adapter is None:
+            result = _write(card, method, pre_ck, post_ck, options, hooks, notes, summary)
+        else:
+            assert aplan is not None
+            result = _write_from_adapter(
+                card, method, pre_ck, adapter, aplan, options, hooks, notes, summary
+            )
     for skipped in result.skipped:
         notes(f"not copied from POST (weights outside the set the loader reads): {skipped}")
     _push(result.out, plan.method, options, summary)
@@ -296,6 +349,30 @@ def run_job(
     return JobResult(plan, summary, notes.kept)
 
 
+def _pre_needs(method: Method, post_ck: Checkpoint) -> Callable[[Path], list[str]]:
+    """What PRE must supply, known from POST and PRE's index before PRE's shards arrive."""
+
+    def needed(meta: Path) -> list[str]:
+        index = json.loads((meta / INDEX_NAME).read_text(encoding="utf-8"))
+        pre_names = index.get("weight_map", {})
+        names = pre_names_for(method.plan(post_ck, post_ck), post_ck, pre_names)
+        if method.options.carry_missing:
+            names += pre_only_tensors(pre_names, post_ck.tensors).values()
+        return names
+
+    return needed
+
+
+def _check_output(options: JobOptions, inputs: dict[str, Path], notes: _Notes) -> None:
+    """OUT problems are the cheapest to find: reported before any planning, for every input kind."""
+    output = options.output
+    check_output_location(output.absolute(), inputs)
+    if not options.dry_run and output.exists() and not options.write.overwrite:
+        raise OutputError(f"{output}: already exists", hint="pass --overwrite to replace it")
+    if inputs["PRE"].resolve() == inputs["POST"].resolve():
+        notes("PRE and POST are the same folder: the output will equal POST")
+
+
 def _push(out: Path, what: str, options: JobOptions, summary: dict[str, Any]) -> None:
     """Upload OUT after a successful write, when asked; the commit URL goes into the summary."""
     if options.push_to_hub and not options.dry_run:
@@ -306,67 +383,6 @@ def _push(out: Path, what: str, options: JobOptions, summary: dict[str, Any]) ->
             revision=options.revision,
             message=f"{what} with qkrestore {__version__}",
         )
-
-
-def _adapter_job(
-    pre: str,
-    found: tuple[Source, Path],
-    method: Method,
-    options: JobOptions,
-    hooks: Hooks,
-    notes: _Notes,
-) -> JobResult:
-    """POST is a PEFT adapter: the method runs on POST = PRE + adapter (see :mod:`qkrestore.lora`),
-    writing an adapter (default) or, with ``merge_adapter``, a full checkpoint."""
-    from .lora import run_adapter_job
-
-    post_src, post_root = found
-    params = method.solver_params()
-    if params.get("form", "ridge") != "ridge":
-        raise PlanError(
-            f"--form {params['form']}: QK-Pro on a PEFT adapter has the ridge form only"
-        )
-    if options.write.link:
-        notes("--link has no effect when POST is an adapter (OUT shares no file with it)")
-    pre_src = parse_source(pre)
-    # An adapter job needs PRE's whole weights (model out) or most of them (shape checks).
-    pre_root = fetch_post(pre_src) if pre_src.is_hub else Path(pre)
-    with open_side(pre_root, "PRE", weights=options.pre_weights) as pre_ck:
-        pre_id = options.pre_id or hub_id_for(pre_src, pre_ck.root, pre_ck.config)
-        total = pre_ck.total_bytes if options.merge_adapter else 0
-    post_id = options.post_id or post_src.repo_id
-    opts = method.options
-    with hooks.progress(method.name, total) as advance:
-        result = run_adapter_job(
-            pre_root,
-            post_root,
-            options.output,
-            method=method.name,
-            merge_adapter=options.merge_adapter,
-            layers=opts.layers,
-            include_sliding=opts.include_sliding,
-            targets=opts.targets,
-            fix=params.get("fix", "key"),
-            ridge=params.get("ridge", 1.0),
-            device=params.get("device", "auto"),
-            adapter_options=dict(opts.adapter_options),
-            tensor_pattern=opts.tensor_pattern,
-            overwrite=options.write.overwrite,
-            dry_run=options.dry_run,
-            expect_layers=options.expect_layers,
-            pre_source=pre,
-            post_source=post_src.repo_id or str(post_root),
-            pre_id=pre_id,
-            post_id=post_id,
-            record_paths=options.record_paths,
-            command=hooks.command or command_line(),
-            progress=advance,
-        )
-    for n in result.notes:
-        notes(n)
-    summary = result.to_json()
-    _push(result.out, f"{result.plan.method} on a LoRA adapter", options, summary)
-    return JobResult(result.plan, summary, notes.kept)
 
 
 def _source_record(
@@ -383,42 +399,45 @@ def _source_record(
     return SourceRecord(hub_id, ck.root.absolute())
 
 
+def _post_record(
+    source: Source,
+    root: Path,
+    layout: Checkpoint,
+    adapter: LoraAdapter | None,
+    given_id: str | None,
+    notes: _Notes,
+) -> SourceRecord:
+    """POST's name in OUT: a checkpoint's as PRE's; an adapter's by its Hub repo or the id given."""
+    if adapter is None:
+        return _source_record("POST", source, layout, given_id, notes)
+    return SourceRecord(given_id or source.repo_id, Path(root).absolute())
+
+
 def _write(
-    plan: RestorePlan,
+    card: CardInput,
     method: Method,
     pre: Checkpoint,
     post: Checkpoint,
-    sources: tuple[SourceRecord, SourceRecord],
     options: JobOptions,
     hooks: Hooks,
     notes: _Notes,
     summary: dict[str, Any],
+    *,
+    link: bool | None = None,
 ) -> WriteResult:
     """The method's computed rows, then OUT with its card and provenance, atomically."""
-    command = hooks.command or command_line()
+    plan = card.plan
 
     def finalize(folder: Path, result: WriteResult) -> None:
         if plan.carried:
             result.tensor_sha256.update(write_carried(folder, plan, pre))
-        write_card_and_provenance(
-            folder,
-            plan,
-            result,
-            pre=sources[0],
-            post=sources[1],
-            command=command,
-            record_paths=options.record_paths,
-        )
+        write_card_and_provenance(folder, card, result)
 
-    computed: Computed | None = method.compute(plan, pre, post, options.output.absolute().parent)
+    computed = method.compute(plan, pre, post, options.output.absolute().parent)
     try:
         if computed is not None and computed.stats:
             summary["solve"] = computed.stats
-            s = computed.stats
-            notes(
-                f"solved {s['systems']} head systems in {s['layers']} layers on {s['device']} in "
-                f"{s['seconds']:.3f} s"
-            )
+            _solve_note(computed.stats, notes)
         with hooks.progress(plan.method, post.total_bytes) as advance:
             return write_output(
                 plan,
@@ -426,7 +445,7 @@ def _write(
                 post,
                 options.output,
                 overwrite=options.write.overwrite,
-                link=options.write.link,
+                link=options.write.link if link is None else link,
                 jobs=options.write.jobs,
                 computed=computed,
                 finalize=finalize,
@@ -435,6 +454,68 @@ def _write(
     finally:
         if computed is not None:
             computed.close()
+
+
+def _solve_note(stats: dict[str, Any], notes: _Notes) -> None:
+    seconds = f" in {stats['seconds']:.3f} s" if "seconds" in stats else ""
+    notes(
+        f"solved {stats['systems']} head systems in {stats['layers']} layers on "
+        f"{stats['device']}{seconds}"
+    )
+
+
+def _write_from_adapter(
+    card: CardInput,
+    method: Method,
+    pre: Checkpoint,
+    adapter: LoraAdapter,
+    aplan: AdapterPlan,
+    options: JobOptions,
+    hooks: Hooks,
+    notes: _Notes,
+    summary: dict[str, Any],
+) -> WriteResult:
+    """OUT from PRE + a PEFT adapter: the edited adapter, or (``merge_adapter``) PRE + adapter
+    merged into a full checkpoint and then treated exactly as a checkpoint POST."""
+    from .lora.job import merged_post, write_adapter_output
+    from .lora.write import is_local_path
+
+    adapter_record: dict[str, Any] = {"adapter_plan": aplan.to_json()}
+    out = options.output.absolute()
+    if options.merge_adapter:
+        card = dataclasses.replace(card, kind=MERGED_ADAPTER, adapter=adapter_record)
+        with contextlib.ExitStack() as stack:
+            with hooks.progress("merge", pre.total_bytes) as advance:
+                merged_root = stack.enter_context(
+                    merged_post(pre, adapter, out.parent, options.write.jobs, advance)
+                )
+            merged = stack.enter_context(open_side(merged_root, "POST (PRE + adapter merged)"))
+            # The merged folder is ours and removed after: its untouched shards are linked.
+            result = _write(card, method, pre, merged, options, hooks, notes, summary, link=True)
+        result.linked = []
+        summary["written"] = {"kind": MERGED_ADAPTER, "files": result.files}
+        return result
+
+    card = dataclasses.replace(card, kind=ADAPTER, adapter=adapter_record)
+
+    def finalize(folder: Path, written: dict[str, Any]) -> None:
+        adapter_record["written"] = written
+        write_card_and_provenance(folder, card)
+
+    written = write_adapter_output(
+        options.output, options.write, pre, adapter, aplan, card.pre.hub_id, finalize
+    )
+    if "solve" in written:
+        summary["solve"] = written["solve"]
+        _solve_note(written["solve"], notes)
+    base = adapter.config.base_model
+    if card.pre.hub_id is None and base and is_local_path(base):
+        notes(
+            f"adapter_config.json: base_model_name_or_path is a local path ({Path(base).name}) and "
+            "no Hub id is known for PRE: OUT leaves it out (pass --pre-id org/name to name it)"
+        )
+    summary["written"] = written
+    return WriteResult(out=out, files=written["files"], skipped=[], tensor_sha256={})
 
 
 def _hub_dry_run(

@@ -36,16 +36,30 @@ class Computed(Protocol):
 
 
 class Method(Protocol):
-    """A restore method, as the job pipeline sees it."""
+    """A restore method, as the job pipeline sees it.
 
-    name: str
-    options: PlanOptions
+    Read-only members (properties), so that frozen dataclasses satisfy the protocol. ``title`` and
+    ``explanation`` are what the model card says of the method: the card never looks text up by
+    the method's name.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def options(self) -> PlanOptions: ...
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def explanation(self) -> str: ...
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan: ...
 
     def solver_params(self) -> dict[str, Any]:
-        """The method's own parameters beyond planning (for jobs that solve elsewhere, such as a
-        PEFT adapter's low-rank QK-Pro); empty for a method that only copies rows."""
+        """The method's own parameters beyond planning (recorded by the sweep); empty for a
+        method that only copies rows."""
         ...
 
     def compute(
@@ -59,6 +73,13 @@ class QKRestore:
 
     options: PlanOptions = field(default_factory=PlanOptions)
     name: str = METHOD_RESTORE
+    title: str = "QK-Restore"
+    explanation: str = (
+        "In the softmax-attention layers listed below, the query/key routing parameters (W_Q, W_K, "
+        "their biases and norms) were taken from the pre-SFT checkpoint; every other parameter is "
+        "the fine-tuned checkpoint's, byte for byte. This brings back long-range recall that "
+        "chain-of-thought fine-tuning erodes, without training."
+    )
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
         return build_plan(pre, post, self.options)

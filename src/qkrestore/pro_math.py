@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -418,8 +418,7 @@ def solve(
     if single:  # one layer: all three must be matrices
         _require_2d(free_pre=free_pre, free_post=free_post, fixed_pre=fixed_pre)
         free_pre, free_post, fixed_pre = (
-            t.unsqueeze(0)
-            for t in (free_pre, free_post, fixed_pre)  # type: ignore[union-attr]
+            cast("torch.Tensor", t).unsqueeze(0) for t in (free_pre, free_post, fixed_pre)
         )
     out = _solve_batched(
         fix,
@@ -438,7 +437,7 @@ def solve(
     return out[0] if single else out
 
 
-def _require_2d(**tensors: torch.Tensor) -> None:
+def _require_2d(**tensors: object) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -12,14 +12,13 @@ one batch of layers at a time rather than every solved tensor of the model.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import layer_map, text_config
 from .checkpoint import Checkpoint
@@ -30,6 +29,9 @@ from .pro_math import solve as solve_heads
 from .pro_math import solve_cross_gram_batched
 from .runtime import resolve_device
 from .tensors import read_rows
+
+if TYPE_CHECKING:
+    import torch
 
 BATCH_BYTES = 1 << 30
 FORMS = ("ridge", "cross-gram")  # pro --form: docs/qk-pro.md derives both
@@ -46,6 +48,13 @@ class QKPro:
     device: str = "auto"
     form: str = "ridge"
     name: str = METHOD_PRO
+    title: str = "QK-Pro"
+    explanation: str = (
+        "In the softmax-attention layers listed below, one routing side (W_Q or W_K) was taken from "
+        "the pre-SFT checkpoint and the other solved per head in closed form: the matrix closest to "
+        "the fine-tuned one whose routing bilinear form matches the pre-SFT one, relaxed by a "
+        "ridge. Every other parameter is the fine-tuned checkpoint's, byte for byte."
+    )
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
         return plan_pro(pre, post, self.options, self.fix, self.ridge, self.device, self.form)
@@ -160,43 +169,85 @@ class ComputedStore(Mapping[str, bytes]):
         self._file.close()
 
 
+# The rows of one layer a solve needs: the free side in PRE and in POST, the fixed side in PRE.
+LayerRows = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
+
 def solve(
     plan: RestorePlan, pre: Checkpoint, post: Checkpoint, store: ComputedStore
-) -> dict[str, float]:
-    """Solve every planned layer, in batches of layers of equal shape, into ``store``."""
+) -> dict[str, Any]:
+    """Solve every planned layer of a checkpoint POST into ``store`` (POST's dtype, as bytes)."""
+    free, fixed = free_and_fixed(plan)
+
+    def rows(layer: int) -> LayerRows:
+        fp, xp = _weight(plan, layer, free), _weight(plan, layer, fixed)
+        return (
+            read_rows(pre, fp.pre_name, fp.rows),
+            read_rows(post, fp.name, fp.rows),
+            read_rows(pre, xp.pre_name, xp.rows),
+        )
+
+    def put(layer: int, solved: torch.Tensor) -> None:
+        fp = _weight(plan, layer, free)
+        store.put(fp.name, to_bytes(solved, fp.dtype))
+
+    return solve_layers(
+        plan, int(text_config(post.config).get("num_attention_heads") or 0), rows, put
+    )
+
+
+def free_and_fixed(plan: RestorePlan) -> tuple[str, str]:
+    """The targets (``q``/``k``) of the solved side and of the side held at PRE."""
+    return ("q", "k") if plan.params["fix"] == "key" else ("k", "q")
+
+
+def solve_layers(
+    plan: RestorePlan,
+    n_heads: int,
+    rows: Callable[[int], LayerRows],
+    put: Callable[[int, torch.Tensor], None],
+    *,
+    layers: Sequence[int] | None = None,
+    name: Callable[[int], str] | None = None,
+) -> dict[str, Any]:
+    """QK-Pro's head split and batching, for every input kind (checkpoint rows, LoRA factors).
+
+    ``rows(layer)`` gives one planned layer's (free PRE, free POST, fixed PRE) rows; layers of equal
+    shapes are solved together in batches of at most :data:`BATCH_BYTES`, and ``put(layer, rows)``
+    receives the solved free rows. The form (ridge or cross-gram) and its parameters are the plan's.
+    ``layers`` defaults to the plan's. A solve that yields a non-finite value is refused, naming
+    the tensor (``name(layer)``, default the free side's weight), before anything is put.
+    """
+    import torch
+
     fix, form = plan.params["fix"], plan.params.get("form", "ridge")
     device = resolve_device(plan.params["device"])
-    n_heads = int(text_config(post.config).get("num_attention_heads") or 0)
     if n_heads <= 0:
         raise PlanError("config.json: 'num_attention_heads' is needed for QK-Pro")
-    free, fixed = ("q", "k") if fix == "key" else ("k", "q")
-
-    batch: list[int] = []
-    shape: tuple | None = None
+    free, _ = free_and_fixed(plan)
+    batch: list[tuple[int, LayerRows]] = []
+    shape: tuple[Any, ...] | None = None
     size = 0
-    stats = {"layers": 0, "systems": 0}
+    stats: dict[str, Any] = {"layers": 0, "systems": 0}
 
     def flush() -> None:
         if not batch:
             return
-        free_pre, free_post, fixed_pre, names = [], [], [], []
-        for layer in batch:
-            fp, xp = _weight(plan, layer, free), _weight(plan, layer, fixed)
-            free_pre.append(read_rows(pre, fp.pre_name, fp.rows))
-            free_post.append(read_rows(post, fp.name, fp.rows))
-            fixed_pre.append(read_rows(pre, xp.pre_name, xp.rows))
-            names.append(fp)
+        free_pre = [r[0] for _, r in batch]
+        free_post = [r[1] for _, r in batch]
+        fixed_pre = [r[2] for _, r in batch]
+        layer0 = batch[0][0]
         q_rows = (free_pre if free == "q" else fixed_pre)[0].shape[0]
         k_rows = (fixed_pre if free == "q" else free_pre)[0].shape[0]
         d_h, rem = divmod(q_rows, n_heads)
         if rem or d_h == 0 or k_rows % d_h:
             raise PlanError(
-                f"layer {batch[0]}: {q_rows} query rows and {k_rows} key rows do not split into "
+                f"layer {layer0}: {q_rows} query rows and {k_rows} key rows do not split into "
                 f"{n_heads} heads of equal size"
             )
         n_kv = k_rows // d_h
         if n_heads % n_kv:
-            raise PlanError(f"layer {batch[0]}: {n_heads} query heads over {n_kv} KV groups")
+            raise PlanError(f"layer {layer0}: {n_heads} query heads over {n_kv} KV groups")
         if form == "cross-gram":
             solved = solve_cross_gram_batched(
                 fix, free_pre, free_post, fixed_pre, n_heads, n_kv, device=device
@@ -206,25 +257,31 @@ def solve(
             solved = solve_heads(
                 fix, free_pre, free_post, fixed_pre, n_heads, n_kv, ridge, device=device
             )
-        for patch, rows in zip(names, solved):
-            store.put(patch.name, to_bytes(rows, patch.dtype))
+        for (layer, _), out in zip(batch, solved):
+            if not bool(torch.isfinite(out).all()):
+                what = name(layer) if name else _weight(plan, layer, free).name
+                raise PlanError(
+                    f"'{what}': QK-Pro's solution is not finite (NaN or Inf)",
+                    hint="check PRE's and POST's weights of this layer for NaN/Inf",
+                )
+            put(layer, out)
         stats["layers"] += len(batch)
         stats["systems"] += len(batch) * (n_heads if fix == "key" else n_kv)
         batch.clear()
 
-    for layer in plan.layers:
-        fp, xp = _weight(plan, layer, free), _weight(plan, layer, fixed)
-        key = (fp.row_count(), fp.shape[1:], xp.row_count(), xp.shape[1:])
-        nbytes = 8 * (2 * fp.row_count() + xp.row_count()) * math.prod(fp.shape[1:])
+    for layer in plan.layers if layers is None else layers:
+        got = rows(layer)
+        key = tuple((tuple(t.shape), t.dtype) for t in got)
+        nbytes = 8 * sum(t.numel() for t in got)
         if batch and (key != shape or size + nbytes > BATCH_BYTES):
             flush()
             size = 0
         shape = key
-        batch.append(layer)
+        batch.append((layer, got))
         size += nbytes
     flush()
     stats["device"] = str(device)
     return stats
 
 
-__all__ = ["METHOD_PRO", "ComputedStore", "QKPro", "plan_pro", "solve"]
+__all__ = ["METHOD_PRO", "ComputedStore", "QKPro", "plan_pro", "solve", "solve_layers"]

@@ -1,4 +1,5 @@
-"""Torch views of checkpoint bytes, for the few places that compute on values (drift, QK-Pro)."""
+"""Torch views of checkpoint bytes, for the few places that compute on values (drift, QK-Pro), and
+the one check that values are finite."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint
-from .dtypes import to_tensor
+from .dtypes import has_nonfinite, to_tensor
+from .errors import PlanError
 
 if TYPE_CHECKING:
     import torch
@@ -24,3 +26,25 @@ def read_rows(
         part = to_tensor(ckpt.read(name, (r0, r1)), info.dtype, (r1 - r0, *info.shape[1:]))
         parts.append(part if dtype is None else part.to(dtype))
     return torch.cat(parts)
+
+
+def nonfinite(t: torch.Tensor) -> bool:
+    """Whether a float tensor holds a NaN or an Inf."""
+    import torch
+
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+
+
+def check_finite(ckpt: Checkpoint, name: str) -> None:
+    """Refuse a float tensor holding NaN or Inf, naming the file and the tensor.
+
+    Values from elsewhere (an adapter's factors) are checked as they come in, and values the tool
+    makes (a merged weight, a QK-Pro solution) where they are made, so nothing non-finite is
+    written without a word.
+    """
+    info = ckpt.info(name)
+    if has_nonfinite(ckpt.read(name), info.dtype):
+        raise PlanError(
+            f"{ckpt.root / info.file}: tensor '{name}' holds NaN or Inf values",
+            hint="the file is damaged or the training diverged; qkrestore writes finite values only",
+        )

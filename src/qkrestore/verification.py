@@ -83,15 +83,144 @@ class VerifyReport:
 
 
 def read_provenance(out: Path) -> dict[str, Any]:
+    """OUT's provenance record, checked field by field before anything acts on it.
+
+    The record is a file in a folder that may come from anywhere: a field with an unexpected
+    value is refused in one line naming the field, never left to fail deep inside ``verify``.
+    """
     path = out / PROVENANCE_NAME
     if not path.is_file():
         raise QKRestoreError(f"{path}: missing; was {out} written by qkrestore merge or pro?")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        RestorePlan.from_json(record["plan"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise QKRestoreError(f"{path}: not a valid qkrestore provenance record ({exc})") from None
+    except ValueError as exc:
+        raise QKRestoreError(f"{path}: not valid JSON ({str(exc)[:120]})") from None
+    validate_record(record, path)
     return record
+
+
+class _Bad(Exception):
+    """A provenance field with an unexpected value: (field, what was expected)."""
+
+
+def _want(ok: bool, field: str, expected: str) -> None:
+    if not ok:
+        raise _Bad(field, expected)
+
+
+def _strs(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _rel_path(value: Any) -> bool:
+    """A relative path inside OUT (a record naming ``../x`` or ``/etc/x`` is not OUT's)."""
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and not value.startswith(("/", "\\"))
+        and ".." not in value.replace("\\", "/").split("/")
+    )
+
+
+def validate_record(record: Any, path: Path) -> None:
+    """Raise :class:`QKRestoreError` naming the first field of ``record`` with a value ``verify``
+    cannot use (a wrong type, an unknown output kind, a row range out of order, ...)."""
+    try:
+        _check_record(record)
+    except _Bad as bad:
+        field, expected = bad.args
+        value = _field(record, field)
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise QKRestoreError(
+            f"{path}: field '{field}' is {shown}, expected {expected}",
+            hint="the provenance record was edited or damaged; write OUT again to re-check it",
+        ) from None
+
+
+def _field(record: Any, field: str) -> Any:
+    value = record
+    for part in field.replace("]", "").replace("[", ".").split("."):
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return value
+
+
+def _check_record(record: Any) -> None:
+    _want(isinstance(record, dict), "(record)", "a JSON object")
+    _want(record.get("tool") in (None, "qkrestore"), "tool", "'qkrestore'")
+    for key in ("version", "command"):
+        _want(isinstance(record.get(key, ""), str), key, "a string")
+    sources = record.get("sources", {})
+    _want(isinstance(sources, dict), "sources", "an object")
+    for side in ("pre", "post"):
+        src = sources.get(side, {})
+        _want(isinstance(src, dict), f"sources.{side}", "an object")
+        for key in ("source", "path"):
+            _want(isinstance(src.get(key, ""), str), f"sources.{side}.{key}", "a string")
+        hub = src.get("hub_id")
+        _want(hub is None or isinstance(hub, str), f"sources.{side}.hub_id", "a string or null")
+    for key in ("files", "skipped_files", "linked_files"):
+        value = record.get(key, [])
+        _want(_strs(value), key, "a list of file names")
+        for i, name in enumerate(value):
+            _want(_rel_path(name), f"{key}[{i}]", "a relative path inside OUT")
+    sha = record.get("tensor_sha256", {})
+    _want(
+        isinstance(sha, dict)
+        and all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+            for v in sha.values()
+        ),
+        "tensor_sha256",
+        "an object of sha256 hex digests",
+    )
+    if "adapter_job" in record:
+        job = record["adapter_job"]
+        _want(isinstance(job, dict), "adapter_job", "an object")
+        _want(
+            job.get("output_kind") in ("adapter", "model"),
+            "adapter_job.output_kind",
+            "'adapter' or 'model'",
+        )
+    _want("plan" in record, "plan", "the restore plan")
+    plan = record["plan"]
+    _want(isinstance(plan, dict), "plan", "an object")
+    _want(isinstance(plan.get("tensors"), list), "plan.tensors", "a list")
+    layers = plan.get("layers")
+    _want(isinstance(layers, list) and all(_nat(i) for i in layers), "plan.layers", "layer numbers")
+    for i, p in enumerate(plan["tensors"]):
+        where = f"plan.tensors[{i}]"
+        _want(isinstance(p, dict), where, "an object")
+        for key in ("name", "file", "dtype", "target", "role"):
+            _want(isinstance(p.get(key), str), f"{where}.{key}", "a string")
+        _want(_rel_path(p["file"]), f"{where}.file", "a relative path inside OUT")
+        _want(
+            p.get("source", "pre") in ("pre", "computed"), f"{where}.source", "'pre' or 'computed'"
+        )
+        shape = p.get("shape")
+        _want(
+            isinstance(shape, list) and all(_nat(x) for x in shape),
+            f"{where}.shape",
+            "a list of sizes",
+        )
+        rows = p.get("rows")
+        _want(isinstance(rows, list) and bool(rows), f"{where}.rows", "a list of row ranges")
+        end = 0
+        for a_b in rows:
+            ok = isinstance(a_b, list) and len(a_b) == 2 and all(_nat(x) for x in a_b)
+            ok = ok and end <= a_b[0] < a_b[1] <= (shape[0] if shape else 1)
+            _want(ok, f"{where}.rows", "ascending [start, end) ranges within the tensor")
+            end = a_b[1]
+    try:
+        RestorePlan.from_json(plan)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Bad("plan", f"a restore plan ({exc})") from None
+
+
+def _nat(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def verify_output(

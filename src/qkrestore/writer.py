@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from .card import PROVENANCE_NAME
 from .checkpoint import CHUNK, Checkpoint, read_header_bytes
 from .dtypes import TORCH_DTYPE_NAMES, cast_chunk, convert
 from .errors import CheckpointError, OutputError, PlanError
@@ -34,8 +34,17 @@ from .sourcefiles import folder_files
 from .weightfiles import is_other_format, is_weight_file
 
 KERNEL_COPY_CHUNK = 256 * 1024 * 1024
+# The provenance record's name (card.PROVENANCE_NAME, which imports nothing from here): an input's
+# own record is never carried into OUT, whose record describes OUT.
+PROVENANCE_NAME = "qkrestore.json"
 
 Progress = Callable[[int], None]
+
+
+class RowSource(Protocol):
+    """Computed rows by tensor name (bytes in POST's dtype): all the writer asks of them."""
+
+    def __getitem__(self, name: str, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,30 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[tuple[Path, set[str]]]:
+    """The one way any output is written: a staging folder, every file and folder in it fsynced,
+    then renamed onto OUT (see :func:`staging_dir`).
+
+    Yields the staging folder and a set the body fills with the relative paths it has already
+    fsynced itself (workers flush as they go); everything else is flushed before the rename.
+    """
+    with staging_dir(out, overwrite) as tmp:
+        synced: set[str] = set()
+        yield tmp, synced
+        sync_tree(tmp, synced)
+
+
+def copy_files(pairs: list[tuple[Path, Path]], jobs: int, progress: Progress | None = None) -> None:
+    """Copy ``(src, dst)`` pairs in ``jobs`` worker threads (biggest first), creating folders."""
+    for _, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    order = sorted(pairs, key=lambda p: -p[0].stat().st_size)
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="qkrestore-copy") as pool:
+        for fut in [pool.submit(copy_file, src, dst, progress) for src, dst in order]:
+            fut.result()
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (``/proc/self/status``).
 
@@ -338,7 +371,7 @@ def apply_patch(
     patch: TensorPatch,
     pre: Checkpoint,
     post: Checkpoint,
-    computed: Mapping[str, bytes] | None,
+    computed: RowSource | None,
     digest: hashlib._Hash,
 ) -> int:
     """Overwrite the patch's rows in the open output file; returns bytes read from PRE."""
@@ -377,7 +410,7 @@ def write_output(
     *,
     overwrite: bool = False,
     link: bool = False,
-    computed: Mapping[str, bytes] | None = None,
+    computed: RowSource | None = None,
     finalize: Callable[[Path, WriteResult], None] | None = None,
     progress: Progress | None = None,
     jobs: int = 2,
@@ -397,11 +430,10 @@ def write_output(
     if out.parent.is_dir():
         check_free_space(out.parent, needed)
 
-    with staging_dir(out, overwrite) as tmp:
+    with staged_output(out, overwrite) as (tmp, synced):
         result = WriteResult(out=out, files=files, skipped=skipped, tensor_sha256={})
         lock = threading.Lock()
         cancel = threading.Event()
-        synced: set[str] = set()
 
         def step(n: int) -> None:
             if cancel.is_set():
@@ -471,9 +503,8 @@ def write_output(
         result.tensor_sha256 = dict(sorted(result.tensor_sha256.items()))
         if finalize:
             finalize(tmp, result)
-        # What finalize wrote, the hard links' inodes and the sub-folders; staging_dir then
-        # flushes the folder itself before renaming it onto OUT.
-        sync_tree(tmp, synced)
+        # staged_output flushes what finalize wrote, the hard links' inodes and the sub-folders,
+        # then the folder itself before renaming it onto OUT.
     return result
 
 

@@ -1,8 +1,8 @@
 """PEFT LoRA/DoRA adapters as POST: QK-Restore and QK-Pro on POST = PRE + adapter.
 
 Public entry points (plain functions, no printing): :func:`is_adapter_source`,
-:func:`run_adapter_job`, :func:`inspect_adapter`, :func:`verify_adapter_output`,
-:func:`is_adapter_record`. Only the first is imported eagerly: it needs no torch, so a plain
+:func:`inspect_adapter`, :func:`verify_adapter_output`, :func:`is_adapter_record`; the job pipeline
+(:func:`qkrestore.job.run_job`) uses the rest of :mod:`qkrestore.lora.job`. Only the first is imported eagerly: it needs no torch, so a plain
 ``qkrestore merge`` that asks "is POST an adapter?" does not pay torch's start-up.
 """
 
@@ -14,11 +14,13 @@ from .config import is_adapter_folder as is_adapter_source
 from .source import adapter_source
 
 _LAZY = (
-    "AdapterJobResult",
     "inspect_adapter",
     "is_adapter_record",
-    "run_adapter_job",
+    "merged_post",
+    "open_adapter_input",
+    "plan_adapter_job",
     "verify_adapter_output",
+    "write_adapter_output",
     "write_merged_post",
 )
 

@@ -30,16 +30,78 @@ from ..errors import ConfigError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # Keys peft writes for features whose merged weight is not W + s·B·A (or is not a weight at all):
-# planning rows of such an adapter would not describe what peft does with it.
+# planning rows of such an adapter would not describe what peft does with it. Each is refused by
+# its own name with its own reason (peft 0.21, peft/tuners/lora/config.py and variants.py).
 UNSUPPORTED_FEATURES = {
     "lora_bias": "a bias on lora_B",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable token indices",
     "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA): its delta applies only after the "
+    "invocation tokens, so no merged weight describes it",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+    "kasa_config": "KaSA: it truncates the base weight's smallest singular components and puts a "
+    "learned diagonal (lora_diag) between lora_A and lora_B, so POST is not PRE + s·B·A",
+    "use_bdlora": "BD-LoRA: lora_A or lora_B is block-diagonal, stored as blocks, so the delta is "
+    "not the product of the saved factors",
+    "arrow_config": "Arrow routing: a per-token mixture of several LoRA experts, which peft "
+    "cannot merge into one weight",
+    "monteclora_config": "MonteCLoRA: peft's forward samples the factors (extra variance "
+    "parameters act on every output row), so rows planned on B·A do not describe the adapter",
 }
+# init_lora_weights values that change the *base* weights at initialisation (PiSSA/OLoRA/CorDA
+# subtract the initial delta from W, LoftQ quantises it): such an adapter belongs to that changed
+# base, not to PRE, unless peft converted it at save time (which writes init_lora_weights=true).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# Every field of peft 0.21's LoraConfig (and PeftConfig). A key outside this set is an option of
+# another peft release whose effect on the merged weight is unknown: refused by name, not ignored.
+KNOWN_KEYS = frozenset(
+    [
+        "alora_invocation_tokens",
+        "alpha_pattern",
+        "arrow_config",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "corda_config",
+        "ensure_weight_tying",
+        "eva_config",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "inference_mode",
+        "init_lora_weights",
+        "kasa_config",
+        "layer_replication",
+        "layers_pattern",
+        "layers_to_transform",
+        "loftq_config",
+        "lora_alpha",
+        "lora_bias",
+        "lora_dropout",
+        "lora_ga_config",
+        "megatron_config",
+        "megatron_core",
+        "modules_to_save",
+        "monteclora_config",
+        "peft_type",
+        "peft_version",
+        "qalora_group_size",
+        "r",
+        "rank_pattern",
+        "revision",
+        "runtime_config",
+        "target_modules",
+        "target_parameters",
+        "task_type",
+        "trainable_token_indices",
+        "use_bdlora",
+        "use_dora",
+        "use_qalora",
+        "use_rslora",
+        "velora_config",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -158,13 +220,7 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
             hint="IA³, LoHa, LoKr and prompt/prefix tuning change the model differently; merge "
             "them with peft first and pass the merged checkpoint as POST",
         )
-    for key, what in UNSUPPORTED_FEATURES.items():
-        if raw.get(key):
-            raise ConfigError(
-                f"{path}: {what} ({key}={raw[key]!r}) is not supported",
-                hint="merge the adapter with peft's merge_and_unload and pass the merged "
-                "checkpoint as POST",
-            )
+    _refuse_variants(raw, path)
     if raw.get("bias", "none") != "none":
         raise ConfigError(
             f"{path}: bias={raw['bias']!r} trains the base layers' biases, which is not supported",
@@ -194,6 +250,42 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
             _str_or_list(raw.get("modules_to_save"), "modules_to_save", path, regex=False) or ()
         ),
     )
+
+
+def _refuse_variants(raw: dict[str, Any], path: Path) -> None:
+    """Refuse, by name and with its reason, every LoRA variant whose merge is not W + s·B·A.
+
+    VeLoRA (``velora_config``, a different backward pass only) and MiCA (``init_lora_weights:
+    "mica"``, a different initialisation only) merge as plain LoRA in peft 0.21 and are accepted.
+    """
+    merge_hint = (
+        "merge the adapter with peft's merge_and_unload and pass the merged checkpoint as POST"
+    )
+    for key, what in UNSUPPORTED_FEATURES.items():
+        if raw.get(key):
+            raise ConfigError(
+                f"{path}: {what} ({key}={_short(raw[key])}) is not supported", hint=merge_hint
+            )
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ConfigError(
+            f"{path}: init_lora_weights={init!r} changed the base weights when training started, "
+            "so the adapter belongs to that changed base, not to PRE",
+            hint="save it again with peft's path_initial_model_for_weight_conversion (a plain "
+            "LoRA of the original base), or merge it with peft and pass the merged checkpoint",
+        )
+    unknown = sorted(k for k, v in raw.items() if k not in KNOWN_KEYS and v)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown LoRA option {unknown[0]}={_short(raw[unknown[0]])} (from a peft "
+            "release newer than 0.21?): its effect on the merged weight is not known",
+            hint=merge_hint,
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _positive_int(value: Any, key: str, path: Path) -> int:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from ..adapters import text_config
 from ..checkpoint import Checkpoint
 from ..dtypes import convert
-from ..errors import PlanError
 from .plan import DROP, RESTORE, SOLVE, ZERO, AdapterPlan, ModuleAction
 from .reader import LoraAdapter
 
@@ -98,49 +97,56 @@ def _solve(
     solving: list[ModuleAction],
     edits: AdapterEdits,
 ) -> None:
+    """QK-Pro on ``lora_B``, through the head split and batching that checkpoints use.
+
+    With the fixed side held at PRE, QK-Pro's free head is ``P_pre + λ_h (G_h + λ_h I)⁻¹ (P_post −
+    P_pre)`` (docs/qk-pro.md), affine in (P_pre, P_post); for an adapter ``P_post − P_pre = s·B·A``,
+    so passing ``P_pre = 0`` and ``P_post = B_h`` yields the new ``B_h`` for the same ``A``, rank
+    and scale. pro_math wants both sides equally wide; zero columns change neither ``G`` nor the
+    solved columns, so the narrower side is padded, and the result cut back to the rank.
+    """
+    import torch
+
     from ..dtypes import to_bytes
-    from ..runtime import resolve_device
+    from ..qkpro import free_and_fixed, solve_layers
     from ..tensors import read_rows
-    from .lowrank import solve_free_rows
 
     plan = aplan.plan
-    fix, ridge = plan.params["fix"], float(plan.params["ridge"])
-    device = resolve_device(plan.params["device"])
-    n_heads = int(text_config(pre.config).get("num_attention_heads") or 0)
-    fixed_target = "k" if fix == "key" else "q"
-    groups: dict[tuple, list[tuple[ModuleAction, Any, Any]]] = {}
-    for act in solving:
-        mod = adapter.modules[act.module]
+    _, fixed_target = free_and_fixed(plan)
+    by_layer = {act.layer: act for act in solving}
+
+    def pad(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1])) if t.shape[1] < width else t
+
+    def rows(layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        act = by_layer[layer]
+        b = read_rows(adapter.weights, adapter.modules[act.module].b.name, act.rows)
         fixed = next(
             p
             for p in plan.patches
-            if p.layer == act.layer and p.target == fixed_target and p.role == "weight"
+            if p.layer == layer and p.target == fixed_target and p.role == "weight"
         )
-        b_rows = read_rows(adapter.weights, mod.b.name, act.rows)
         k = read_rows(pre, fixed.pre_name, fixed.rows)
-        key = (tuple(b_rows.shape), tuple(k.shape))
-        groups.setdefault(key, []).append((act, b_rows, k))
-    systems = 0
-    for items in groups.values():
-        q_rows = items[0][1].shape[0] if fix == "key" else items[0][2].shape[0]
-        k_rows = items[0][2].shape[0] if fix == "key" else items[0][1].shape[0]
-        d_h, rem = divmod(q_rows, n_heads) if n_heads > 0 else (0, 1)
-        if rem or d_h == 0 or k_rows % d_h or n_heads % (k_rows // d_h):
-            raise PlanError(
-                f"layer {items[0][0].layer}: {q_rows} query rows and {k_rows} key rows do not "
-                f"split into {n_heads} heads of equal size"
-            )
-        n_kv = k_rows // d_h
-        solved = solve_free_rows(
-            [b for _, b, _ in items], [k for _, _, k in items], fix, n_heads, n_kv, ridge, device
-        )
-        systems += len(items) * (n_heads if fix == "key" else n_kv)
-        for (act, _, _), rows in zip(items, solved):
-            mod = adapter.modules[act.module]
-            b = read_tensor(adapter.weights, mod.b.name).clone()
-            at = 0
-            for r0, r1 in act.rows:
-                b[r0:r1] = rows[at : at + r1 - r0].to(b.dtype)
-                at += r1 - r0
-            edits.values[mod.b.name] = to_bytes(b, mod.b.dtype)
-    edits.solve_stats = {"layers": len(solving), "systems": systems, "device": str(device)}
+        width = max(b.shape[1], k.shape[1])
+        b, k = pad(b, width), pad(k, width)
+        return torch.zeros_like(b), b, k
+
+    def put(layer: int, solved: torch.Tensor) -> None:
+        act = by_layer[layer]
+        mod = adapter.modules[act.module]
+        b = read_tensor(adapter.weights, mod.b.name).clone()
+        at = 0
+        for r0, r1 in act.rows:
+            b[r0:r1] = solved[at : at + r1 - r0, : b.shape[1]].to(b.dtype)
+            at += r1 - r0
+        edits.values[mod.b.name] = to_bytes(b, mod.b.dtype)
+
+    n_heads = int(text_config(pre.config).get("num_attention_heads") or 0)
+    edits.solve_stats = solve_layers(
+        plan,
+        n_heads,
+        rows,
+        put,
+        layers=sorted(by_layer),  # type: ignore[arg-type]
+        name=lambda layer: adapter.modules[by_layer[layer].module].b.name,
+    )

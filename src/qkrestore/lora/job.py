@@ -1,38 +1,28 @@
-"""Adapter jobs as plain functions: plan, write (adapter or model), inspect, verify. No printing.
+"""A PEFT adapter as an input kind of :func:`qkrestore.job.run_job`, and its inspect and verify.
 
-The CLI calls :func:`run_adapter_job` when POST is a PEFT adapter folder; everything it prints comes
-from the returned :class:`AdapterJobResult` (``to_json()``).
+``run_job`` opens PRE, checks OUT and plans with the method object as for any POST; what is
+particular to an adapter lives here as plain functions: opening it as an untrusted input
+(:func:`open_adapter_input`), reading the plan module by module (:func:`plan_adapter_job`), writing
+the edited adapter through the writer's staging and fsync (:func:`write_adapter_output`), and
+PRE + adapter merged as a checkpoint POST for ``--merge-adapter`` (:func:`merged_post`). No printing.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from .._version import __version__
-from ..card import (
-    CARD_NAME,
-    PAPER,
-    PROVENANCE_NAME,
-    redact_command,
-    source_paths,
-    split_front_matter,
-    write_local_record,
-)
+from ..card import ADAPTER, ADAPTER_JOB_KEY, source_paths
 from ..checkpoint import Checkpoint
-from ..errors import OutputError, PlanError, QKRestoreError, VerifyError
-from ..plan import METHOD_PRO, METHOD_RESTORE, PlanOptions, RestorePlan, build_plan
-from ..writer import (
-    check_free_space,
-    check_output_location,
-    staging_dir,
-)
+from ..errors import PlanError, QKRestoreError, VerifyError
+from ..plan import PlanOptions, RestorePlan, build_plan
+from ..sourcefiles import folder_files
+from ..tensors import check_finite
+from ..writer import WriteOptions, check_free_space, staged_output
 from .config import CONFIG_NAME, read_adapter_config
 from .edit import compute_edits, read_tensor
 from .plan import DROP, KEEP, SOLVE, AdapterPlan, check_base, plan_adapter
@@ -43,40 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int], None]
-JOB_KEY = "adapter_job"
-
-
-@dataclass
-class AdapterJobResult:
-    """What an adapter job planned and wrote; ``to_json`` is the CLI's ``--json`` document."""
-
-    out: Path
-    plan: RestorePlan
-    adapter_plan: AdapterPlan
-    merge_adapter: bool
-    dry_run: bool
-    sources: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    written: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    local_paths: dict[str, str] = field(default_factory=dict)  # never in the card or provenance
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": True,
-            "method": self.plan.method,
-            "input": "peft-adapter",
-            "output_kind": "model" if self.merge_adapter else "adapter",
-            "dry_run": self.dry_run,
-            "output": str(self.out),
-            "sources": self.sources,
-            "layers": self.plan.layers,
-            "notes": self.notes,
-            "adapter_plan": self.adapter_plan.to_json(),
-            "written": self.written,
-            "seconds": round(self.seconds, 4),
-            "plan": self.plan.to_json(),
-        }
+JOB_KEY = ADAPTER_JOB_KEY
 
 
 def base_name_check(base: str | None, pre_source: str, pre_root: Path) -> str | None:
@@ -113,138 +70,90 @@ def base_name_check(base: str | None, pre_source: str, pre_root: Path) -> str | 
     )
 
 
-def make_plan(
+def open_adapter_input(root: Path) -> LoraAdapter:
+    """POST as a PEFT adapter, for a job: an untrusted folder like any checkpoint folder (every
+    file it holds passes :func:`qkrestore.sourcefiles.folder_files`: no link leaving it, no FIFO or
+    device), and finite factors (a NaN in ``lora_B`` is refused, naming the tensor)."""
+    try:
+        folder_files(Path(root))
+        adapter = open_adapter(root)
+    except QKRestoreError as exc:
+        exc.message = f"POST: {exc.message}"
+        raise
+    try:
+        for key in adapter.weights.tensors:
+            check_finite(adapter.weights, key)
+    except BaseException:
+        adapter.close()
+        raise
+    return adapter
+
+
+def plan_adapter_job(
+    adapter: LoraAdapter, plan: RestorePlan, pre: Checkpoint, pre_source: str, merge: bool
+) -> tuple[AdapterPlan, list[str]]:
+    """The method's plan read module by module, refused unless the output can be written;
+    returns the per-module plan and notes."""
+    notes = [n for n in [base_name_check(adapter.config.base_model, pre_source, pre.root)] if n]
+    check_base(adapter, pre.tensors, str(pre.root))
+    aplan = plan_adapter(adapter, plan, solve_here=not merge)
+    _check_writable(adapter, aplan, pre, merge)
+    if not any(a.action != KEEP for a in aplan.actions):
+        notes.append("no module of the adapter lies in a planned layer: OUT equals the input")
+    return aplan, notes
+
+
+def write_adapter_output(
+    out: Path,
+    write: WriteOptions,
     pre: Checkpoint,
-    *,
-    method: str,
-    layers: list[int] | None,
-    include_sliding: bool,
-    targets: tuple[str, ...],
-    fix: str,
-    ridge: float,
-    device: str,
-    adapter_options: dict[str, Any] | None,
-    tensor_pattern: str | None = None,
-) -> RestorePlan:
-    """The family's plan with PRE on both sides (POST = PRE + adapter has PRE's layout)."""
-    if method == METHOD_PRO:
-        from ..qkpro import plan_pro
-
-        opts = PlanOptions(layers=layers, include_sliding=include_sliding)
-        return plan_pro(pre, pre, opts, fix, ridge, device)
-    options = PlanOptions(
-        layers=layers,
-        include_sliding=include_sliding,
-        targets=targets,
-        adapter_options=adapter_options or {},
-        tensor_pattern=tensor_pattern,
-    )
-    return build_plan(pre, pre, options)
+    adapter: LoraAdapter,
+    aplan: AdapterPlan,
+    pre_id: str | None,
+    finalize: Callable[[Path, dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Adapter out: the edited adapter, written like every output (staging folder, every file and
+    folder fsynced, atomic rename); ``finalize`` adds the card and provenance before the rename."""
+    edits = compute_edits(adapter, aplan, pre)
+    with staged_output(out, write.overwrite) as (tmp, _synced):
+        written = write_adapter(tmp, adapter, aplan, edits, pre_id, write.jobs)
+        if edits.solve_stats:
+            written["solve"] = edits.solve_stats
+        finalize(tmp, written)
+    return written
 
 
-def run_adapter_job(
-    pre_root: str | Path,
-    adapter_root: str | Path,
-    out: str | Path,
-    *,
-    method: str = METHOD_RESTORE,
-    merge_adapter: bool = False,
-    layers: list[int] | None = None,
-    include_sliding: bool = False,
-    targets: tuple[str, ...] = ("q", "k"),
-    fix: str = "key",
-    ridge: float = 1.0,
-    device: str = "auto",
-    adapter_options: dict[str, Any] | None = None,
-    tensor_pattern: str | None = None,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    expect_layers: list[int] | None = None,
-    pre_source: str | None = None,
-    post_source: str | None = None,
-    pre_id: str | None = None,
-    post_id: str | None = None,
-    record_paths: bool = False,
-    command: str = "",
+@contextlib.contextmanager
+def merged_post(
+    pre: Checkpoint,
+    adapter: LoraAdapter,
+    parent: Path,
+    jobs: int,
     progress: Progress | None = None,
-) -> AdapterJobResult:
-    """QK-Restore (``method='qk-restore'``) or QK-Pro (``'qk-pro'``) on POST = PRE + adapter."""
-    t0 = time.perf_counter()
-    out = Path(out)
-    pre_source = pre_source or str(pre_root)
-    post_source = post_source or str(adapter_root)
-    with (
-        _labelled("PRE", Checkpoint.open, pre_root) as pre,
-        _labelled("POST", open_adapter, adapter_root) as adapter,
-    ):
-        check_output_location(out.absolute(), {"PRE": pre.root, "POST": adapter.root})
-        if not dry_run and out.exists() and not overwrite:
-            raise OutputError(f"{out}: already exists", hint="pass --overwrite to replace it")
-        if not dry_run and merge_adapter:
-            check_free_space(out.absolute().parent, pre.total_bytes)
-        notes = [n for n in [base_name_check(adapter.config.base_model, pre_source, pre.root)] if n]
-        check_base(adapter, pre.tensors, str(pre.root))
-        plan = make_plan(
-            pre,
-            method=method,
-            layers=layers,
-            include_sliding=include_sliding,
-            targets=targets,
-            fix=fix,
-            ridge=ridge,
-            device=device,
-            adapter_options=adapter_options,
-            tensor_pattern=tensor_pattern,
-        )
-        if expect_layers is not None and plan.layers != expect_layers:
-            raise PlanError(
-                f"expected softmax-attention layers {expect_layers}, but the plan has {plan.layers}"
-            )
-        aplan = plan_adapter(adapter, plan)
-        _check_writable(adapter, aplan, pre, merge_adapter)
-        notes += plan.notes
-        if not any(a.action != KEEP for a in aplan.actions):
-            notes.append("no module of the adapter lies in a planned layer: OUT equals the input")
-        # Named by Hub id or folder name only; absolute paths go to the local record (issue 14).
-        roots = {"pre": pre.root.resolve(), "post": adapter.root.resolve()}
-        ids = {"pre": pre_id, "post": post_id}
-        sources: dict[str, Any] = {
-            side: {"source": ids[side] or roots[side].name, "hub_id": ids[side]}
-            | ({"path": str(roots[side])} if record_paths else {})
-            for side in ("pre", "post")
-        }
-        sources["post"]["adapter"] = True
-        result = AdapterJobResult(out, plan, aplan, merge_adapter, dry_run, sources, notes)
-        result.local_paths = {side: str(root) for side, root in roots.items()}
-        if dry_run:
-            result.seconds = time.perf_counter() - t0
-            return result
-        edits = compute_edits(adapter, aplan, pre)
-        with staging_dir(out, overwrite) as tmp:
-            if merge_adapter:
-                written = write_model(tmp, pre, adapter, aplan, edits, progress)
-            else:
-                written = write_adapter(tmp, adapter, aplan, edits)
-            if edits.solve_stats:
-                written["solve"] = edits.solve_stats
-            result.written = written
-            _card_and_provenance(
-                tmp, result, adapter, command if record_paths else redact_command(command)
-            )
-            write_local_record(tmp, result.local_paths)
-        result.seconds = time.perf_counter() - t0
-        return result
+) -> Iterator[Path]:
+    """POST = PRE + the adapter, every module merged, in a hidden folder beside OUT (removed after).
+
+    With ``--merge-adapter`` the output is a full checkpoint, so POST is just a checkpoint: the job
+    then runs the method on (PRE, this folder) exactly as on any checkpoint pair.
+    """
+    check_free_space(parent, pre.total_bytes)
+    folder = Path(tempfile.mkdtemp(prefix=".qkrestore-merged-", dir=parent))
+    try:
+        aplan = plan_adapter(adapter, build_plan(pre, pre, PlanOptions(layers=[])))
+        write_model(folder, pre, adapter, aplan, compute_edits(adapter, aplan, pre), progress, jobs)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_merged_post(pre_root: str | Path, adapter_root: str | Path, folder: Path) -> Path:
     """POST = PRE + the adapter, every module merged (nothing restored), in PRE's layout.
 
-    What ``sweep`` loads as POST when POST is an adapter: the same merge as ``--merge-adapter``
-    with an empty restore plan, so every LoRA module keeps its whole delta.
+    What ``sweep`` loads as POST when POST is an adapter: the same merge as ``--merge-adapter``.
     """
     with (
         _labelled("PRE", Checkpoint.open, pre_root) as pre,
-        _labelled("POST", open_adapter, adapter_root) as adapter,
+        _labelled("POST", open_adapter_input, adapter_root) as adapter,
     ):
         check_base(adapter, pre.tensors, str(pre.root))
         plan = build_plan(pre, pre, PlanOptions(layers=[]))
@@ -259,7 +168,8 @@ def _labelled(label: str, opener: Callable[[Any], Any], path: Any) -> Any:
     try:
         return opener(path)
     except QKRestoreError as exc:
-        exc.message = f"{label}: {exc.message}"
+        if not exc.message.startswith(f"{label}: "):
+            exc.message = f"{label}: {exc.message}"
         raise
 
 
@@ -282,81 +192,6 @@ def _check_writable(
             "layers, so the QK-Restore adapter would be empty (POST restored is PRE itself)",
             hint="use PRE as it is, or choose fewer layers with --layers",
         )
-
-
-# -- card and provenance --------------------------------------------------------------------------
-
-
-def _card_and_provenance(
-    folder: Path, result: AdapterJobResult, adapter: LoraAdapter, command: str
-) -> None:
-    plan = result.plan
-    old = adapter.root / CARD_NAME
-    old_meta, old_body = split_front_matter(
-        old.read_text(encoding="utf-8", errors="replace") if old.is_file() else ""
-    )
-    pre_src = result.sources["pre"]["source"]
-    post_src = result.sources["post"]["source"]
-    title = "QK-Pro" if plan.method == METHOD_PRO else "QK-Restore"
-    meta = {k: v for k, v in old_meta.items() if k not in ("base_model", "library_name", "tags")}
-    # peft tags its cards ``base_model:adapter:<base>``, a local path for a local base: drop them
-    tags = [
-        t
-        for t in old_meta.get("tags", []) or []
-        if isinstance(t, str) and not t.startswith("base_model:")
-    ]
-    # The Hub's model tree resolves repo ids only: local folders are named in the text instead.
-    ids = [result.sources[s]["hub_id"] for s in ("pre", "post") if result.sources[s]["hub_id"]]
-    meta.pop("base_model_relation", None)
-    if result.merge_adapter:
-        meta |= ({"base_model": ids, "base_model_relation": "merge"} if ids else {}) | {
-            "library_name": "transformers"
-        }
-        own = [plan.method, "merge", "lora"]
-    else:
-        pre_id = result.sources["pre"]["hub_id"]
-        meta |= ({"base_model": pre_id} if pre_id else {}) | {"library_name": "peft"}
-        own = [plan.method, "lora", "peft"]
-    meta["tags"] = own + [t for t in tags if t not in own]
-    rows = "\n".join(
-        f"| {a.layer} | `{a.module}` | {a.action} | {a.target} |"
-        for a in result.adapter_plan.actions
-        if a.action != KEEP
-    )
-    kind = "a full checkpoint (adapter merged)" if result.merge_adapter else "a PEFT LoRA adapter"
-    body = f"""# {title} of the LoRA adapter `{post_src}`
-
-This is {kind} for the base model `{pre_src}`. In the base model's softmax-attention layers
-{", ".join(map(str, plan.layers))}, the adapter's changes to the query/key routing were removed
-({"QK-Restore" if plan.method == METHOD_RESTORE else "QK-Pro: the free side solved in closed form"}),
-so that the merged model routes attention as the base model does there; everything else the adapter
-learned is kept. Method: {PAPER}.
-
-| layer | module | action | target |
-|---|---|---|---|
-{rows}
-
-Made with qkrestore {__version__}:
-
-```bash
-{command}
-```
-"""
-    if old_body.strip():
-        body += "\n---\n\n## Model card of the input adapter\n\n" + old_body.lstrip()
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    (folder / CARD_NAME).write_text(f"---\n{front}---\n\n{body}", encoding="utf-8")
-    record = {
-        "tool": "qkrestore",
-        "version": __version__,
-        "command": command,
-        JOB_KEY: {"output_kind": "model" if result.merge_adapter else "adapter"},
-        "sources": result.sources,
-        "plan": plan.to_json(),
-        "adapter_plan": result.adapter_plan.to_json(),
-        "written": result.written,
-    }
-    (folder / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 # -- inspect --------------------------------------------------------------------------------------
@@ -399,7 +234,7 @@ def inspect_adapter(
             aplan = plan_adapter(adapter, plan)
         actions = aplan.by_module()
         for m in modules:
-            act = actions[m["module"]]
+            act = actions[str(m["module"])]
             m.update({"action": act.action, "layer": act.layer, "target": act.target})
             m["rows"] = [list(r) for r in act.rows]
         doc |= {
@@ -438,7 +273,8 @@ def verify_adapter_output(
     restore = {p.name: p.rows for p in plan.patches if p.source == "pre"}
     checked = 0
     with Checkpoint.open(pre_root) as pre_ck, open_adapter(post_root) as orig:
-        solved = {a.module for a in plan_adapter(orig, plan).actions if a.action == SOLVE}
+        aplan = plan_adapter(orig, plan, solve_here=kind == ADAPTER)
+        solved = {a.module for a in aplan.actions if a.action == SOLVE}
         new = open_adapter(out) if kind == "adapter" else None
         got_ck = Checkpoint.open(out) if kind == "model" else None
         try:
@@ -460,9 +296,10 @@ def verify_adapter_output(
                 want = _merged(pre_ck, orig, name).to(torch.float32)
                 if got_ck is not None:
                     got = read_tensor(got_ck, name).to(torch.float32)
-                else:
-                    assert new is not None
+                elif new is not None:
                     got = _merged(pre_ck, new, name).to(torch.float32)
+                else:
+                    raise VerifyError(f"{out}: unknown output kind {kind!r}")
                 base = read_tensor(pre_ck, name).to(torch.float32)
                 mask = torch.zeros(want.shape[0], dtype=torch.bool)
                 for r0, r1 in restore.get(name, ()):
@@ -504,6 +341,11 @@ def _close(
 ) -> None:
     import torch
 
+    bad_got, bad_want = ~torch.isfinite(got), ~torch.isfinite(want)
+    if bool(bad_got.any()) or bool(bad_want.any()):
+        # Reported, never compared: a tolerance computed from NaN is no tolerance.
+        where = "OUT and " + what if bool(bad_want.any()) else "OUT (not " + what + ")"
+        raise VerifyError(f"{out}: tensor '{name}': NaN or Inf values in {where} rows")
     if exact:
         ok = torch.equal(got, want)
     else:
@@ -514,9 +356,12 @@ def _close(
 
 
 __all__ = [
-    "AdapterJobResult",
     "inspect_adapter",
     "is_adapter_record",
-    "run_adapter_job",
+    "merged_post",
+    "open_adapter_input",
+    "plan_adapter_job",
     "verify_adapter_output",
+    "write_adapter_output",
+    "write_merged_post",
 ]

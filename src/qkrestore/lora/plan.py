@@ -113,8 +113,15 @@ def check_base(adapter: LoraAdapter, pre_tensors: Mapping[str, TensorInfo], pre_
         )
 
 
-def plan_adapter(adapter: LoraAdapter, plan: RestorePlan) -> AdapterPlan:
-    """One action per adapter module and saved tensor, from the family's restore plan."""
+def plan_adapter(
+    adapter: LoraAdapter, plan: RestorePlan, *, solve_here: bool = True
+) -> AdapterPlan:
+    """One action per adapter module and saved tensor, from the family's restore plan.
+
+    ``solve_here``: computed rows are solved on the adapter's factors (adapter out), so they must
+    stay low-rank; without it (``--merge-adapter``) they are solved on the merged checkpoint.
+    """
+    low_rank = plan.params.get("form", "ridge") == "ridge"
     patches: dict[str, TensorPatch] = plan.by_name()
     actions: list[ModuleAction] = []
     for mod in adapter.modules.values():
@@ -124,7 +131,13 @@ def plan_adapter(adapter: LoraAdapter, plan: RestorePlan) -> AdapterPlan:
             continue
         if mod.kind != "linear":
             raise PlanError(f"{adapter.file}: routing module '{mod.name}' is not a linear layer")
-        if p.source == "computed":
+        if p.source == "computed" and solve_here:
+            if not low_rank:
+                raise PlanError(
+                    f"--form {plan.params['form']}: its result on '{mod.name}' is not low-rank, so "
+                    "it cannot be written as a PEFT adapter",
+                    hint="add --merge-adapter to write PRE + the adapter as a full checkpoint",
+                )
             if mod.magnitude is not None:
                 raise PlanError(
                     f"{adapter.file}: '{mod.name}' is a DoRA module: its merged weight rescales "
@@ -132,6 +145,8 @@ def plan_adapter(adapter: LoraAdapter, plan: RestorePlan) -> AdapterPlan:
                     hint="merge the adapter with peft and run 'qkrestore pro' on the merged "
                     "checkpoint, or use 'qkrestore merge' (QK-Restore) on the adapter",
                 )
+            action = SOLVE
+        elif p.source == "computed":
             action = SOLVE
         elif p.rows == ((0, p.shape[0]),):
             action = DROP
@@ -143,7 +158,7 @@ def plan_adapter(adapter: LoraAdapter, plan: RestorePlan) -> AdapterPlan:
         if p is None:
             actions.append(ModuleAction(name, KEEP, saved=True))
             continue
-        if p.source == "computed":
+        if p.source == "computed" and solve_here:
             raise PlanError(
                 f"{adapter.file}: '{name}' is saved whole (modules_to_save) and is QK-Pro's free "
                 "side; QK-Pro on a full saved weight is not low-rank",

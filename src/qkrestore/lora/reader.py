@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, TensorInfo, read_header
 from ..errors import CheckpointError
+from ..sourcefiles import checked_file
 from .config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, read_adapter_config
 
 KEY_PREFIX = "base_model.model."
@@ -91,6 +92,9 @@ class LoraAdapter:
 def open_adapter(root: str | Path) -> LoraAdapter:
     """Open and check an adapter folder: config, weights header, and one entry per module."""
     root = Path(root)
+    # The two files read here pass the untrusted-folder rules first (a FIFO is never opened).
+    checked_file(root, CONFIG_NAME)
+    checked_file(root, WEIGHTS_NAME)
     if not (root / CONFIG_NAME).is_file():
         raise CheckpointError(f"{root}: no {CONFIG_NAME} (not a PEFT adapter folder)")
     config = read_adapter_config(root)

@@ -23,10 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..card import CARD_NAME, PROVENANCE_NAME
+from ..card import CARD_NAME
 from ..checkpoint import Checkpoint
+from ..errors import PlanError
+from ..sourcefiles import folder_files
+from ..tensors import nonfinite
 from ..weightfiles import is_other_format
-from ..writer import copy_file, post_files
+from ..writer import PROVENANCE_NAME, copy_file, copy_files, post_files
 from .config import CONFIG_NAME, WEIGHTS_NAME
 from .edit import AdapterEdits, read_tensor
 from .plan import DROP, AdapterPlan
@@ -40,16 +43,45 @@ ADAPTER_OWN = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, PROVENANCE_NAME)
 
 
 def adapter_extra_files(adapter: LoraAdapter) -> list[str]:
-    """Files of the adapter folder other than its weights, config, card and our provenance."""
+    """Files of the adapter folder other than its weights, config, card and our provenance.
+
+    Listed by :func:`qkrestore.sourcefiles.folder_files`, as a checkpoint folder's are: a link
+    leaving the folder, a FIFO or a device file is refused, never followed or read.
+    """
     out = []
-    for dirpath, dirnames, filenames in os.walk(adapter.root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            rel = os.path.relpath(os.path.join(dirpath, fn), adapter.root)
-            if rel in ADAPTER_OWN or fn.startswith("adapter_model") or is_other_format(fn):
-                continue
-            out.append(rel)
+    for rel in folder_files(adapter.root):
+        fn = rel.rsplit("/", 1)[-1]
+        if rel in ADAPTER_OWN or fn.startswith("adapter_model") or is_other_format(fn):
+            continue
+        out.append(rel)
     return out
+
+
+def output_config(raw: dict[str, Any], pre_id: str | None) -> dict[str, Any]:
+    """The adapter's config for OUT, naming its base by Hub id, never by a local path.
+
+    peft records ``base_model_name_or_path`` as given to ``from_pretrained``: for a local base an
+    absolute path of the trainer's machine, which ``push`` would upload. OUT names PRE's Hub id
+    where one is known (as the card does); otherwise a name that is not a path is kept and a path
+    is dropped (``null``, which peft accepts: the base is then the model the adapter is loaded on).
+    """
+    config = dict(raw)
+    base = config.get("base_model_name_or_path")
+    if pre_id:
+        config["base_model_name_or_path"] = pre_id
+    elif isinstance(base, str) and base and is_local_path(base):
+        config["base_model_name_or_path"] = None
+    return config
+
+
+def is_local_path(name: str) -> bool:
+    """A name that points at this machine's files rather than a Hub repo id."""
+    return (
+        name.startswith(("/", "~", ".", "\\"))
+        or Path(name).expanduser().exists()
+        or name.count("/") > 1
+        or (len(name) > 1 and name[1] == ":")
+    )
 
 
 def exclude_regex(existing: str | list[str] | None, names: list[str]) -> str | list[str] | None:
@@ -104,20 +136,23 @@ def write_safetensors(
 
 
 def write_adapter(
-    folder: Path, adapter: LoraAdapter, aplan: AdapterPlan, edits: AdapterEdits
+    folder: Path,
+    adapter: LoraAdapter,
+    aplan: AdapterPlan,
+    edits: AdapterEdits,
+    pre_id: str | None = None,
+    jobs: int = 2,
 ) -> dict[str, Any]:
     """Adapter out into ``folder`` (a staging folder); returns what was written."""
+    extra = adapter_extra_files(adapter)  # refusals first, before any byte is written
     size = write_safetensors(
         folder / WEIGHTS_NAME, adapter.weights, WEIGHTS_NAME, edits.dropped_keys, edits.values
     )
-    config = dict(adapter.config.raw)
+    config = output_config(adapter.config.raw, pre_id)
     dropped = aplan.dropped()
     config["exclude_modules"] = exclude_regex(config.get("exclude_modules"), dropped)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    extra = adapter_extra_files(adapter)
-    for rel in extra:
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        copy_file(adapter.root / rel, folder / rel)
+    copy_files([(adapter.root / rel, folder / rel) for rel in extra], jobs)
     return {
         "kind": "adapter",
         "adapter_bytes_in": adapter.file.stat().st_size,
@@ -191,10 +226,9 @@ def write_model(
             os.close(fd)
     carried = [f for f in adapter_extra_files(adapter) if f not in pre.shards]
     for rel in carried:
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         if (folder / rel).exists():
             os.unlink(folder / rel)  # PRE's file of the same name: replace it, never edit it
-        copy_file(adapter.root / rel, folder / rel)
+    copy_files([(adapter.root / rel, folder / rel) for rel in carried], jobs)
     return {
         "kind": "model",
         "files": files + [f for f in carried if f not in files],
@@ -228,6 +262,12 @@ def _merged_tensors(
         m = value(mod.magnitude.name) if mod.magnitude is not None else None
         new = merged_weight(w, mod, value(mod.a.name), value(mod.b.name), m)
         new = new.to(torch_dtype(info.dtype))
+        if nonfinite(new):
+            raise PlanError(
+                f"{adapter.file}: module '{mod.name}' merged into '{mod.weight_name}' gives NaN or "
+                f"Inf in {info.dtype}",
+                hint="the adapter's delta overflows the base model's dtype",
+            )
         for r0, r1 in restore_rows.get(mod.weight_name, ()):
             new[r0:r1] = w[r0:r1]  # PRE's bytes, not a float round trip
         yield info.file, to_bytes(new, info.dtype), info.start
