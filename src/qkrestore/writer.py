@@ -413,7 +413,7 @@ def write_output(
     computed: RowSource | None = None,
     finalize: Callable[[Path, WriteResult], None] | None = None,
     progress: Progress | None = None,
-    jobs: int = 2,
+    jobs: int = WriteOptions().jobs,
 ) -> WriteResult:
     """Write OUT from POST and the plan; ``finalize`` adds the card and provenance before the rename."""
     out = Path(out).absolute()

@@ -146,7 +146,9 @@ def merged_post(
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_merged_post(pre_root: str | Path, adapter_root: str | Path, folder: Path) -> Path:
+def write_merged_post(
+    pre_root: str | Path, adapter_root: str | Path, folder: Path, jobs: int = WriteOptions().jobs
+) -> Path:
     """POST = PRE + the adapter, every module merged (nothing restored), in PRE's layout.
 
     What ``sweep`` loads as POST when POST is an adapter: the same merge as ``--merge-adapter``.
@@ -159,7 +161,7 @@ def write_merged_post(pre_root: str | Path, adapter_root: str | Path, folder: Pa
         plan = build_plan(pre, pre, PlanOptions(layers=[]))
         aplan = plan_adapter(adapter, plan)
         folder.mkdir(parents=True, exist_ok=True)
-        write_model(folder, pre, adapter, aplan, compute_edits(adapter, aplan, pre))
+        write_model(folder, pre, adapter, aplan, compute_edits(adapter, aplan, pre), None, jobs)
     return folder
 
 

@@ -140,8 +140,8 @@ def write_adapter(
     adapter: LoraAdapter,
     aplan: AdapterPlan,
     edits: AdapterEdits,
-    pre_id: str | None = None,
-    jobs: int = 2,
+    pre_id: str | None,
+    jobs: int,
 ) -> dict[str, Any]:
     """Adapter out into ``folder`` (a staging folder); returns what was written."""
     extra = adapter_extra_files(adapter)  # refusals first, before any byte is written
@@ -194,8 +194,8 @@ def write_model(
     adapter: LoraAdapter,
     aplan: AdapterPlan,
     edits: AdapterEdits,
-    progress: Progress | None = None,
-    jobs: int = 2,
+    progress: Progress | None,
+    jobs: int,
 ) -> dict[str, Any]:
     """Model out into ``folder``: PRE's files, with every adapter change merged in place.
 
