@@ -601,7 +601,13 @@ def sweep_table(report: dict[str, Any]) -> Table:
             if k not in keys:
                 keys.append(k)
     complete = report.get("complete", True)
-    marks = "★ Pareto front, ← picked" if complete else "interrupted: candidates measured so far"
+    marks = (
+        "interrupted: candidates measured so far"
+        if not complete
+        else "★ Pareto front, ← picked"
+        if decides
+        else "no front or pick: the probe cannot decide"
+    )
     table = Table(
         title=f"sweep: {report['post']} (recall: {report['recall_source'] or '-'}, reasoning: "
         f"{report['reasoning_metric'] or '-'}; {marks})"
