@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +150,3 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         if a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)!r} → {b.get(key)!r}")
     return out
-
-
-def now() -> float:
-    return time.perf_counter()

@@ -579,9 +579,6 @@ def sweep_settings(cfg: SweepConfig, pre: Path, post: Path | str) -> dict[str, A
 # -- measuring ------------------------------------------------------------------------------------
 
 
-SweepProgress = Progress  # the name this module used before runlog.Progress existed
-
-
 def units(cfg: SweepConfig) -> int:
     n = 1  # planning and copying rows in
     if cfg.niah is not None and cfg.recall_items is None:
