@@ -245,3 +245,18 @@ def test_results_file_is_rewritten_after_each_candidate(dense, tmp_path: Path) -
     # at each finish event the file holds the candidates before it (it is written right after)
     assert seen == [(0, False), (1, False), (2, False), (3, False), (4, False)]
     assert json.loads(out.read_text())["complete"] is True
+
+
+def test_sweep_and_select_layers_measure_recall_alike(dense, cli) -> None:  # noqa: F811
+    """POST measured by ``sweep`` and the unablated model measured by ``select-layers`` are the
+    same weights under the same options: the same recall, trials, intervals and settings."""
+    _, post = dense
+    a = cli("sweep", post, post, "--candidates", "post", *FAST, "--json", "-q")
+    b = cli("select-layers", post, *FAST, "--json", "-q")
+    assert a.code == 0 and b.code == 0, a.err + b.err
+    row, base = json.loads(a.out)["candidates"][0], json.loads(b.out)["unablated"]
+    for key in ("recall", "recall_n", "recall_ci", "recall_mean", "recall_mean_ci"):
+        assert row[key] == base[key], key
+    measuring = ("niah", "recall_items", "lm_eval", "device", "dtype", "autocast", "batch_size")
+    sa, sb = json.loads(a.out)["settings"], json.loads(b.out)["settings"]
+    assert {k: sa[k] for k in measuring} == {k: sb[k] for k in measuring}

@@ -249,14 +249,19 @@ def _interrupted(
         c = _human(json_mode, quiet)
         if c is not None:
             c.print(render(doc))
-    done = len(doc.get("candidates") or doc.get("ranking") or []) if doc else 0
-    where = (
-        f"; kept in {results_file} (rerun with --resume {results_file})"
-        if results_file is not None and doc is not None
-        else " (use --json-out FILE to keep results)"
-    )
+    done = 0
+    if doc is not None:
+        done = len(doc.get("candidates") or []) + len(doc.get("ranking") or [])
+        done += 1 if doc.get("unablated") else 0
+    if done == 0:
+        where = ""
+    elif results_file is not None:
+        where = f"; kept in {results_file} (rerun with --resume {results_file})"
+    else:
+        where = " (use --json-out FILE to keep results)"
     word = "terminated" if code == EXIT_TERMINATED else "interrupted"
-    err_console.print(f"{word}: {done} measured{where}", highlight=False, soft_wrap=True)
+    what = f"{done} measured{where}" if done else "nothing was measured yet"
+    err_console.print(f"{word}: {what}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
