@@ -197,15 +197,9 @@ def sweep(
     Progress`) gets per-candidate events with an ETA. A recipe asked for with ``write_recipe``
     that cannot be written raises :class:`RecipeNotWritten`, whose ``result`` holds the sweep.
     """
-    from .sweep import (
-        Outputs,
-        SweepConfig,
-        float_list,
-        measurement,
-        sweep_job,
-        word_list,
-    )
-    from .sweep import int_list as ints
+    from .measuring import float_list, measurement, word_list
+    from .measuring import int_list as ints
+    from .sweep import Outputs, SweepConfig, sweep_job
 
     if reasoning_metric not in ("exact", "loglik"):
         raise QKRestoreError(f"--reasoning-metric {reasoning_metric!r}: use exact or loglik")
@@ -296,8 +290,8 @@ def select_layers(
     writes a ``merge`` recipe; when it cannot be written, :class:`RecipeNotWritten` carries the
     ranking.
     """
+    from .measuring import measurement
     from .select_layers import SelectConfig, select_layers_job
-    from .sweep import measurement
 
     if top is not None and top < 1:
         raise QKRestoreError(f"--top {top}: give at least 1")

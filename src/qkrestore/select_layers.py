@@ -9,7 +9,7 @@ ones worth restoring.
 The ablated rows are exactly the query rows the planner names for the layer (only the query rows
 of gated or fused tensors), zeroed in one loaded model and put back before the next layer; no
 checkpoint is written. Retrieval is measured as ``sweep`` measures recall
-(:func:`qkrestore.sweep.measurement`), each measurement is saved as it finishes, and a run can be
+(:func:`qkrestore.measuring.measurement`), each measurement is saved as it finishes, and a run can be
 resumed from that file (:mod:`qkrestore.runlog`).
 """
 
@@ -28,6 +28,7 @@ from .candidates import ModelPatcher, ablation_values
 from .checkpoint import Checkpoint
 from .errors import PlanError, QKRestoreError
 from .evaluation import Runner, load_model, load_tokenizer
+from .measuring import Measurement, binomial, folder, measure, measure_settings, needs_tok
 from .plan import PlanOptions, build_plan, choose_layers
 from .probe import Verdict, verdict
 from .runlog import (
@@ -39,7 +40,7 @@ from .runlog import (
     load_resume,
     write_json_atomic,
 )
-from .sweep import Measurement, binomial, folder, measure, measure_settings, needs_tok, write_recipe
+from .sweep import write_recipe
 
 UNABLATED = "unablated"
 

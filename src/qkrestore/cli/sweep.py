@@ -275,8 +275,7 @@ SWEEP_EPILOG = (
     "reasoning >= 0.95 * POST' --write-recipe pick.yaml\n"
     "  qkrestore sweep ./base ./sft --recall probe.jsonl --reasoning cot.jsonl "
     "--reasoning-metric loglik --json\n"
-    "  qkrestore sweep ./base ./sft --json-out sweep.json   # then, after Ctrl-C: --resume "
-    "sweep.json\n\n"
+    "  qkrestore sweep ./base ./sft --json-out s.json   # after Ctrl-C: --resume s.json\n\n"
     "See docs/sweep.md. Exit codes: 0 success; 2 usage or input error; 3 internal error; "
     "130/143 interrupted (results so far kept in --json-out)."
 )
