@@ -119,3 +119,21 @@ def test_public_names_stay_functions() -> None:
 
     assert callable(qkrestore.sweep) and qkrestore.sweep.__module__ == "qkrestore.api_eval"
     assert qkrestore.select_layers.__module__ == "qkrestore.api_eval"
+
+
+def test_inspect_layers_takes_adapters(tmp_path: Path, cli) -> None:
+    """``inspect_layers(ADAPTER, base=PRE)`` is ``inspect-layers ADAPTER --base PRE --json``."""
+    pytest.importorskip("peft")
+    from lora_fixtures import build_adapter, build_base
+
+    pre = build_base(tmp_path, "llama", {"num_hidden_layers": 2, "head_dim": 8})
+    adapter = build_adapter(pre, tmp_path / "lora", r=2, target_modules=["q_proj", "v_proj"])
+    res = cli("inspect-layers", adapter, "--base", pre, "--json")
+    assert res.code == 0, res.err
+    got = qkrestore.inspect_layers(adapter, base=pre)
+    same(res.out, got)
+    doc = got.to_json()
+    assert doc["global_layers"] == [0, 1]
+    assert {m["action"] for m in doc["modules"] if "q_proj" in m["module"]} == {"drop"}
+    with pytest.raises(qkrestore.PlanError, match="not a PEFT adapter"):
+        qkrestore.inspect_layers(pre, base=pre)
