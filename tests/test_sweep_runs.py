@@ -260,3 +260,37 @@ def test_sweep_and_select_layers_measure_recall_alike(dense, cli) -> None:  # no
     measuring = ("niah", "recall_items", "lm_eval", "device", "dtype", "autocast", "batch_size")
     sa, sb = json.loads(a.out)["settings"], json.loads(b.out)["settings"]
     assert {k: sa[k] for k in measuring} == {k: sb[k] for k in measuring}
+
+
+def test_select_layers_stopped_then_resumed_equals_one_run(dense, tmp_path: Path, cli) -> None:  # noqa: F811
+    """A library-level stop after two measurements (the caller's progress object raises, as a
+    Ctrl-C would), then ``--resume``: the same document as one uninterrupted run."""
+    import qkrestore
+    from qkrestore.runlog import Progress, Step
+
+    _, post = dense
+    out = tmp_path / "layers.json"
+
+    class StopAfterTwo(Progress):
+        def document(self, doc: dict[str, Any]) -> None:
+            measured = len(doc["ranking"]) + (doc["unablated"] is not None)
+            if measured == 2:
+                raise KeyboardInterrupt
+
+        def finish(self, step: Step) -> None:
+            assert not step.resumed
+
+    with pytest.raises(KeyboardInterrupt):
+        qkrestore.select_layers(
+            post, recall=EXAMPLE, device="cpu", json_out=out, progress=StopAfterTwo()
+        )
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [r["layer"] for r in partial["ranking"]] == [0]
+    resumed = cli("select-layers", post, "--recall", EXAMPLE, "--device", "cpu", "--resume", out)
+    assert resumed.code == 0, resumed.err
+    assert sum("from the resume file" in x for x in resumed.err_lines) == 2
+    whole = qkrestore.select_layers(post, recall=EXAMPLE, device="cpu")
+    assert untimed(json.loads(out.read_text())) == untimed(json.loads(json.dumps(whole.to_json())))
+    other = cli("select-layers", post, "--recall", EXAMPLE, "--global-only", "--resume", out)
+    assert other.code == 2 and "written with other settings" in other.err
+    assert len(other.err_lines) == 1 and "include_sliding" in other.err
