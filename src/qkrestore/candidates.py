@@ -28,8 +28,6 @@ from .tensors import read_rows
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("pre", "post", "restore", "pro")
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -62,20 +60,6 @@ class Candidate:
                 d["ridge"] = self.ridge
         return d
 
-    def command_args(self, include_sliding: bool = False) -> list[str]:
-        """The ``merge``/``pro`` options that write this candidate as a checkpoint."""
-        if self.kind not in ("restore", "pro"):
-            raise PlanError(f"candidate '{self.name}' is a checkpoint as it is, not a restore plan")
-        args = [] if self.layers is None else ["--layers", ",".join(map(str, self.layers))]
-        if include_sliding:
-            args.append("--include-sliding")
-        if self.kind == "restore":
-            return ["merge", *args, "--targets", ",".join(self.targets)]
-        args += ["--fix", str(self.fix)]
-        if self.form == "ridge":
-            return ["pro", *args, "--ridge", _num(self.ridge)]
-        return ["pro", *args, "--form", self.form]
-
     def recipe(self, planned_layers: list[int], include_sliding: bool = False) -> dict[str, Any]:
         """Recipe keys for ``merge --config`` / ``pro --config`` (the command is ``command()``)."""
         if self.kind not in ("restore", "pro"):
@@ -99,10 +83,6 @@ class Candidate:
 
     def command(self) -> str:
         return "merge" if self.kind == "restore" else "pro"
-
-
-def _num(x: float | None) -> str:
-    return format(float(x or 0.0), "g")
 
 
 # -- planning -------------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ recipes); :func:`run_sweep` does the loading and measuring.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import re
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +32,36 @@ import yaml
 
 from .candidates import Candidate, ModelPatcher, PlanSettings, plan_candidate, plan_values
 from .checkpoint import Checkpoint
-from .errors import QKRestoreError
+from .errors import PlanError, QKRestoreError
 from .evaluation import (
     Item,
     LmEvalSettings,
     NiahSettings,
     Runner,
-    lm_eval_score,
     load_model,
     load_tokenizer,
-    mean,
-    needs_tokenizer,
-    recall_by_group,
-    run_lm_eval,
-    summarise_items,
+)
+from .lora import is_adapter_source
+from .measuring import (
+    binomial,
+    folder,
+    measure,
+    measure_settings,
+    needs_tok,
+    niah_doc,
 )
 from .methods import QKRestore
 from .plan import PlanOptions
+from .probe import Verdict, verdict
+from .runlog import (
+    Clock,
+    Progress,
+    Saving,
+    Step,
+    check_writable,
+    load_resume,
+    write_json_atomic,
+)
 
 GROUPS = ("pre", "post", "restore", "single", "top-k", "ablations", "pro", "cross-gram")
 
@@ -327,10 +342,28 @@ def default_pick(reasoning_metric: str) -> str:
 # -- recipes --------------------------------------------------------------------------------------
 
 
-def recipe_text(cand: Candidate, planned_layers: list[int], include_sliding: bool, why: str) -> str:
-    """A YAML recipe for ``merge --config`` / ``pro --config`` that rebuilds ``cand``."""
+def needs_merged_output(cand: Candidate, post_is_adapter: bool) -> bool:
+    """Whether the command that rebuilds ``cand`` from a PEFT adapter POST must write a full
+    checkpoint: QK-Pro's cross-gram form has no low-rank (adapter) solution, so ``pro ADAPTER``
+    takes it only with ``--merge-adapter``."""
+    return post_is_adapter and cand.kind == "pro" and cand.form == "cross-gram"
+
+
+def recipe_text(
+    cand: Candidate,
+    planned_layers: list[int],
+    include_sliding: bool,
+    why: str,
+    post_is_adapter: bool = False,
+) -> str:
+    """A YAML recipe for ``merge --config`` / ``pro --config`` that rebuilds ``cand``; the command
+    its comment names accepts it (for an adapter POST too, see :func:`needs_merged_output`)."""
     keys = cand.recipe(planned_layers, include_sliding)
+    if needs_merged_output(cand, post_is_adapter):
+        keys["merge_adapter"] = True
     head = f"# {why}\n# use: qkrestore {cand.command()} PRE POST -o OUT --config THIS_FILE\n"
+    if post_is_adapter:
+        head += "# (POST is the PEFT adapter the sweep measured, PRE its base)\n"
     return head + yaml.safe_dump(keys, sort_keys=False, default_flow_style=None)
 
 
@@ -341,20 +374,38 @@ def write_recipe(path: Path, text: str) -> None:
         raise QKRestoreError(f"--write-recipe {path}: cannot write ({exc.strerror})") from None
 
 
-# -- running --------------------------------------------------------------------------------------
+def candidate_from_json(r: dict[str, Any]) -> Candidate:
+    """The candidate a result row of the ``sweep`` document describes."""
+    return Candidate(
+        r["name"],
+        r["kind"],
+        tuple(r["planned_layers"]) or None,
+        tuple(r.get("targets", ("q", "k"))),
+        r.get("fix"),
+        r.get("ridge"),
+        r.get("form", "ridge"),
+        r["group"],
+    )
 
 
-class SweepProgress:
-    """What :func:`run_sweep` reports while it runs; the CLI draws it, tests may ignore it."""
+def sweep_settings(cfg: SweepConfig, pre: Path, post: Path | str) -> dict[str, Any]:
+    """Everything that decides a sweep's numbers; a resume file must have been written with these."""
+    return {
+        "command": "sweep",
+        "pre": str(Path(pre).resolve()),
+        "post": str(Path(post).resolve()),
+        "layers": cfg.layers,
+        "include_sliding": cfg.include_sliding,
+        "allow_arch_mismatch": cfg.allow_arch_mismatch,
+        "groups": list(cfg.groups),
+        "ridges": list(cfg.ridges),
+        "fixes": list(cfg.fixes),
+        "top_k": list(cfg.top_k),
+        **measure_settings(cfg),
+    }
 
-    def start(self, index: int, total: int, name: str, units: int) -> None:
-        """A candidate begins; ``units`` is the number of advance() calls to expect."""
 
-    def advance(self, n: int = 1) -> None:
-        """One unit of evaluation (a prompt, an item, a task run) is done."""
-
-    def finish(self, result: dict[str, Any]) -> None:
-        """A candidate is measured."""
+# -- measuring ------------------------------------------------------------------------------------
 
 
 def units(cfg: SweepConfig) -> int:
@@ -365,55 +416,87 @@ def units(cfg: SweepConfig) -> int:
     return n + (1 if cfg.lm_eval is not None else 0)
 
 
-def measure(
-    runner: Runner, cfg: SweepConfig, tokenizer: Any, advance: Callable[[int], None]
-) -> dict[str, Any]:
-    """Recall (NIAH or a recall file), reasoning and lm-eval scores of the weights loaded now."""
-    out: dict[str, Any] = {}
-    if cfg.recall_items is not None:
-        rows = runner.score_items(cfg.recall_items, advance)
-        out["recall"] = recall_by_group(cfg.recall_items, rows)
-    elif cfg.niah is not None:
-        out["recall"] = runner.niah(cfg.niah, advance)
-    if "recall" in out:
-        out["recall_mean"] = mean(list(out["recall"].values()))
-    if cfg.reasoning_items is not None:
-        summary = summarise_items(runner.score_items(cfg.reasoning_items, advance))
-        out["reasoning"] = summary
-        out["reasoning_score"] = summary[cfg.reasoning_metric]
-    if cfg.lm_eval is not None:
-        res = run_lm_eval(runner.model, tokenizer, runner.device, cfg.lm_eval, cfg.autocast)
-        out["lm_eval"] = res
-        out["lm_eval_score"] = lm_eval_score(res, cfg.lm_eval.metric)
-        advance(1)
-    return out
+class _Loaded:
+    """The one loaded model (POST, then PRE), its runner and patcher, loaded on first use: a
+    resumed run whose candidates are all in the file loads nothing."""
+
+    def __init__(self, cfg: SweepConfig, post_dir: Path) -> None:
+        self.cfg = cfg
+        self.post_dir = post_dir
+        self.tokenizer: Any = None
+        self.runner: Runner | None = None
+        self.patcher: ModelPatcher | None = None
+        self.which: str | None = None
+
+    def _tok(self) -> Any:
+        if self.tokenizer is None and needs_tok(self.cfg):
+            self.tokenizer = load_tokenizer(self.post_dir)
+        return self.tokenizer
+
+    def post(self) -> tuple[Runner, ModelPatcher]:
+        if self.runner is None or self.patcher is None:
+            model = load_model(
+                self.post_dir, self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code
+            )
+            self.runner = Runner.from_settings(model, self._tok(), self.cfg, str(self.post_dir))
+            self.patcher = ModelPatcher(model)
+            self.which = "post"
+        return self.runner, self.patcher
+
+    def pre(self, pre_dir: Path) -> Runner:
+        """Load PRE in place of POST (POST's memory freed first)."""
+        tok = self._tok()
+        if self.patcher is not None:
+            self.patcher.reset()
+            self.patcher.close()
+        if self.runner is not None:
+            self.runner.model = None
+        gc.collect()
+        if self.cfg.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        model = load_model(pre_dir, self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
+        if self.runner is None:
+            self.runner = Runner.from_settings(model, tok, self.cfg, str(self.post_dir))
+        self.runner.model = model
+        self.patcher, self.which = None, "pre"
+        return self.runner
+
+    def close(self) -> None:
+        if self.patcher is not None and self.which == "post":
+            self.patcher.reset()
 
 
-def needs_tok(cfg: SweepConfig) -> bool:
-    return (
-        (cfg.niah is not None and cfg.recall_items is None)
-        or needs_tokenizer(cfg.recall_items or ())
-        or needs_tokenizer(cfg.reasoning_items or ())
-        or cfg.lm_eval is not None
-    )
+def _strip(result: dict[str, Any]) -> dict[str, Any]:
+    """A result row from a results file, without what the whole sweep decides afterwards."""
+    return {k: v for k, v in result.items() if k != "pareto"}
 
 
 def run_sweep(
     pre_dir: Path,
     post_dir: Path,
     cfg: SweepConfig,
-    progress: SweepProgress | None = None,
+    progress: Progress | None = None,
     refs: Sequence[str] = (),
+    *,
+    done: Sequence[dict[str, Any]] = (),
+    post_label: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Measure every candidate; the ``sweep`` JSON document (without the pick).
+    """Measure every candidate; the ``sweep`` JSON document before the Pareto front and the pick
+    (:func:`finish_sweep`).
 
     ``refs`` are candidate names a ``--pick`` rule refers to: checked once the candidate list is
-    known, before any model is loaded, so that a typo does not cost a whole sweep.
+    known, before any model is loaded, so that a typo does not cost a whole sweep. ``done`` are
+    result rows of an earlier run with the same settings: those candidates are not measured again.
+    After every candidate, ``progress.document`` receives the document so far.
     """
-    progress = progress or SweepProgress()
+    progress = progress or Progress()
+    prior = {r["name"]: _strip(r) for r in done}
     t_start = time.perf_counter()
     with Checkpoint.open(pre_dir) as pre, Checkpoint.open(post_dir) as post:
-        settings = PlanSettings(
+        plan_settings = PlanSettings(
             include_sliding=cfg.include_sliding,
             allow_arch_mismatch=cfg.allow_arch_mismatch,
             device=cfg.device.type,
@@ -428,107 +511,273 @@ def run_sweep(
             )
         ).plan(pre, post)
         cands = base_candidates(base.layers, cfg)
-        known = {c.name for c in cands} | {
-            c.name for c in top_k_candidates(base.layers, cfg.top_k) if "top-k" in cfg.groups
-        }
+        later = top_k_candidates(base.layers, cfg.top_k) if "top-k" in cfg.groups else []
+        names = [c.name for c in cands] + [c.name for c in later]
         for ref in refs:
-            if ref not in known:
+            if ref not in names:
                 raise QKRestoreError(
                     f"--pick: no candidate named '{ref}'",
-                    hint=f"candidates: {', '.join(sorted(known))}",
+                    hint=f"candidates: {', '.join(sorted(names))}",
                 )
         # Plan every candidate before loading anything: a refused plan fails in a second.
         plans = {
-            c.name: plan_candidate(c, pre, post, settings)
+            c.name: plan_candidate(c, pre, post, plan_settings)
             for c in cands
-            if c.kind in ("restore", "pro")
+            if c.kind in ("restore", "pro") and c.name not in prior
         }
-        tokenizer = load_tokenizer(post_dir) if needs_tok(cfg) else None
-        model = load_model(post_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-        runner = Runner.from_settings(model, tokenizer, cfg, str(post_dir))
-        patcher = ModelPatcher(model)
+        head = _header(cfg, pre_dir, post_label or str(post_dir), base.layers, settings)
+        loaded = _Loaded(cfg, post_dir)
         results: dict[str, dict[str, Any]] = {}
-        order = [c for c in cands if c.kind != "pre"]
-        total = len(cands) + len(top_k_candidates(base.layers, cfg.top_k)) * ("top-k" in cfg.groups)
-        done = 0
+        clock = Clock()
+        total = len(names)
+        top: list[Candidate] = []
 
-        def run_one(c: Candidate) -> None:
-            nonlocal done
-            done += 1
-            progress.start(done, total, c.name, units(cfg))
+        def emit() -> None:
+            rows = _ordered(cands, top, results)
+            progress.document({**head, "complete": False, "candidates": rows})
+
+        def run_one(c: Candidate, runner: Runner | None = None) -> None:
+            index = len(results) + 1
+            if c.name in prior:
+                results[c.name] = prior[c.name]
+                remaining = sum(1 for n in names if n not in results and n not in prior)
+                progress.finish(
+                    Step(index, total, c.name, None, clock.eta(remaining), results[c.name], True)
+                )
+                emit()
+                return
+            progress.start(index, total, c.name, units(cfg))
             t0 = time.perf_counter()
             planned: list[int] = []
-            if c.kind in ("restore", "pro"):
-                plan = plans.get(c.name) or plan_candidate(c, pre, post, settings)
-                plans[c.name] = plan
-                patcher.apply(plan, plan_values(plan, pre, post))
-                planned = plan.layers
-            elif c.kind == "post":
-                patcher.reset()
+            if runner is None:
+                runner, patcher = loaded.post()
+                if c.kind in ("restore", "pro"):
+                    plan = plans.get(c.name) or plan_candidate(c, pre, post, plan_settings)
+                    patcher.apply(plan, plan_values(plan, pre, post))
+                    planned = plan.layers
+                else:
+                    patcher.reset()
             progress.advance(1)
             res = {**c.to_json(), "planned_layers": planned}
-            res.update(measure(runner, cfg, tokenizer, progress.advance))
-            res["seconds"] = round(time.perf_counter() - t0, 3)
+            res.update(measure(runner, cfg, loaded.tokenizer, progress.advance))
+            seconds = time.perf_counter() - t0
+            res["seconds"] = round(seconds, 3)
+            clock.add(seconds)
             results[c.name] = res
-            progress.finish(res)
+            remaining = sum(1 for n in names if n not in results and n not in prior)
+            progress.finish(Step(index, total, c.name, seconds, clock.eta(remaining), res))
+            emit()
 
-        for c in order:
-            run_one(c)
-        top = []
+        for c in cands:
+            if c.kind != "pre":
+                run_one(c)
         if "top-k" in cfg.groups:
-            ranked = rank_single_layers(list(results.values()))
-            top = top_k_candidates(ranked, cfg.top_k)
+            top = top_k_candidates(rank_single_layers(list(results.values())), cfg.top_k)
             for c in top:
                 run_one(c)
-        patcher.reset()
-        if "pre" in cfg.groups:
-            pre_cand = next(c for c in cands if c.kind == "pre")
-            runner.model = None
-            patcher.close()
-            del model
-            gc.collect()
-            if cfg.device.type == "cuda":
-                import torch
+        loaded.close()
+        for c in cands:
+            if c.kind == "pre":
+                run_one(c, None if c.name in prior else loaded.pre(pre_dir))
+    return {
+        **head,
+        "complete": True,
+        "candidates": _ordered(cands, top, results),
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
 
-                torch.cuda.empty_cache()
-            runner.model = load_model(pre_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
-            run_one(pre_cand)
-    ordered = [
-        results[c.name]
-        for c in [*cands[: _after_single(cands)], *top, *cands[_after_single(cands) :]]
-        if c.name in results
-    ]
-    flags = pareto_front([(r.get("recall_mean"), r.get("reasoning_score")) for r in ordered])
-    for r, f in zip(ordered, flags):
-        r["pareto"] = f
+
+def _header(
+    cfg: SweepConfig,
+    pre_dir: Path,
+    post: str,
+    layers: list[int],
+    settings: dict[str, Any] | None,
+) -> dict[str, Any]:
     return {
         "pre": str(pre_dir),
-        "post": str(post_dir),
-        "layers": base.layers,
+        "post": post,
+        "layers": layers,
         "device": str(cfg.device),
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "autocast": bool(cfg.autocast and cfg.device.type == "cuda"),
         "recall_source": (
             "recall-file" if cfg.recall_items is not None else "niah" if cfg.niah else None
         ),
-        "niah": (
-            {
-                "task": cfg.niah.task,
-                "lengths": list(cfg.niah.lengths),
-                "samples": cfg.niah.samples,
-                "seed": cfg.niah.seed,
-            }
-            if cfg.niah is not None and cfg.recall_items is None
-            else None
-        ),
+        "niah": niah_doc(cfg.niah) if cfg.recall_items is None else None,
         "reasoning_metric": cfg.reasoning_metric if cfg.reasoning_items is not None else None,
         "lm_eval_tasks": list(cfg.lm_eval.tasks) if cfg.lm_eval else None,
-        "candidates": ordered,
-        "seconds": round(time.perf_counter() - t_start, 3),
+        "settings": settings if settings is not None else sweep_settings(cfg, pre_dir, post),
     }
+
+
+def _ordered(
+    cands: Sequence[Candidate], top: Sequence[Candidate], results: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Result rows in report order: the top-k candidates right after the single-layer ones."""
+    cut = _after_single(cands)
+    return [results[c.name] for c in [*cands[:cut], *top, *cands[cut:]] if c.name in results]
 
 
 def _after_single(cands: Sequence[Candidate]) -> int:
     """Where the top-k candidates go in the report: right after the single-layer ones."""
     idx = [i for i, c in enumerate(cands) if c.group in ("pre", "post", "restore", "single")]
     return (max(idx) + 1) if idx else 0
+
+
+# -- deciding: the Pareto front, whether the probe decides, the pick, the recipe -------------------
+
+
+def probe_verdict(
+    rows: Sequence[dict[str, Any]], metric: str = "recall", reasoning_metric: str | None = None
+) -> Verdict:
+    """Whether the candidates' ``metric`` can rank them: not when PRE's recall is at chance (the
+    probe does not measure this model's recall at all) nor when every candidate is tied within
+    the 95 % intervals. Metrics that are not exact-match proportions always decide."""
+    points = [binomial(r, metric, reasoning_metric) for r in rows]
+    if not any(points):
+        return Verdict(True)
+    what = "recall" if metric.startswith("recall") else "exact match"
+    refs = [("PRE", p) for r, p in zip(rows, points) if r.get("kind") == "pre" and p]
+    if not metric.startswith("recall"):
+        refs = []
+    return verdict([p for p in points if p], "score", "ci", "n", refs, what)
+
+
+def finish_sweep(
+    doc: dict[str, Any], rule: PickRule, post_is_adapter: bool = False
+) -> tuple[Candidate | None, dict[str, Any]]:
+    """Add the Pareto front, the probe's verdict and the pick to a complete sweep document; the
+    picked candidate (None for a checkpoint as it is, or none)."""
+    rows = doc["candidates"]
+    flags = pareto_front([(r.get("recall_mean"), r.get("reasoning_score")) for r in rows])
+    for r, f in zip(rows, flags):
+        r["pareto"] = f
+    doc["probe"] = probe_verdict(rows).to_json()
+    idx = choose(rule, rows)
+    pick_verdict = probe_verdict(rows, rule.metric, doc.get("reasoning_metric"))
+    pick: dict[str, Any] = {
+        "rule": rule.text,
+        "name": rows[idx]["name"] if idx is not None else None,
+        "decided": idx is not None and pick_verdict.decides,
+        "undecided_because": list(pick_verdict.reasons),
+    }
+    doc["pick"] = pick
+    if post_is_adapter:
+        doc["post_is_adapter"] = True
+    return (candidate_from_json(rows[idx]) if idx is not None else None), pick
+
+
+def recipe_refusal(
+    doc: dict[str, Any], cand: Candidate | None, force: bool
+) -> QKRestoreError | None:
+    """Why no recipe may be written for the pick (None: it may)."""
+    pick = doc["pick"]
+    if cand is None:
+        return QKRestoreError(
+            f"--pick {pick['rule']!r}: no candidate meets the rule, so no recipe was written",
+            hint="loosen the rule (see the table)",
+        )
+    if cand.kind not in ("restore", "pro"):
+        return PlanError(
+            f"the picked candidate '{cand.name}' is a checkpoint as it is: there is no "
+            "restore recipe to write",
+            hint="use that checkpoint directly, or pick among restore/pro candidates",
+        )
+    if not pick["decided"] and not force:
+        return QKRestoreError(
+            f"--write-recipe: the probe cannot decide ({'; '.join(pick['undecided_because'])}), "
+            "so no recipe was written",
+            hint="measure with more samples or other lengths, or add --force to write it anyway",
+        )
+    return None
+
+
+def pick_recipe(doc: dict[str, Any], cand: Candidate, include_sliding: bool, why: str) -> str:
+    row = next(r for r in doc["candidates"] if r["name"] == cand.name)
+    return recipe_text(
+        cand, row["planned_layers"], include_sliding, why, bool(doc.get("post_is_adapter"))
+    )
+
+
+@contextlib.contextmanager
+def merged_post(adapter: Path, pre: Path, note: Callable[[str], None]) -> Iterator[Path]:
+    """POST = PRE + the adapter merged whole, as a temporary checkpoint for the sweep to load.
+
+    Candidates are then planned on PRE and that POST exactly as for full checkpoints, and a
+    recipe written from the sweep applies to the adapter itself (``merge`` takes adapters).
+    """
+    from .lora import write_merged_post
+
+    with tempfile.TemporaryDirectory(prefix="qkrestore-sweep-post-") as tmp:
+        note(f"POST is a PEFT adapter: sweeping PRE + adapter, merged into {tmp}")
+        yield write_merged_post(pre, adapter, Path(tmp) / "post")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run's results go besides the returned document."""
+
+    write_recipe: Path | None = None
+    force: bool = False
+    plot: Path | None = None
+    json_out: Path | None = None  # rewritten after every candidate
+    resume: Path | None = None  # skip the candidates this file holds (same settings)
+    command: str = "qkrestore sweep"  # named in the recipe's comment
+
+    def results_file(self) -> Path | None:
+        return self.json_out or self.resume
+
+
+def sweep_job(
+    pre: Path | str,
+    post: Path | str,
+    cfg: SweepConfig,
+    pick: str | None,
+    outputs: Outputs,
+    progress: Progress | None = None,
+    note: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, Any], QKRestoreError | None]:
+    """The whole ``sweep`` command: check, measure (resuming, saving as it goes), decide, write the
+    recipe and plot. Returns the ``--json`` document, and why no recipe was written where one was
+    asked for (the caller raises it after showing the table)."""
+    pre_dir = folder(pre, "PRE")
+    adapter = is_adapter_source(post)  # POST = PRE + adapter: PRE's config describes it
+    post_dir = pre_dir if adapter else folder(post, "POST")
+    rule = parse_pick(pick or default_pick(cfg.reasoning_metric))
+    if outputs.plot is not None:
+        from .diagnostics.plots import check_target
+
+        check_target(outputs.plot)
+    results_file = outputs.results_file()
+    if results_file is not None:
+        check_writable(results_file)
+    settings = sweep_settings(cfg, pre_dir, post)
+    old = load_resume(outputs.resume, settings) if outputs.resume is not None else {}
+    done = [r for r in old.get("candidates") or [] if isinstance(r, dict) and "name" in r]
+    saving = Saving(progress or Progress(), results_file)
+    merged = merged_post(Path(post), pre_dir, note) if adapter else contextlib.nullcontext(post_dir)
+    refs = [c.bound.ref for c in rule.conditions if c.bound.ref is not None]
+    with merged as run_post:
+        doc = run_sweep(
+            pre_dir, run_post, cfg, saving, refs, done=done, post_label=str(post), settings=settings
+        )
+    cand, pick_doc = finish_sweep(doc, rule, adapter)
+    refusal = None
+    if outputs.write_recipe is not None:
+        refusal = recipe_refusal(doc, cand, outputs.force)
+        if refusal is None and cand is not None:
+            why = f"candidate '{cand.name}' picked by: {outputs.command}"
+            if not pick_doc["decided"]:
+                why += " (written with --force although the probe cannot decide)"
+            text = pick_recipe(doc, cand, cfg.include_sliding, why)
+            write_recipe(outputs.write_recipe, text)
+            pick_doc["recipe"] = str(outputs.write_recipe)
+    if outputs.plot is not None:
+        from .diagnostics.plots import sweep_figure
+
+        sweep_figure(doc, outputs.plot)
+        doc["plot"] = str(outputs.plot)
+    if results_file is not None:
+        write_json_atomic(results_file, doc)
+    return doc, refusal

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .. import api
-from ..errors import EXIT_VERIFY_FAILED, PlanError
-from ..hub import push_folder
+from .. import api_eval
+from ..errors import EXIT_VERIFY_FAILED
 from ..inspect import LayerReport
-from ..lora import is_adapter_source
 from ..verification import read_provenance, verify_output
 from .options import ForwardMode, ForwardOpt, JsonOpt, PreWeightsOpt, PrivateOpt, RevisionOpt
 from .output import (
@@ -130,12 +128,10 @@ def inspect_layers(
     json_out: JsonOpt = False,
 ) -> None:
     """Show which layers are softmax attention and where their Q/K tensors are."""
-    if is_adapter_source(model):
-        _inspect_adapter(model, base, json_out)
+    report = api_eval.inspect_layers(model, compare_with=compare_with, weights=weights, base=base)
+    if isinstance(report, api_eval.AdapterLayerReport):
+        _show_adapter(report.to_json(), json_out)
         return
-    if base is not None:
-        raise PlanError(f"--base: {model} is not a PEFT adapter folder")
-    report = api.inspect_layers(model, compare_with=compare_with, weights=weights)
     if json_out:
         emit_json(report.to_json())
         return
@@ -221,15 +217,8 @@ def verify(
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
-def _inspect_adapter(model: Path, base: Path | None, json_out: bool) -> None:
+def _show_adapter(doc: dict[str, Any], json_out: bool) -> None:
     """``inspect-layers ADAPTER [--base PRE]``: the adapter's modules and what QK-Restore does."""
-    from ..lora import inspect_adapter
-    from ..lora.config import read_adapter_config
-
-    named = read_adapter_config(model).base_model
-    if base is None and named and Path(named).is_dir():
-        base = Path(named)  # the adapter names a local base: plan against it
-    doc = inspect_adapter(model, base)
     if json_out:
         emit_json(doc)
         return
@@ -240,7 +229,7 @@ def _inspect_adapter(model: Path, base: Path | None, json_out: bool) -> None:
         f"{len(doc['modules'])} modules, {doc['adapter_bytes']:,} bytes",
         highlight=False,
     )
-    if base is None:
+    if doc.get("base") is None:
         note("layer kinds come from the base model's config: pass --base PRE to see the plan")
     else:
         c.print(
@@ -259,16 +248,8 @@ def push(
     json_out: JsonOpt = False,
 ) -> None:
     """Upload an output made earlier to the Hugging Face Hub (uses your saved Hub token)."""
-    record = read_provenance(out)
-    method = record.get("plan", {}).get("method", "qk-restore")
-    url = push_folder(
-        out,
-        repo_id,
-        private=private,
-        revision=revision,
-        message=f"{method} with qkrestore",
-    )
+    result = api_eval.push(out, repo_id, private=private, revision=revision)
     if json_out:
-        emit_json({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
+        emit_json(result.to_json())
     else:
-        out_console.print(f"[green]✓[/green] pushed {out} → {url}", highlight=False)
+        out_console.print(f"[green]✓[/green] pushed {out} → {result.url}", highlight=False)

@@ -15,9 +15,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import QKRestoreError
-from ..job import open_side
-from ..runtime import choose_device
 from .options import (
     DeviceChoice,
     DeviceOpt,
@@ -39,16 +36,6 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
 
 def _human(json_mode: bool) -> Console:
     return err_console if json_mode else out_console
-
-
-def _check_plot(plot: Path | None) -> Any:
-    """The plotting module, once ``--plot``'s target is known to be writable (else ``None``)."""
-    if plot is None:
-        return None
-    from ..diagnostics import plots
-
-    plots.check_target(plot)
-    return plots
 
 
 def _finish(report: dict[str, Any], json_out: bool) -> Console:
@@ -81,16 +68,11 @@ def drift(
 
     Reads weights only (no model run), one KV group at a time, in float64.
     """
-    from ..diagnostics.drift import drift_report
+    from ..api_eval import drift as run
 
-    plots = _check_plot(plot)
-    with open_side(pre, "PRE") as a, open_side(post, "POST") as b:
-        report = drift_report(a, b, all_layers=all_layers)
+    report = run(pre, post, all_layers=all_layers, plot=plot).to_json()
     for n in report["notes"]:
         note(n)
-    if plot is not None:
-        plots.drift_figure(report, plot)
-        report["plot"] = str(plot)
     c = _finish(report, json_out)
     table = Table(
         title="drift PRE → POST: ‖ΔW‖/‖W‖; route = ‖Δ(Q_hᵀK_g)‖/‖Q_hᵀK_g‖ (mean, max over "
@@ -161,75 +143,22 @@ def attn_distance(
     from one model to the next; --plot draws the four-panel attention-map figure (PRE, POST,
     restored, log-ratio restored/POST) for one head.
     """
-    from ..adapters import text_config
-    from ..checkpoint import read_config
-    from ..diagnostics import attention as at
+    from ..api_eval import attn_distance as run
 
-    if (layer is None) != (head is None):
-        raise QKRestoreError("--layer and --head go together")
-    plots = _check_plot(plot)
-    for m in models:
-        if not Path(m).is_dir():
-            raise QKRestoreError(f"{m}: not a model folder")
-    config = read_config(Path(models[0]))
-    layers, _, notes = at.softmax_layers(config)
-    for n in notes:
-        note(n)
-    if layer is not None and layer not in layers:
-        raise QKRestoreError(f"--layer {layer}: not a softmax-attention layer (those are {layers})")
-    cfg = text_config(config)
-    vocab = cfg.get("vocab_size")
-    if not isinstance(vocab, int) or vocab <= 0:
-        raise QKRestoreError(f"{models[0]}/config.json: no 'vocab_size'")
-    specials: set[int] = set()
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = cfg.get(key, config.get(key))
-        specials.update(v if isinstance(v, list) else [v] if isinstance(v, int) else [])
-    bos = cfg.get("bos_token_id", config.get("bos_token_id"))
-    prompt = at.needle_prompt(
-        vocab,
-        length,
-        depth,
-        seed,
-        exclude=sorted(specials),
-        bos=bos if isinstance(bos, int) else None,
-    )
-    dev, dt = choose_device(device.value, dtype.value)
-    keep: Any = None
-    if plot is not None:
-        keep = (layer, head) if layer is not None else "all"
-    runs = []
-    for m in models:
-        err_console.print(f"running {m} on {dev} ({length} tokens) …", highlight=False)
-        runs.append(at.run_model(Path(m), prompt, dev, dt, keep, trust_remote_code))
-    report = at.attn_distance_report(runs, prompt)
-    report.update(
-        {"length": length, "depth": depth, "seed": seed, "device": str(dev)}
-        | {"dtype": str(dt).removeprefix("torch.")}
-    )
-    if plot is not None:
-        if layer is None:
-            picked = at.most_affected(runs[0], runs[1]) if len(runs) > 1 else (layers[0], 0)
-            layer, head = picked if picked else (layers[0], 0)
-        if (layer, head) not in runs[0].maps:
-            raise QKRestoreError(f"--head {head}: not a head of layer {layer}")
-        names = (
-            ["PRE", "POST", "restored"]
-            if len(runs) == 3
-            else ["PRE", "POST"]
-            if len(runs) == 2
-            else [Path(m).name for m in models]
-        )
-        plots.attention_figure(
-            [r.maps[(layer, head)].numpy() for r in runs],
-            names,
-            layer,
-            head,
-            length,
-            prompt.needle,
-            plot,
-        )
-        report["plot"] = {"file": str(plot), "layer": layer, "head": head}
+    report = run(
+        *models,
+        length=length,
+        depth=depth,
+        device=device.value,
+        dtype=dtype.value,
+        layer=layer,
+        head=head,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+        plot=plot,
+        on_note=note,
+        on_model=lambda line: err_console.print(line, highlight=False),
+    ).to_json()
     c = _finish(report, json_out)
     table = Table(title=f"mean attention distance D_h (tokens), {length}-token needle prompt")
     table.add_column("layer", justify="right")
@@ -264,8 +193,9 @@ def attn_distance(
             f"most affected layer: {first} ({r['fell']} of {r['heads']} heads fell 0→1)",
             highlight=False,
         )
-    if plot is not None:
-        c.print(f"figure: {plot} (layer {layer}, head {head})", highlight=False)
+    if "plot" in report:
+        p = report["plot"]
+        c.print(f"figure: {p['file']} (layer {p['layer']}, head {p['head']})", highlight=False)
 
 
 # -- autocorr ---------------------------------------------------------------------------------
@@ -303,15 +233,15 @@ def autocorr(
     json_out: JsonOpt = False,
 ) -> None:
     """Token autocorrelation ρ(d) of a corpus and its exponential decay length τ."""
-    from ..diagnostics.autocorr import autocorr_report, load_documents
+    from ..api_eval import autocorr as run
 
-    plots = _check_plot(plot)
-    docs = load_documents(input_path, tokenizer, input_kind.value)
-    report = autocorr_report(docs, max_distance)
-    report["input"] = str(input_path)
-    if plot is not None:
-        plots.autocorr_figure(report, plot)
-        report["plot"] = str(plot)
+    report = run(
+        input_path,
+        tokenizer=tokenizer,
+        max_distance=max_distance,
+        input_kind=input_kind.value,
+        plot=plot,
+    ).to_json()
     c = _finish(report, json_out)
     c.print(
         f"{report['tokens']:,} tokens in {report['documents']:,} documents, "
@@ -376,34 +306,25 @@ def niah(
     json_out: JsonOpt = False,
 ) -> None:
     """A RULER-style needle-in-a-haystack probe: exact-match accuracy per prompt length."""
-    from ..diagnostics.niah import run_niah
+    from ..api_eval import niah as run
 
-    try:
-        lens = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        raise QKRestoreError(f"--lengths {lengths!r}: give integers, e.g. 4096,8192") from None
-    if not lens or any(n < 64 for n in lens):
-        raise QKRestoreError(f"--lengths {lengths!r}: give lengths of at least 64 tokens")
-    if not Path(model).is_dir():
-        raise QKRestoreError(f"{model}: not a model folder")
-    dev, dt = choose_device(device.value, dtype.value)
-    report = run_niah(
-        Path(model),
-        lens,
-        task.value,
-        samples,
-        dev,
-        dt,
+    report = run(
+        model,
+        lengths=lengths,
+        task=task.value,
+        samples=samples,
         depth=depth,
         max_new_tokens=max_new_tokens,
-        use_chat_template=chat_template,
+        chat_template=chat_template,
+        device=device.value,
+        dtype=dtype.value,
         seed=seed,
         trust_remote_code=trust_remote_code,
-    )
+    ).to_json()
     for n in report["notes"]:
         note(n)
     c = _finish(report, json_out)
-    table = Table(title=f"NIAH {task.value} on {model} ({dev}, {report['dtype']})")
+    table = Table(title=f"NIAH {task.value} on {model} ({report['device']}, {report['dtype']})")
     for col in ("length", "accuracy", "correct", "seconds"):
         table.add_column(col, justify="right")
     for r in report["results"]:

@@ -1,17 +1,14 @@
 """The ``sweep`` and ``select-layers`` commands.
 
-A thin shell like :mod:`qkrestore.cli.diagnostics`: parse and check every option (and that optional
-packages are there) before a model is loaded, call :mod:`qkrestore.sweep` /
-:mod:`qkrestore.select_layers`, render. ``--json`` puts one JSON document on stdout; the progress
-bar and notes go to stderr.
+A thin shell: parse, call :func:`qkrestore.sweep` / :func:`qkrestore.select_layers` (the Python
+API, which checks every option before a model is loaded), render. ``--json`` puts one JSON document
+on stdout; progress and notes go to stderr: a bar on a terminal, one plain line per candidate
+elsewhere. Ctrl-C or SIGTERM shows the candidates measured so far (kept in ``--json-out``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,12 +16,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
 from rich.table import Table
 
-from ..errors import QKRestoreError
-from ..lora import is_adapter_source
-from ..runtime import choose_device, model_dtype_for
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+from ..runlog import Progress, Step
 from .options import (
     ArchOpt,
     DeviceChoice,
@@ -72,7 +69,7 @@ LmEvalOpt = Annotated[
     typer.Option(
         "--lm-eval",
         help="Comma list of lm-evaluation-harness tasks to run on every candidate (needs the "
-        "'eval' extra), e.g. niah_single_1.",
+        "'eval' extra), e.g. niah_single_1; without --recall they replace the NIAH probe.",
     ),
 ]
 LmEvalMaxLenOpt = Annotated[
@@ -98,8 +95,8 @@ DTypeOpt = Annotated[
     SweepDType,
     typer.Option(
         "--dtype",
-        help="Weights' dtype in memory: auto = float32 (exact for F32/BF16/F16 checkpoints; on "
-        "CUDA the forward pass runs under bf16 autocast).",
+        help="Weights' dtype in memory: auto = float32 on the CPU, bfloat16 on CUDA (as for "
+        "every command that runs a model).",
     ),
 ]
 AutocastOpt = Annotated[
@@ -121,110 +118,85 @@ PlotOpt = Annotated[
         "--plot", help="Draw recall vs reasoning with the Pareto front (PNG; 'plot' extra)."
     ),
 ]
+JsonOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-out",
+        help="Write the results to FILE after every candidate (the --json document; complete "
+        "is false until the end).",
+    ),
+]
+ResumeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--resume",
+        help="Skip the candidates FILE holds (written by --json-out with the same settings) "
+        "and keep writing to it.",
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Write the recipe even when the probe cannot decide (see the note)."
+    ),
+]
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise QKRestoreError(f"{option} {text!r}: give numbers, e.g. 0.1,1,10") from None
-    if not vals or any(not (v >= 0 and math.isfinite(v)) for v in vals):
-        raise QKRestoreError(f"{option} {text!r}: give finite numbers ≥ 0")
-    return vals
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def _ints(text: str, option: str, low: int) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise QKRestoreError(f"{option} {text!r}: give integers, e.g. 2,4") from None
-    if not vals or any(v < low for v in vals):
-        raise QKRestoreError(f"{option} {text!r}: give integers ≥ {low}")
-    return vals
+def _ci(iv: list[float] | None) -> str:
+    return "" if not iv else f" [{iv[0]:.2f},{iv[1]:.2f}]"
 
 
-def _device(device: DeviceChoice, dtype: SweepDType) -> tuple[Any, Any]:
-    """The device, and the weights' dtype in memory: float32 unless asked (a sweep swaps exact
-    rows in, and autocast, not the stored dtype, makes the forward pass fast on a GPU)."""
-    dev, _ = choose_device(device.value)
-    return dev, model_dtype_for(dev, "float32" if dtype is SweepDType.auto else dtype.value)
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
-def _folder(path: Path, label: str) -> Path:
-    if not Path(path).is_dir():
-        raise QKRestoreError(f"{label} {path}: not a local model folder (sweep loads the model)")
-    return Path(path)
+def step_line(step: Step) -> str:
+    """``[3/16] qk-restore@3: 12.4 s, recall 0.600, ETA 2 min`` (plain text)."""
+    head = f"[{step.index}/{step.total}] {step.name}"
+    if step.resumed:
+        return f"{head}: from the resume file"
+    parts = [f"{step.seconds or 0.0:.1f} s"]
+    r = step.result
+    for key, label in (
+        ("recall_mean", "recall"),
+        ("reasoning_score", "reasoning"),
+        ("lm_eval_score", "lm-eval"),
+    ):
+        if r.get(key) is not None:
+            parts.append(f"{label} {_f(r[key])}")
+    if step.eta_s is not None and step.index < step.total:
+        parts.append(f"ETA {_duration(step.eta_s)}")
+    return f"{head}: {', '.join(parts)}"
 
 
-@contextlib.contextmanager
-def _merged_post(adapter: Path, pre: Path, quiet: bool) -> Iterator[Path]:
-    """POST = PRE + the adapter merged whole, as a temporary checkpoint for the sweep to load.
-
-    Candidates are then planned on PRE and that POST exactly as for full checkpoints, and a
-    recipe written from the sweep applies to the adapter itself (``merge`` takes adapters).
-    """
-    from ..lora import write_merged_post
-
-    with tempfile.TemporaryDirectory(prefix="qkrestore-sweep-post-") as tmp:
-        note(f"POST is a PEFT adapter: sweeping PRE + adapter, merged into {tmp}", quiet)
-        yield write_merged_post(pre, adapter, Path(tmp) / "post")
-
-
-def _niah(lengths: str, task: NiahTask, samples: int, seed: int) -> Any:
-    from ..evaluation import NiahSettings
-
-    lens = _ints(lengths, "--lengths", 64)
-    return NiahSettings(lengths=lens, task=task.value, samples=samples, seed=seed)
-
-
-def _lm_eval(
-    tasks: str | None,
-    tokenizer_path: Path,
-    max_length: int | None,
-    limit: float | None,
-    include: Path | None,
-    metric: str | None,
-    lengths: tuple[int, ...],
-) -> Any:
-    if tasks is None:
-        return None
-    from ..evaluation import LmEvalSettings, require_lm_eval
-
-    require_lm_eval()
-    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    if not names:
-        raise QKRestoreError(f"--lm-eval {tasks!r}: name at least one task")
-    if include is not None and not include.is_dir():
-        raise QKRestoreError(f"--lm-eval-include {include}: not a folder")
-    return LmEvalSettings(
-        tasks=names,
-        tokenizer_path=str(tokenizer_path),
-        max_length=max_length,
-        lengths=lengths,
-        limit=limit,
-        include_path=str(include) if include else None,
-        metric=metric,
-    )
-
-
-class BarProgress:
-    """One rich progress bar per candidate on stderr, and one line per finished candidate."""
+class CliProgress(Progress):
+    """On a terminal: a bar per candidate and a ✓ line when it is done; elsewhere (a log file, a
+    pipe): one plain line per candidate. Keeps the latest document for an interrupted run."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bar = Progress(
+        self.terminal = enabled and err_console.is_terminal
+        self.bar = Bar(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=err_console,
             transient=True,
-            disable=not enabled,
+            disable=not self.terminal,
         )
         self.task: Any = None
-        self.label = ""
+        self.last: dict[str, Any] | None = None
 
-    def __enter__(self) -> BarProgress:
+    def __enter__(self) -> CliProgress:
         self.bar.start()
         return self
 
@@ -234,30 +206,63 @@ class BarProgress:
     def start(self, index: int, total: int, name: str, units: int) -> None:
         if self.task is not None:
             self.bar.remove_task(self.task)
-        self.label = f"[{index}/{total}] {name}"
-        self.task = self.bar.add_task(escape(self.label), total=units)
+        self.task = self.bar.add_task(escape(f"[{index}/{total}] {name}"), total=units)
 
     def advance(self, n: int = 1) -> None:
         if self.task is not None:
             self.bar.advance(self.task, n)
 
-    def finish(self, result: dict[str, Any]) -> None:
-        if self.enabled:
-            self.bar.console.print(
-                f"[green]✓[/green] {escape(self.label)}: recall {_f(result.get('recall_mean'))}, "
-                f"reasoning {_f(result.get('reasoning_score'))} ({result['seconds']:.1f} s)",
-                highlight=False,
-            )
+    def finish(self, step: Step) -> None:
+        if not self.enabled:
+            return
+        if self.terminal:
+            self.bar.console.print(f"[green]✓[/green] {escape(step_line(step))}", highlight=False)
+        else:
+            err_console.print(step_line(step), highlight=False, soft_wrap=True)
 
-
-def _f(x: float | None, spec: str = ".3f") -> str:
-    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+    def document(self, doc: dict[str, Any]) -> None:
+        self.last = doc
 
 
 def _human(json_mode: bool, quiet: bool) -> Console | None:
     if quiet:
         return None
     return err_console if json_mode else out_console
+
+
+def _interrupted(
+    exc: BaseException,
+    view: CliProgress,
+    results_file: Path | None,
+    render: Any,
+    json_mode: bool,
+    quiet: bool,
+) -> typer.Exit:
+    """Show what was measured before Ctrl-C / SIGTERM; the exit to raise (130 / 143)."""
+    from .app import Terminated
+
+    code = EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    doc = view.last
+    if doc is not None:
+        if json_mode:
+            emit_json(doc)
+        c = _human(json_mode, quiet)
+        if c is not None:
+            c.print(render(doc))
+    done = 0
+    if doc is not None:
+        done = len(doc.get("candidates") or []) + len(doc.get("ranking") or [])
+        done += 1 if doc.get("unablated") else 0
+    if done == 0:
+        where = ""
+    elif results_file is not None:
+        where = f"; kept in {results_file} (rerun with --resume {results_file})"
+    else:
+        where = " (use --json-out FILE to keep results)"
+    word = "terminated" if code == EXIT_TERMINATED else "interrupted"
+    what = f"{done} measured{where}" if done else "nothing was measured yet"
+    err_console.print(f"{word}: {what}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
 
 
 # -- sweep ------------------------------------------------------------------------------------
@@ -269,8 +274,10 @@ SWEEP_EPILOG = (
     "  qkrestore sweep ./base ./sft --reasoning example --pick 'max recall@8192 with "
     "reasoning >= 0.95 * POST' --write-recipe pick.yaml\n"
     "  qkrestore sweep ./base ./sft --recall probe.jsonl --reasoning cot.jsonl "
-    "--reasoning-metric loglik --json\n\n"
-    "See docs/sweep.md. Exit codes: 0 success; 2 usage or input error; 3 internal error."
+    "--reasoning-metric loglik --json\n"
+    "  qkrestore sweep ./base ./sft --json-out s.json   # after Ctrl-C: --resume s.json\n\n"
+    "See docs/sweep.md. Exit codes: 0 success; 2 usage or input error; 3 internal error; "
+    "130/143 interrupted (results so far kept in --json-out)."
 )
 
 
@@ -338,12 +345,15 @@ def sweep(
             "--write-recipe", help="Write a merge/pro recipe (YAML) for the picked candidate."
         ),
     ] = None,
+    force: ForceOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
     batch_size: BatchOpt = 8,
     trust_remote_code: RemoteOpt = False,
     plot: PlotOpt = None,
+    results_file: JsonOutOpt = None,
+    resume: ResumeOpt = None,
     config: RecipeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -351,140 +361,94 @@ def sweep(
     """Evaluate restore candidates (PRE, POST, QK-Restore, per layer, top-k, Q/K/V ablations,
     QK-Pro ridge grid, cross-gram) from one load of the model: recall, reasoning, Pareto front.
     """
-    from ..candidates import Candidate
-    from ..evaluation import example_reasoning_file, load_items
-    from ..plan import parse_layers
-    from ..sweep import (
-        GROUPS,
-        SweepConfig,
-        choose,
-        default_pick,
-        parse_pick,
-        recipe_text,
-        run_sweep,
-    )
-    from ..sweep import (
-        write_recipe as write_recipe_file,
-    )
+    from ..api_eval import RecipeNotWritten
+    from ..api_eval import sweep as run
+    from .app import Terminated
 
-    pre_dir = _folder(pre, "PRE")
-    adapter = is_adapter_source(post)  # POST = PRE + adapter: PRE's config describes it
-    post_dir = pre_dir if adapter else _folder(post, "POST")
-    groups = tuple(g.strip() for g in candidates.split(",") if g.strip())
-    bad = [g for g in groups if g not in GROUPS]
-    if not groups or bad:
-        raise QKRestoreError(
-            f"--candidates {candidates!r}: use a comma list of {', '.join(GROUPS)}"
-        )
-    fix_sides = tuple(f.strip() for f in fixes.split(",") if f.strip())
-    if not fix_sides or any(f not in ("key", "query") for f in fix_sides):
-        raise QKRestoreError(f"--fix {fixes!r}: use key, query or key,query")
-    rule = parse_pick(pick or default_pick(reasoning_metric.value))
-    if plot is not None:
-        from ..diagnostics import plots
+    view = CliProgress(not quiet)
+    try:
+        with view:
+            result = run(
+                pre,
+                post,
+                layers=layers,
+                include_sliding=include_sliding,
+                allow_arch_mismatch=allow_arch_mismatch,
+                candidates=candidates,
+                ridges=ridges,
+                fix=fixes,
+                top_k=top_k,
+                lengths=lengths,
+                task=task.value,
+                samples=samples,
+                seed=seed,
+                recall=recall,
+                reasoning=reasoning,
+                reasoning_metric=reasoning_metric.value,
+                lm_eval=lm_eval,
+                lm_eval_max_length=lm_eval_max_length,
+                lm_eval_limit=lm_eval_limit,
+                lm_eval_include=lm_eval_include,
+                lm_eval_metric=lm_eval_metric,
+                pick=pick,
+                write_recipe=write_recipe,
+                force=force,
+                device=device.value,
+                dtype=dtype.value,
+                autocast=autocast,
+                batch_size=batch_size,
+                trust_remote_code=trust_remote_code,
+                plot=plot,
+                json_out=results_file,
+                resume=resume,
+                progress=view,
+                on_note=lambda message: note(message, quiet),
+                command=command_text(),
+            )
+    except RecipeNotWritten as exc:
+        _show_sweep(exc.result.to_json(), json_out, quiet)
+        raise
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(
+            exc, view, results_file or resume, sweep_table, json_out, quiet
+        ) from None
+    _show_sweep(result.to_json(), json_out, quiet)
 
-        plots.check_target(plot)
-    niah = _niah(lengths, task, samples, seed)
-    lens = niah.lengths  # also the lengths lm-eval's RULER tasks are built for
-    niah = niah if recall is None else None
-    recall_items = load_items(recall, "--recall") if recall is not None else None
-    reasoning_items = None
-    if reasoning is not None:
-        path = example_reasoning_file() if reasoning == "example" else Path(reasoning)
-        reasoning_items = load_items(path, "--reasoning")
-    lm = _lm_eval(
-        lm_eval,
-        post_dir,
-        lm_eval_max_length,
-        lm_eval_limit,
-        lm_eval_include,
-        lm_eval_metric,
-        lens,
-    )
-    dev, dt = _device(device, dtype)
-    cfg = SweepConfig(
-        layers=parse_layers(layers),
-        include_sliding=include_sliding,
-        allow_arch_mismatch=allow_arch_mismatch,
-        groups=groups,
-        ridges=_floats(ridges, "--ridges"),
-        fixes=fix_sides,
-        top_k=_ints(top_k, "--top-k", 1),
-        niah=niah,
-        recall_items=recall_items,
-        reasoning_items=reasoning_items,
-        reasoning_metric=reasoning_metric.value,
-        lm_eval=lm,
-        device=dev,
-        dtype=dt,
-        autocast=autocast,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
-    merged = _merged_post(post, pre_dir, quiet) if adapter else contextlib.nullcontext(post_dir)
-    with merged as run_post, BarProgress(not quiet) as bar:
-        refs = [c.bound.ref for c in rule.conditions if c.bound.ref is not None]
-        report = run_sweep(pre_dir, run_post, cfg, bar, refs)
-    if adapter:
-        report["post"], report["post_is_adapter"] = str(post), True
-    results = report["candidates"]
-    idx = choose(rule, results)
-    report["pick"] = {
-        "rule": rule.text,
-        "name": results[idx]["name"] if idx is not None else None,
-    }
-    recipe_error = None
-    if write_recipe is not None:
-        if idx is None:
-            recipe_error = QKRestoreError(
-                f"--pick {rule.text!r}: no candidate meets the rule, so no recipe was written",
-                hint="loosen the rule (see the table)",
-            )
-        else:
-            r = results[idx]
-            cand = Candidate(
-                r["name"],
-                r["kind"],
-                tuple(r["planned_layers"]) or None,
-                tuple(r.get("targets", ("q", "k"))),
-                r.get("fix"),
-                r.get("ridge"),
-                r.get("form", "ridge"),
-                r["group"],
-            )
-            try:
-                text = recipe_text(
-                    cand,
-                    r["planned_layers"],
-                    include_sliding,
-                    f"candidate '{r['name']}' picked by: {command_text()}",
-                )
-            except QKRestoreError as exc:
-                recipe_error = exc
-            else:
-                write_recipe_file(write_recipe, text)
-                report["pick"]["recipe"] = str(write_recipe)
-    if plot is not None:
-        plots.sweep_figure(report, plot)
-        report["plot"] = str(plot)
-    if json_out:
-        emit_json(report)
-    c = _human(json_out, quiet)
-    if c is not None:
-        c.print(_sweep_table(report))
-        name = report["pick"]["name"]
+
+def _show_sweep(doc: dict[str, Any], json_mode: bool, quiet: bool) -> None:
+    if json_mode:
+        emit_json(doc)
+    c = _human(json_mode, quiet)
+    if c is None:
+        return
+    c.print(sweep_table(doc))
+    probe = doc.get("probe") or {}
+    if not probe.get("decides", True):
         c.print(
-            f"picked by {rule.text!r}: {name or 'none (no candidate meets the rule)'}",
+            f"[yellow]note:[/yellow] the probe cannot decide: {escape('; '.join(probe['reasons']))}"
+            " — no Pareto front is marked",
             highlight=False,
         )
-        if "recipe" in report["pick"]:
-            c.print(f"recipe: {report['pick']['recipe']}", highlight=False)
-        if plot is not None:
-            c.print(f"figure: {plot}", highlight=False)
-    if recipe_error is not None:
-        raise recipe_error
-    if idx is None:
-        note(f"no candidate meets --pick {rule.text!r}", quiet)
+    pick = doc.get("pick") or {}
+    name = pick.get("name")
+    if name is None:
+        c.print(
+            f"picked by {pick.get('rule')!r}: none (no candidate meets the rule)", highlight=False
+        )
+    elif pick.get("decided"):
+        c.print(f"picked by {pick['rule']!r}: {name}", highlight=False)
+    else:
+        c.print(
+            f"not picked: the rule {pick['rule']!r} would choose {name}, but the probe cannot "
+            f"decide ({escape('; '.join(pick.get('undecided_because') or []))})",
+            highlight=False,
+        )
+    if "recipe" in pick:
+        c.print(f"recipe: {pick['recipe']}", highlight=False)
+    if "plot" in doc:
+        c.print(f"figure: {doc['plot']}", highlight=False)
+    if name is None:
+        note(f"no candidate meets --pick {pick.get('rule')!r}", quiet)
 
 
 # -- select-layers ----------------------------------------------------------------------------
@@ -494,7 +458,8 @@ SELECT_LAYERS_EPILOG = (
     "  qkrestore select-layers ./base --lengths 4096,8192 --samples 20\n"
     "  qkrestore select-layers ./base --top 4 --write-recipe top4.yaml --json\n"
     "  qkrestore select-layers ./base --lm-eval niah_single_1 --lengths 4096\n\n"
-    "See docs/sweep.md. Exit codes: 0 success; 2 usage or input error; 3 internal error."
+    "See docs/sweep.md. Exit codes: 0 success; 2 usage or input error; 3 internal error; "
+    "130/143 interrupted (results so far kept in --json-out)."
 )
 
 
@@ -527,116 +492,156 @@ def select_layers(
             "--write-recipe", help="Write a merge recipe (YAML) restoring the --top layers."
         ),
     ] = None,
+    force: ForceOpt = False,
     device: DeviceOpt = DeviceChoice.auto,
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
     batch_size: BatchOpt = 8,
     trust_remote_code: RemoteOpt = False,
+    results_file: JsonOutOpt = None,
+    resume: ResumeOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Rank softmax-attention layers by how much retrieval falls when their W_Q is zeroed
     (the paper's Appendix M); optionally write a recipe restoring the top K."""
-    from ..plan import parse_layers
-    from ..select_layers import SelectConfig, run_select_layers, select_recipe
-    from ..sweep import write_recipe as write_recipe_file
+    from ..api_eval import RecipeNotWritten
+    from ..api_eval import select_layers as run
+    from .app import Terminated
 
-    model_dir = _folder(model, "MODEL")
-    if write_recipe is not None and top is None:
-        raise QKRestoreError("--write-recipe needs --top K (how many layers to keep)")
-    use_niah = recall is None and lm_eval is None
-    niah = _niah(lengths, task, samples, seed) if use_niah else None
-    lens = _ints(lengths, "--lengths", 64) if lm_eval is not None else ()
-    lm = _lm_eval(
-        lm_eval,
-        model_dir,
-        lm_eval_max_length,
-        lm_eval_limit,
-        lm_eval_include,
-        lm_eval_metric,
-        lens,
-    )
-    from ..evaluation import load_items
-
-    recall_items = load_items(recall, "--recall") if recall is not None else None
-    dev, dt = _device(device, dtype)
-    cfg = SelectConfig(
-        layers=parse_layers(layers),
-        include_sliding=not global_only,
-        niah=niah,
-        recall_items=recall_items,
-        lm_eval=lm,
-        device=dev,
-        dtype=dt,
-        autocast=autocast,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-    )
-    with BarProgress(not quiet) as bar:
-        report = run_select_layers(model_dir, cfg, bar.start, bar.advance)
-    if top is not None:
-        if top > len(report["ranking"]):
-            raise QKRestoreError(
-                f"--top {top}: the model has only {len(report['ranking'])} scored layers"
+    view = CliProgress(not quiet)
+    try:
+        with view:
+            result = run(
+                model,
+                layers=layers,
+                global_only=global_only,
+                lengths=lengths,
+                task=task.value,
+                samples=samples,
+                seed=seed,
+                recall=recall,
+                lm_eval=lm_eval,
+                lm_eval_max_length=lm_eval_max_length,
+                lm_eval_limit=lm_eval_limit,
+                lm_eval_include=lm_eval_include,
+                lm_eval_metric=lm_eval_metric,
+                top=top,
+                write_recipe=write_recipe,
+                force=force,
+                device=device.value,
+                dtype=dtype.value,
+                autocast=autocast,
+                batch_size=batch_size,
+                trust_remote_code=trust_remote_code,
+                json_out=results_file,
+                resume=resume,
+                progress=view,
+                command=command_text(),
             )
-        report["top"] = sorted(r["layer"] for r in report["ranking"][:top])
-        if write_recipe is not None:
-            write_recipe_file(write_recipe, select_recipe(model_dir, report["top"], command_text()))
-            report["recipe"] = str(write_recipe)
-    if json_out:
-        emit_json(report)
-    c = _human(json_out, quiet)
+    except RecipeNotWritten as exc:
+        _show_select(exc.result.to_json(), json_out, quiet)
+        raise
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(
+            exc, view, results_file or resume, select_table, json_out, quiet
+        ) from None
+    _show_select(result.to_json(), json_out, quiet)
+
+
+def _show_select(doc: dict[str, Any], json_mode: bool, quiet: bool) -> None:
+    if json_mode:
+        emit_json(doc)
+    c = _human(json_mode, quiet)
     if c is None:
         return
+    c.print(select_table(doc))
+    probe = doc.get("probe") or {}
+    if not probe.get("decides", True):
+        c.print(
+            f"[yellow]note:[/yellow] the probe cannot decide: {escape('; '.join(probe['reasons']))}"
+            " — the ranking is noise",
+            highlight=False,
+        )
+    if "top" in doc:
+        c.print(f"top {len(doc['top'])}: {doc['top']}", highlight=False)
+    if "recipe" in doc:
+        c.print(f"recipe: {doc['recipe']}", highlight=False)
+
+
+def select_table(doc: dict[str, Any]) -> Table:
+    """Layers by drop, with each retrieval score's 95 % interval."""
+    base = doc.get("unablated") or {}
     table = Table(
-        title=f"select-layers on {model}: retrieval ({report['retrieval']}) with each "
-        f"layer's W_Q zeroed; unablated {_f(report['unablated_score'])}"
+        title=f"select-layers on {doc['model']}: retrieval ({doc['retrieval']}) with each "
+        f"layer's W_Q zeroed; unablated {_f(doc.get('unablated_score'))}"
+        f"{_ci(base.get('recall_mean_ci'))}"
+        + ("" if doc.get("complete", True) else " (interrupted: layers measured so far)")
     )
-    for col in ("rank", "layer", "kind", "retrieval", "drop"):
+    for col in ("rank", "layer", "kind", "retrieval", "drop", "95 % CI"):
         table.add_column(col, justify="right" if col != "kind" else "left")
-    for r in report["ranking"]:
+    for r in doc["ranking"]:
         score = r.get("recall_mean", r.get("lm_eval_score"))
-        table.add_row(str(r["rank"]), str(r["layer"]), r["kind"], _f(score), _f(r["drop"]))
-    c.print(table)
-    if "top" in report:
-        c.print(f"top {top}: {report['top']}", highlight=False)
-    if "recipe" in report:
-        c.print(f"recipe: {report['recipe']}", highlight=False)
+        table.add_row(
+            str(r["rank"]),
+            str(r["layer"]),
+            r["kind"],
+            _f(score),
+            _f(r["drop"]),
+            _ci(r.get("recall_mean_ci")).strip() or "-",
+        )
+    return table
 
 
-def _sweep_table(report: dict[str, Any]) -> Table:
+def sweep_table(report: dict[str, Any]) -> Table:
+    """One row per candidate: recall per length, mean recall and reasoning with their 95 %
+    intervals, ★ on the Pareto front and ← at the pick (neither when the probe cannot decide)."""
     rows = report["candidates"]
+    decides = (report.get("probe") or {}).get("decides", True)
+    pick_doc = report.get("pick") or {}
     keys: list[str] = []
     for r in rows:
         for k in r.get("recall") or {}:
             if k not in keys:
                 keys.append(k)
+    complete = report.get("complete", True)
+    marks = (
+        "interrupted: candidates measured so far"
+        if not complete
+        else "★ Pareto front, ← picked"
+        if decides
+        else "no front or pick: the probe cannot decide"
+    )
     table = Table(
         title=f"sweep: {report['post']} (recall: {report['recall_source'] or '-'}, reasoning: "
-        f"{report['reasoning_metric'] or '-'}; ★ Pareto front, ← picked)"
+        f"{report['reasoning_metric'] or '-'}; {marks})"
     )
     table.add_column("candidate", no_wrap=True)
     table.add_column("layers")
     for k in keys:
         table.add_column(f"recall@{k}", justify="right")
-    table.add_column("recall", justify="right")
+    table.add_column("recall [95 % CI]", justify="right")
     table.add_column("reasoning", justify="right")
     has_lm = any(r.get("lm_eval_score") is not None for r in rows)
     if has_lm:
         table.add_column("lm-eval", justify="right")
     table.add_column("", no_wrap=True)
-    pick = (report.get("pick") or {}).get("name")
+    pick = pick_doc.get("name") if pick_doc.get("decided") else None
     for r in rows:
         lay = r.get("planned_layers") or []
+        reas = _f(r.get("reasoning_score"))
+        if report.get("reasoning_metric") == "exact":
+            reas += _ci((r.get("reasoning") or {}).get("exact_ci"))
         cells = [
             r["name"],
             ",".join(map(str, lay)) if lay else "-",
             *(_f((r.get("recall") or {}).get(k)) for k in keys),
-            _f(r.get("recall_mean")),
-            _f(r.get("reasoning_score")),
+            _f(r.get("recall_mean")) + _ci(r.get("recall_mean_ci")),
+            reas,
         ]
         if has_lm:
             cells.append(_f(r.get("lm_eval_score")))
-        cells.append(("★" if r.get("pareto") else "") + (" ←" if r["name"] == pick else ""))
+        star = "★" if r.get("pareto") and decides and complete else ""
+        cells.append(star + (" ←" if r["name"] == pick else ""))
         table.add_row(*cells)
     return table

@@ -385,3 +385,113 @@ def attn_distance_report(runs: list[ModelRun], prompt: NeedlePrompt) -> dict[str
         "models": [r.to_json() for r in runs],
         "comparisons": comparisons,
     }
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+def prompt_for(config: dict[str, Any], where: str, length: int, depth: float, seed: int) -> Any:
+    """The needle prompt for a model of this config: random tokens of its vocabulary, never its
+    special tokens (BOS first when it has one)."""
+    cfg = text_config(config)
+    vocab = cfg.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise QKRestoreError(f"{where}/config.json: no 'vocab_size'")
+    specials: set[int] = set()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = cfg.get(key, config.get(key))
+        specials.update(v if isinstance(v, list) else [v] if isinstance(v, int) else [])
+    bos = cfg.get("bos_token_id", config.get("bos_token_id"))
+    return needle_prompt(
+        vocab,
+        length,
+        depth,
+        seed,
+        exclude=sorted(specials),
+        bos=bos if isinstance(bos, int) else None,
+    )
+
+
+def attn_distance(
+    models: Sequence[Path],
+    *,
+    length: int = 8192,
+    depth: float = 0.5,
+    device: str = "auto",
+    dtype: str = "auto",
+    layer: int | None = None,
+    head: int | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    plot: Path | None = None,
+    note: Callable[[str], None] = lambda message: None,
+    on_model: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """The ``attn-distance`` command: D_h per head of every model on one needle prompt, fell/rose
+    counts between consecutive models, and (with ``plot``) the four-panel attention-map figure of
+    one head (the given ``layer``/``head``, else the paper's pick: the layer with most heads whose
+    D_h fell from the first model to the second). ``note`` gets notes; ``on_model`` a line as
+    each model starts to run."""
+    from ..runtime import choose_device
+
+    if not models:
+        raise QKRestoreError("attn-distance: name at least one model folder")
+    if length < 32:
+        raise QKRestoreError(f"--length {length}: give at least 32 tokens")
+    if not 0.0 <= depth <= 1.0:
+        raise QKRestoreError(f"--depth {depth}: give a number in 0..1")
+    if (layer is None) != (head is None):
+        raise QKRestoreError("--layer and --head go together")
+    if plot is not None:
+        from .plots import check_target
+
+        check_target(plot)
+    for m in models:
+        if not Path(m).is_dir():
+            raise QKRestoreError(f"{m}: not a model folder")
+    config = read_config(Path(models[0]))
+    layers, _, notes = softmax_layers(config)
+    for n in notes:
+        note(n)
+    if layer is not None and layer not in layers:
+        raise QKRestoreError(f"--layer {layer}: not a softmax-attention layer (those are {layers})")
+    prompt = prompt_for(config, str(models[0]), length, depth, seed)
+    dev, dt = choose_device(device, dtype)
+    keep: Any = None
+    if plot is not None:
+        keep = (layer, head) if layer is not None else "all"
+    runs = []
+    for m in models:
+        on_model(f"running {m} on {dev} ({length} tokens) …")
+        runs.append(run_model(Path(m), prompt, dev, dt, keep, trust_remote_code))
+    report = attn_distance_report(runs, prompt)
+    report.update(
+        {"length": length, "depth": depth, "seed": seed, "device": str(dev)}
+        | {"dtype": str(dt).removeprefix("torch.")}
+    )
+    if plot is not None:
+        from .plots import attention_figure
+
+        if layer is None or head is None:
+            picked = most_affected(runs[0], runs[1]) if len(runs) > 1 else (layers[0], 0)
+            layer, head = picked if picked else (layers[0], 0)
+        if (layer, head) not in runs[0].maps:
+            raise QKRestoreError(f"--head {head}: not a head of layer {layer}")
+        names = (
+            ["PRE", "POST", "restored"]
+            if len(runs) == 3
+            else ["PRE", "POST"]
+            if len(runs) == 2
+            else [Path(m).name for m in models]
+        )
+        attention_figure(
+            [r.maps[(layer, head)].numpy() for r in runs],
+            names,
+            layer,
+            head,
+            length,
+            prompt.needle,
+            plot,
+        )
+        report["plot"] = {"file": str(plot), "layer": layer, "head": head}
+    return report

@@ -224,8 +224,9 @@ def autocorr_report(docs: Sequence[np.ndarray], max_distance: int) -> dict[str, 
         raise QKRestoreError(f"--max-distance {max_distance}: need at least 2 to fit")
     distances, rho = autocorrelation(docs, max_distance)
     notes = []
+    fit: ExpFit | None
     try:
-        fit: ExpFit | None = fit_exponential(distances, rho)
+        fit = fit_exponential(distances, rho)
     except QKRestoreError as exc:
         fit = None
         notes.append(f"no fit: {exc.message}")

@@ -366,8 +366,8 @@ def layer_drift(reader: Reader, spec: LayerSpec, cfg: dict[str, Any]) -> dict[st
                 num = den = 0.0
                 for part in parts:
                     reader.check(part.name)
-                    a, b = reader.rows(part, 0, part.count)
-                    num, den = num + _sq(b - a), den + _sq(a)
+                    old, new = reader.rows(part, 0, part.count)
+                    num, den = num + _sq(new - old), den + _sq(old)
                 out[t][key] = ratio(num, den)
     if routing is not None:
         vals = [x for x in routing if x is not None]

@@ -317,9 +317,11 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
     """Recall against reasoning for every candidate of a sweep, the Pareto front joined by a line.
 
     Candidates without both numbers are left out (the report still lists them). The picked
-    candidate, if any, is ringed.
+    candidate, if any, is ringed. When the probe cannot decide (``report["probe"]``), neither the
+    front nor the pick is drawn, and the title says why.
     """
     plt = require()
+    decides = (report.get("probe") or {}).get("decides", True)
     rows = [
         r
         for r in report["candidates"]
@@ -334,9 +336,9 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
         ax.scatter(
             r["recall_mean"],
             r["reasoning_score"],
-            s=70 if r.get("pareto") else 36,
+            s=70 if r.get("pareto") and decides else 36,
             color=SWEEP_COLORS.get(g, "#7f7f7f"),
-            edgecolor="black" if r.get("pareto") else "none",
+            edgecolor="black" if r.get("pareto") and decides else "none",
             label=None if g in seen else g,
             zorder=3,
         )
@@ -349,7 +351,7 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
         [points[c[0]] for c in clusters],
         ["\n".join(rows[i]["name"] for i in c) for c in clusters],
     )
-    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["recall_mean"])
+    front = sorted((r for r in rows if r.get("pareto") and decides), key=lambda r: r["recall_mean"])
     if len(front) > 1:
         ax.plot(
             [r["recall_mean"] for r in front],
@@ -360,7 +362,8 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
             zorder=2,
             label="Pareto front",
         )
-    pick = (report.get("pick") or {}).get("name")
+    pick_doc = report.get("pick") or {}
+    pick = pick_doc.get("name") if pick_doc.get("decided", True) else None
     for r in rows:
         if r["name"] == pick:
             ax.scatter(
@@ -377,7 +380,10 @@ def sweep_figure(report: dict[str, Any], path: Path) -> None:
     lengths = (report.get("niah") or {}).get("lengths")
     ax.set_xlabel(f"recall ({src}, mean" + (f" over {lengths})" if lengths else ")"))
     ax.set_ylabel(f"reasoning ({report.get('reasoning_metric') or '-'})")
-    ax.set_title("qkrestore sweep: recall vs reasoning")
+    ax.set_title(
+        "qkrestore sweep: recall vs reasoning"
+        + ("" if decides else "\n(no front or pick: the probe cannot decide)")
+    )
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8, loc="best")
