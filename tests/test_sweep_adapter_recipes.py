@@ -19,15 +19,6 @@ from qkrestore.sweep import SweepConfig, base_candidates, recipe_text, top_k_can
 pytest.importorskip("peft")
 
 
-# Until the pipeline branch makes `pro ADAPTER --merge-adapter --form cross-gram` run, the
-# cross-gram recipes are refused by the command they name: marked here, strictly, so that the
-# marker fails (XPASS) and must go once that branch is merged.
-NEEDS_PIPELINE = pytest.mark.xfail(
-    reason="needs the pipeline branch: pro ADAPTER --merge-adapter --form cross-gram",
-    strict=True,
-)
-
-
 def kinds() -> list:
     cfg = SweepConfig(ridges=(1.0,))
     cands = [c for c in base_candidates([0, 1], cfg) if c.kind in ("restore", "pro")]
@@ -35,8 +26,7 @@ def kinds() -> list:
 
 
 def runs(cand) -> object:
-    marks = [NEEDS_PIPELINE] if cand.form == "cross-gram" else []
-    return pytest.param(cand, id=cand.name, marks=marks)
+    return pytest.param(cand, id=cand.name)
 
 
 @pytest.mark.parametrize("cand", kinds(), ids=lambda c: c.name)
@@ -72,7 +62,6 @@ def test_every_pick_recipe_runs_on_the_adapter(models, tmp_path: Path, cli, cand
     assert json.loads(res.out)["layers"] == layers
 
 
-@NEEDS_PIPELINE
 def test_swept_cross_gram_pick_runs_on_the_adapter(models, tmp_path: Path, cli) -> None:  # noqa: F811
     """The issue's own case: sweep an adapter, pick the cross-gram candidate, run its recipe."""
     pre, adapter, _ = models
