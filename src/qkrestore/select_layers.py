@@ -42,6 +42,7 @@ class SelectConfig:
     autocast: bool = True
     batch_size: int = 8  # items scored per forward pass (evaluation.Runner.score_items)
     trust_remote_code: bool = False
+    device_map: str | None = None  # accelerate's placement ("auto") for models beyond one device
 
     def as_sweep(self) -> SweepConfig:
         """The measuring options in the form :func:`qkrestore.sweep.measure` takes."""
@@ -53,6 +54,7 @@ class SelectConfig:
             dtype=self.dtype,
             autocast=self.autocast,
             batch_size=self.batch_size,
+            device_map=self.device_map,
         )
 
 
@@ -86,7 +88,7 @@ def run_select_layers(
             if not ablation_values(plan):
                 raise PlanError(f"layer {i}: the plan names no query weight to ablate")
         tokenizer = load_tokenizer(model_dir) if needs_tok(sweep_cfg) else None
-        model = load_model(model_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        model = load_model(model_dir, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
         runner = Runner.from_settings(model, tokenizer, cfg, str(model_dir))
         patcher = ModelPatcher(model)
         n_units = _units(sweep_cfg)

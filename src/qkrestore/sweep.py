@@ -72,6 +72,7 @@ class SweepConfig:
     autocast: bool = True
     batch_size: int = 8  # items scored per forward pass (evaluation.Runner.score_items)
     trust_remote_code: bool = False
+    device_map: str | None = None  # accelerate's placement ("auto") for models beyond one device
     adapter_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -444,7 +445,7 @@ def run_sweep(
             if c.kind in ("restore", "pro")
         }
         tokenizer = load_tokenizer(post_dir) if needs_tok(cfg) else None
-        model = load_model(post_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        model = load_model(post_dir, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
         runner = Runner.from_settings(model, tokenizer, cfg, str(post_dir))
         patcher = ModelPatcher(model)
         results: dict[str, dict[str, Any]] = {}
@@ -491,7 +492,9 @@ def run_sweep(
                 import torch
 
                 torch.cuda.empty_cache()
-            runner.model = load_model(pre_dir, cfg.device, cfg.dtype, cfg.trust_remote_code)
+            runner.model = load_model(
+                pre_dir, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map
+            )
             run_one(pre_cand)
     ordered = [
         results[c.name]

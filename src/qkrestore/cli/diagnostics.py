@@ -31,6 +31,7 @@ from .options import (
     Task,
 )
 from .output import emit_json, err_console, note, out_console
+from .sweep import BeyondOpt, DeviceMapOpt, Scoring, ScoringOpt
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
@@ -371,6 +372,9 @@ def niah(
     ] = False,
     device: DeviceOpt = DeviceChoice.auto,
     dtype: DTypeOpt = DType.auto,
+    device_map: DeviceMapOpt = None,
+    scoring: ScoringOpt = Scoring.forced,
+    beyond_context: BeyondOpt = False,
     seed: SeedOpt = 0,
     trust_remote_code: RemoteOpt = False,
     json_out: JsonOpt = False,
@@ -399,6 +403,9 @@ def niah(
         use_chat_template=chat_template,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        scoring=scoring.value,
+        beyond_context=beyond_context,
+        device_map=device_map.value if device_map else None,
     )
     for n in report["notes"]:
         note(n)

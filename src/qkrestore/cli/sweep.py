@@ -123,6 +123,38 @@ PlotOpt = Annotated[
 ]
 
 
+class DeviceMap(str, Enum):
+    auto = "auto"
+    balanced = "balanced"
+    sequential = "sequential"
+
+
+class Scoring(str, Enum):
+    forced = "forced"
+    generate = "generate"
+
+
+DeviceMapOpt = Annotated[
+    DeviceMap | None,
+    typer.Option(
+        "--device-map",
+        help="Spread a model too large for one GPU over all GPUs, then the CPU (accelerate).",
+    ),
+]
+BeyondOpt = Annotated[
+    bool,
+    typer.Option("--beyond-context", help="Allow --lengths past max_position_embeddings."),
+]
+ScoringOpt = Annotated[
+    Scoring,
+    typer.Option(
+        "--scoring",
+        help="NIAH answers: forced = one teacher-forced pass (the greedy answer starts with the "
+        "value); generate = greedy generation searched whole.",
+    ),
+]
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
@@ -170,11 +202,25 @@ def _merged_post(adapter: Path, pre: Path, quiet: bool) -> Iterator[Path]:
         yield write_merged_post(pre, adapter, Path(tmp) / "post")
 
 
-def _niah(lengths: str, task: NiahTask, samples: int, seed: int) -> Any:
+def _niah(
+    lengths: str,
+    task: NiahTask,
+    samples: int,
+    seed: int,
+    scoring: Scoring = Scoring.forced,
+    beyond_context: bool = False,
+) -> Any:
     from ..evaluation import NiahSettings
 
     lens = _ints(lengths, "--lengths", 64)
-    return NiahSettings(lengths=lens, task=task.value, samples=samples, seed=seed)
+    return NiahSettings(
+        lengths=lens,
+        task=task.value,
+        samples=samples,
+        seed=seed,
+        scoring=scoring.value,
+        beyond_context=beyond_context,
+    )
 
 
 def _lm_eval(
@@ -342,6 +388,9 @@ def sweep(
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
     batch_size: BatchOpt = 8,
+    device_map: DeviceMapOpt = None,
+    scoring: ScoringOpt = Scoring.forced,
+    beyond_context: BeyondOpt = False,
     trust_remote_code: RemoteOpt = False,
     plot: PlotOpt = None,
     config: RecipeOpt = None,
@@ -384,7 +433,7 @@ def sweep(
         from ..diagnostics import plots
 
         plots.check_target(plot)
-    niah = _niah(lengths, task, samples, seed)
+    niah = _niah(lengths, task, samples, seed, scoring, beyond_context)
     lens = niah.lengths  # also the lengths lm-eval's RULER tasks are built for
     niah = niah if recall is None else None
     recall_items = load_items(recall, "--recall") if recall is not None else None
@@ -420,6 +469,7 @@ def sweep(
         autocast=autocast,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        device_map=device_map.value if device_map else None,
     )
     merged = _merged_post(post, pre_dir, quiet) if adapter else contextlib.nullcontext(post_dir)
     with merged as run_post, BarProgress(not quiet) as bar:
@@ -531,6 +581,9 @@ def select_layers(
     dtype: DTypeOpt = SweepDType.auto,
     autocast: AutocastOpt = True,
     batch_size: BatchOpt = 8,
+    device_map: DeviceMapOpt = None,
+    scoring: ScoringOpt = Scoring.forced,
+    beyond_context: BeyondOpt = False,
     trust_remote_code: RemoteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -545,7 +598,7 @@ def select_layers(
     if write_recipe is not None and top is None:
         raise QKRestoreError("--write-recipe needs --top K (how many layers to keep)")
     use_niah = recall is None and lm_eval is None
-    niah = _niah(lengths, task, samples, seed) if use_niah else None
+    niah = _niah(lengths, task, samples, seed, scoring, beyond_context) if use_niah else None
     lens = _ints(lengths, "--lengths", 64) if lm_eval is not None else ()
     lm = _lm_eval(
         lm_eval,
@@ -571,6 +624,7 @@ def select_layers(
         autocast=autocast,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        device_map=device_map.value if device_map else None,
     )
     with BarProgress(not quiet) as bar:
         report = run_select_layers(model_dir, cfg, bar.start, bar.advance)
