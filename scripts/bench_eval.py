@@ -192,11 +192,11 @@ def main() -> None:
             for sc in scorings:
                 got[sc] = probe(runner, settings[sc], device)
             if rep:
-                for k, v in got.items():
-                    runs[k].append(v)
-        for k, v in runs.items():  # the median round by throughput
-            row[k] = sorted(v, key=lambda x: x["tokens_per_s"])[len(v) // 2]
-            row[k]["rounds_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in v]
+                for k, one in got.items():
+                    runs[k].append(one)
+        for k, rounds in runs.items():  # the median round by throughput
+            row[k] = sorted(rounds, key=lambda x: x["tokens_per_s"])[len(rounds) // 2]
+            row[k]["rounds_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in rounds]
         for sc in scorings:
             row[sc]["ratio"] = row[sc]["tokens_per_s"] / row["plain"]["tokens_per_s"]
         rows.append(row)

@@ -241,7 +241,7 @@ class Runner:
     def _encode(self, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
         key = id(items)
         if key not in self._encoded:
-            tok = self.tok
+            tok: Any = self.tok
             if needs_tokenizer(items) and tok is None:
                 raise QKRestoreError(
                     f"{self.label}: text items need the model's tokenizer files",
@@ -384,7 +384,7 @@ class Runner:
         context = context_length(getattr(self.model, "config", None))
         check_lengths(s.lengths, context, beyond_context=s.beyond_context, where=self.label)
         built = self._niah_prompts(s)
-        tok = self.tok
+        tok: Any = self.tok
         new_tokens = s.new_tokens()
         eos = sc.eos_ids(self.model, tok)
         answers: list[tuple[bool, str]]
@@ -427,7 +427,7 @@ class Runner:
     ) -> list[list[int]]:
         """Greedy answers of ``prompts`` in left-padded batches sized to memory (the key/value
         cache and the padding mask counted)."""
-        tok = self.tok
+        tok: Any = self.tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         pad = 0 if pad is None else int(pad)
         eos = sc.eos_ids(self.model, tok)
@@ -502,7 +502,7 @@ def mean(values: Sequence[float]) -> float | None:
 def require_lm_eval() -> None:
     """Fail early, in one line, when the optional harness is missing."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         raise QKRestoreError(
             "--lm-eval needs lm-evaluation-harness, which is not installed",
@@ -534,9 +534,9 @@ def run_lm_eval(
     ``max_seq_lengths``, with ``tokenizer`` naming the tokenizer folder they count with.
     """
     require_lm_eval()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # type: ignore[import-untyped]
+    from lm_eval.models.huggingface import HFLM  # type: ignore[import-untyped]
+    from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]
 
     kwargs: dict[str, Any] = {
         "pretrained": model,

@@ -10,7 +10,7 @@ copy bytes never pay for them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import QKRestoreError
 
@@ -131,7 +131,7 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         try:
-            import accelerate  # noqa: F401
+            import accelerate  # type: ignore[import-untyped]  # noqa: F401
         except ImportError:
             raise QKRestoreError(
                 f"--device-map {device_map}: needs accelerate, which is not installed",
@@ -149,7 +149,7 @@ def load_causal_lm(
             f"{path}: transformers could not load the model ({_first_line(exc)})"
         ) from None
     if device_map is None:
-        model = model.to(device)
+        model = cast(Any, model).to(device)
     return model.eval()
 
 
