@@ -254,3 +254,23 @@ def test_token_ids_beyond_the_vocabulary(cli, llama, tmp_path) -> None:
         runner.score_items(load_items(f, "--recall"))
     r = cli("select-layers", llama, "--recall", f, "--device", "cpu")
     assert r.code == 2 and f"recall.jsonl:2: token id {vocab}" in r.err_lines[-1]
+
+
+def test_bench_eval_smoke(tmp_path, monkeypatch) -> None:
+    """scripts/bench_eval.py runs end to end on the tiny model (not timed: the figures are for
+    docs/performance.md, measured by hand)."""
+    import runpy
+
+    script = Path(__file__).parent.parent / "scripts" / "bench_eval.py"
+    out = tmp_path / "bench"
+    argv = ["bench_eval.py", "--lengths", "96", "--samples", "2", "--repeats", "1"]
+    monkeypatch.setattr("sys.argv", [*argv, "--no-cli", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    doc = json.loads((out / "bench_eval.json").read_text())
+    (row,) = doc["lengths"]
+    assert row["length"] == 96 and row["plain"]["tokens"] == 2 * 96
+    for scoring in ("forced", "generate"):
+        assert row[scoring]["tokens"] >= 2 * 90 and row[scoring]["ratio"] > 0
+        assert 0 <= row[scoring]["accuracy"] <= 1
+    assert doc["summary"]["forced"]["ratio"] > 0
+    assert "| 96 |" in (out / "bench_eval.md").read_text()
