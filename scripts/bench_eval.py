@@ -93,7 +93,9 @@ def sync(device: torch.device) -> None:
 
 
 def probe(runner: Runner, s: NiahSettings, device: torch.device) -> dict[str, Any]:
+    t0 = time.perf_counter()
     built = runner._niah_prompts(s)  # built and cached before the clock starts
+    build = time.perf_counter() - t0
     tokens = sum(len(b[3]) + len(b[4]) for b in built)
     sync(device)
     t0 = time.perf_counter()
@@ -105,6 +107,7 @@ def probe(runner: Runner, s: NiahSettings, device: torch.device) -> dict[str, An
         "tokens": tokens,
         "tokens_per_s": tokens / dt,
         "accuracy": sum(r["correct"] for r in recs) / len(recs),
+        "prompt_build_seconds": build,
     }
 
 
@@ -113,7 +116,7 @@ def plain_forward(
 ) -> dict[str, Any]:
     """The ceiling: ``samples`` random sequences of ``length`` tokens in batches as large as the
     probe's token budget allows, logits at the last position only."""
-    budget = token_budget(model, device)
+    budget = token_budget(model, device, width=length)
     batches = list(plan_batches(range(samples), [length] * samples, None, samples, budget, 1 << 62))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, vocab, (samples, length), generator=g)
@@ -191,6 +194,8 @@ def main() -> None:
             got = {"plain": plain_forward(model, length, a.samples, device, vocab)}
             for sc in scorings:
                 got[sc] = probe(runner, settings[sc], device)
+            if not rep:
+                row["prompt_build_seconds"] = got[scorings[0]]["prompt_build_seconds"]
             if rep:
                 for k, one in got.items():
                     runs[k].append(one)
@@ -254,20 +259,22 @@ def main() -> None:
         "",
         f"`{doc['command']}`",
         "",
-        "| length | plain fwd tok/s | batch rows |"
+        "| length | prompts built (s) | plain fwd tok/s | batch rows |"
         + "".join(f" {s} tok/s | {s} ratio |" for s in a.scorings.split(",")),
-        "|---:|---:|---:|" + "---:|---:|" * len(a.scorings.split(",")),
+        "|---:|---:|---:|---:|" + "---:|---:|" * len(a.scorings.split(",")),
     ]
     for r in rows:
         md.append(
-            f"| {r['length']} | {r['plain']['tokens_per_s']:,.0f} | {r['plain']['batch_rows']} |"
+            f"| {r['length']} | {r['prompt_build_seconds']:.2f} "
+            f"| {r['plain']['tokens_per_s']:,.0f} | {r['plain']['batch_rows']} |"
             + "".join(
                 f" {r[s]['tokens_per_s']:,.0f} | {r[s]['ratio']:.2f} |"
                 for s in a.scorings.split(",")
             )
         )
     md.append(
-        f"| all | {summary['plain']['tokens_per_s']:,.0f} | |"
+        f"| all | {sum(r['prompt_build_seconds'] for r in rows):.2f} "
+        f"| {summary['plain']['tokens_per_s']:,.0f} | |"
         + "".join(
             f" {summary[s]['tokens_per_s']:,.0f} | {summary[s]['ratio']:.2f} |"
             for s in a.scorings.split(",")

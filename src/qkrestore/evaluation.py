@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -283,7 +285,7 @@ class Runner:
         spans = [(len(p) - 1, len(p) + len(a) - 1 + extra) for p, a in pairs]
         order = sorted(range(len(pairs)), key=lambda i: -widths[i])
         keeps = kept_only and sc.keeps_logits(self.model)
-        max_tokens = sc.token_budget(self.model, self.device)
+        max_tokens = sc.token_budget(self.model, self.device, width=max(widths, default=0))
         max_logits = max(1, BATCH_LOGITS // _vocabulary(self.model))
 
         def run(batch: list[int]) -> None:
@@ -350,27 +352,30 @@ class Runner:
                     )
 
             name = str(getattr(tok, "name_or_path", "") or self.label)
-            built = []
-            for length in s.lengths:
-                for i, d in enumerate(sample_depths(s.samples, s.depth)):
-                    sample = build_sample(
-                        s.task,
-                        length,
-                        d,
-                        encode,
-                        seed=s.seed * 100_003 + i,
-                        chat=chat,
-                        tokenizer=name,
-                    )
-                    ids = tok(sample.prompt, add_special_tokens=not s.chat_template)["input_ids"]
-                    bare = encode(sample.prompt)
-                    full = encode(sample.prompt + " " + sample.needle.value)
-                    gold = (
-                        full[len(bare) :]
-                        if full[: len(bare)] == bare and len(full) > len(bare)
-                        else encode(" " + sample.needle.value)
-                    )
-                    built.append((sample, length, d, ids, gold))
+
+            def one(job: tuple[int, int, float]) -> tuple[Any, int, float, list[int], list[int]]:
+                length, i, d = job
+                sample = build_sample(
+                    s.task,
+                    length,
+                    d,
+                    encode,
+                    seed=s.seed * 100_003 + i,
+                    chat=chat,
+                    tokenizer=name,
+                )
+                ids = tok(sample.prompt, add_special_tokens=not s.chat_template)["input_ids"]
+                return sample, length, d, ids, _gold(encode, sample.prompt, sample.needle.value)
+
+            jobs = [
+                (length, i, d)
+                for length in s.lengths
+                for i, d in enumerate(sample_depths(s.samples, s.depth))
+            ]
+            # fast tokenizers encode outside the GIL: prompts build in parallel, each exactly
+            # as it builds alone (its own seeded generator)
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+                built = list(pool.map(one, jobs))
             self._niah[key] = built
         return self._niah[key]
 
@@ -434,9 +439,7 @@ class Runner:
         results: list[list[int]] = [[] for _ in prompts]
         widths = [len(p) + new_tokens for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -widths[i])
-        per_token = sc.bytes_per_token(self.model, cache=True) + max(widths)
-        room = sc.token_budget(self.model, self.device) * sc.bytes_per_token(self.model)
-        max_tokens = max(1, room // per_token)
+        max_tokens = sc.token_budget(self.model, self.device, cache=True, width=max(widths))
 
         def run(batch: list[int]) -> None:
             got = sc.generate_batch(
@@ -458,6 +461,19 @@ class Runner:
         for r in self.niah_records(s, progress):
             hits[r["length"]] += r["correct"]
         return {str(n): hits[n] / s.samples for n in s.lengths}
+
+
+def _gold(encode: Callable[[str], list[int]], prompt: str, value: str) -> list[int]:
+    """The tokens of `` value`` as they follow ``prompt``: those that encoding the prompt's last
+    words with the value adds (tokenizers split at spaces, so the last words decide), or, where
+    that is not a clean extension, the value's own tokens. Only what is teacher-forced depends on
+    it: the verdict reads the model's own arg-max tokens."""
+    tail = prompt[-64:]
+    tail = tail[tail.find(" ") + 1 :] if " " in tail else tail
+    bare, full = encode(tail), encode(tail + " " + value)
+    if full[: len(bare)] == bare and len(full) > len(bare):
+        return full[len(bare) :]
+    return encode(" " + value)
 
 
 def _vocabulary(model: Any) -> int:

@@ -66,8 +66,10 @@ def bytes_per_token(model: Any, cache: bool = False) -> int:
     return total
 
 
-def token_budget(model: Any, device: torch.device, cache: bool = False) -> int:
-    """Padded tokens one batch may hold on ``device`` (at least one item always runs)."""
+def token_budget(model: Any, device: torch.device, cache: bool = False, width: int = 0) -> int:
+    """Padded tokens one batch may hold on ``device`` (at least one item always runs); ``width``
+    adds a boolean attention-mask row per token (a padded or sliding-window batch of ``width``
+    columns materialises one)."""
     import torch
 
     if device.type == "cuda":
@@ -75,7 +77,7 @@ def token_budget(model: Any, device: torch.device, cache: bool = False) -> int:
         room = int(free * CUDA_SHARE)
     else:
         room = CPU_BYTES
-    return max(1, room // bytes_per_token(model, cache))
+    return max(1, room // (bytes_per_token(model, cache) + width))
 
 
 def vocabulary(model: Any) -> int:

@@ -27,7 +27,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,19 +181,36 @@ def make_needle(task: str, rng: random.Random) -> Needle:
 # -- prompts --------------------------------------------------------------------------------------
 
 
+Encode = Callable[[str], list[int]]
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One prompt: its text, token count, where the needle sits, and the answer."""
+    """One prompt: its text, token count, where the needle sits, and the answer.
+
+    Where the needle and the haystack sit in tokens is counted on demand from character offsets
+    (``needle_tokens``, ``context_tokens``): scoring never reads them, and counting them costs
+    three encodings of the whole prompt.
+    """
 
     prompt: str
     tokens: int
     depth: float  # asked for
-    needle_tokens: tuple[int, int]  # [start, end) of the needle sentence in the prompt's tokens
-    context_tokens: tuple[int, int]  # [start, end) of the haystack (needle included)
     needle: Needle
+    offsets: tuple[int, int, int, int]  # chars: haystack start, needle start, needle end, end
+    encode: Encode = field(compare=False, repr=False)
 
+    @property
+    def needle_tokens(self) -> tuple[int, int]:
+        """[start, end) of the needle sentence in the prompt's tokens."""
+        _, s, e, _ = self.offsets
+        return len(self.encode(self.prompt[:s])), len(self.encode(self.prompt[:e]))
 
-Encode = Callable[[str], list[int]]
+    @property
+    def context_tokens(self) -> tuple[int, int]:
+        """[start, end) of the haystack (needle included) in the prompt's tokens."""
+        c0, _, _, c1 = self.offsets
+        return len(self.encode(self.prompt[:c0])), len(self.encode(self.prompt[:c1]))
 
 
 def build_sample(
@@ -257,7 +274,11 @@ def build_sample(
         c_needle = c0 + (len(" ".join(hay[:at])) + 1 if at else 0)
         return text, c0, c_needle, c_needle + len(needle_text), c0 + len(context)
 
+    counted: dict[tuple[int, int], int] = {}
+
     def tokens(count: int, words: int = 0) -> int:
+        if (count, words) in counted:
+            return counted[count, words]
         if count > length:
             raise QKRestoreError(
                 f"{tokenizer}: the tokenizer yields no tokens for the probe's text (more than "
@@ -265,7 +286,8 @@ def build_sample(
                 hint="the tokenizer files hold no usable vocabulary; copy the model's own "
                 "tokenizer into the folder",
             )
-        return len(encode(render(count, words)[0]))
+        counted[count, words] = len(encode(render(count, words)[0]))
+        return counted[count, words]
 
     overhead = tokens(0)
     if overhead > length:
@@ -305,11 +327,11 @@ def build_sample(
     text, c0, c_s, c_e, c1 = render(count, lo)
     return Sample(
         prompt=text,
-        tokens=len(encode(text)),
+        tokens=tokens(count, lo),
         depth=depth,
-        needle_tokens=(len(encode(text[:c_s])), len(encode(text[:c_e]))),
-        context_tokens=(len(encode(text[:c0])), len(encode(text[:c1]))),
         needle=needle,
+        offsets=(c0, c_s, c_e, c1),
+        encode=encode,
     )
 
 
