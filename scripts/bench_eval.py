@@ -160,12 +160,17 @@ def main() -> None:
     ap.add_argument("--scorings", default="forced,generate", help="probe rules to time")
     ap.add_argument("--sweep-pre", type=Path)
     ap.add_argument("--sweep-post", type=Path)
+    ap.add_argument(
+        "--threads", type=int, help="CPU threads for torch (1 is steadiest on a shared machine)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     ap.add_argument("--no-cli", action="store_true", help="skip the niah/sweep processes")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
 
     quiet_transformers()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     lengths = tuple(int(x) for x in a.lengths.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
@@ -222,6 +227,8 @@ def main() -> None:
     processes = {}
     if not a.no_cli:
         common = ["--lengths", a.lengths, "--samples", str(a.samples), "--device", a.device]
+        if a.threads:  # the processes get the same CPU threads
+            os.environ["OMP_NUM_THREADS"] = str(a.threads)
         processes["niah"] = cli(
             ["niah", str(model_dir), *common, "--dtype", a.dtype, "--task", a.task, "--json"]
         )

@@ -273,6 +273,7 @@ class Runner:
         progress: Progress | None,
         *,
         kept_only: bool,
+        logprobs: bool,
     ) -> list[tuple[list[int], list[float]]]:
         """:func:`qkrestore.scoring.forced_pass` over ``pairs`` in batches sized to memory:
         longest first, at most ``max_rows`` items, :func:`qkrestore.scoring.token_budget` padded
@@ -289,7 +290,9 @@ class Runner:
         max_logits = max(1, BATCH_LOGITS // _vocabulary(self.model))
 
         def run(batch: list[int]) -> None:
-            got = sc.forced_pass(self.model, [pairs[i] for i in batch], extra, self.device)
+            got = sc.forced_pass(
+                self.model, [pairs[i] for i in batch], extra, self.device, logprobs
+            )
             for i, r in zip(batch, got):
                 results[i] = r
 
@@ -314,7 +317,7 @@ class Runner:
         a time (float32 on CPU: ~1e-6; bf16 autocast: a tie may flip).
         """
         encoded = self._encode(items)
-        got = self._forced(encoded, 0, self.batch_size, progress, kept_only=False)
+        got = self._forced(encoded, 0, self.batch_size, progress, kept_only=False, logprobs=True)
         return [
             {
                 "exact": arg == a,
@@ -397,7 +400,7 @@ class Runner:
             for _, _, _, ids, gold in built:
                 self._check_ids(ids + gold, self.label)
             pairs = [(b[3], b[4]) for b in built]
-            got = self._forced(pairs, 1, len(built), progress, kept_only=True)
+            got = self._forced(pairs, 1, len(built), progress, kept_only=True, logprobs=False)
             answers = []
             for (sample, _, _, _, gold), (arg, _) in zip(built, got):
                 ok, known = forced_verdict(

@@ -174,18 +174,24 @@ def input_device(model: Any, device: torch.device) -> torch.device:
 
 
 def forced_pass(
-    model: Any, pairs: Sequence[Pair], extra: int, device: torch.device
+    model: Any,
+    pairs: Sequence[Pair],
+    extra: int,
+    device: torch.device,
+    logprobs: bool = True,
 ) -> list[tuple[list[int], list[float]]]:
     """One teacher-forced pass over ``pairs`` (right-padded, no mask).
 
-    Per pair: the arg-max token at each answer position and ``extra`` positions past the answer's
-    last token's prediction (``len(answer) + extra`` ids: index ``j`` is the model's choice for
-    answer token ``j`` given the prompt and the gold tokens before it), and the natural-log
-    probability of each gold answer token.
+    Per pair: the arg-max token at each answer position and, with ``extra=1``, at the answer's
+    last token (``len(answer) + extra`` ids: index ``j`` is the model's choice for answer token
+    ``j`` given the prompt and the gold tokens before it; the last, the choice after the whole
+    gold answer), and (``logprobs``) the natural-log probability of each gold answer token.
     """
     import torch
 
-    width = max(len(p) + len(a) + max(0, extra - 1) for p, a in pairs)
+    if extra not in (0, 1):
+        raise ValueError(f"extra={extra}: 0 or 1 positions past the answer")
+    width = max(len(p) + len(a) for p, a in pairs)
     ids = torch.zeros((len(pairs), width), dtype=torch.long)
     spans = []
     for row, (p, a) in enumerate(pairs):
@@ -198,13 +204,16 @@ def forced_pass(
         first, last = _range(spans)
         kwargs["logits_to_keep"] = torch.arange(first, min(last, width), device=device)
     logits = model(**kwargs).logits
+    argmax = logits.argmax(-1).tolist()  # one transfer for the whole batch
     out = []
     for row, ((_, a), (s, e)) in enumerate(zip(pairs, spans)):
-        lg = logits[row, s - first : min(e, width) - first].float()
-        arg = lg.argmax(-1).tolist()
-        target = torch.tensor(a, device=lg.device)
-        logp = torch.log_softmax(lg[: len(a)], -1).gather(1, target[:, None])[:, 0]
-        out.append((arg, logp.double().tolist()))
+        arg = argmax[row][s - first : e - first]
+        logp: list[float] = []
+        if logprobs:
+            lg = logits[row, s - first : s - first + len(a)].float()
+            target = torch.tensor(a, device=lg.device)
+            logp = torch.log_softmax(lg, -1).gather(1, target[:, None])[:, 0].double().tolist()
+        out.append((arg, logp))
     return out
 
 
