@@ -54,6 +54,11 @@ from .errors import QKRestoreError
 from .runtime import load_causal_lm, load_tokenizer
 
 EXAMPLE_REASONING = "reasoning-example.jsonl"
+NIAH_CHECK_TEXT = (
+    "Some special magic numbers are hidden within the following text. One of the special magic "
+    "uuids for quiet-harbor is: 3f2b8c1e-9a4d-4e7f-8b6a-1c2d3e4f5a6b. In practice, most founders"
+    " keep returning to 1234567.\n Answer: The special magic number is 7654321."
+)
 LM_EVAL_INSTALL = 'pip install "qkrestore[eval]" (or: pip install "lm_eval>=0.4")'
 
 Progress = Callable[[int], None]
@@ -340,10 +345,7 @@ class Runner:
             )
         key = s.prompts_key()
         if key not in self._niah:
-
-            def encode(text: str) -> list[int]:
-                return tok(text, add_special_tokens=False)["input_ids"]
-
+            encode = _encoder(tok)
             chat = None
             if s.chat_template:
 
@@ -464,6 +466,29 @@ class Runner:
         for r in self.niah_records(s, progress):
             hits[r["length"]] += r["correct"]
         return {str(n): hits[n] / s.samples for n in s.lengths}
+
+
+def _encoder(tok: Any) -> Callable[[str], list[int]]:
+    """``text → ids`` without special tokens: the fast tokenizer's Rust encoder directly where it
+    gives the ids the tokenizer gives (checked on the probe's own text), a quarter faster than
+    through transformers' call, which the prompts' thousands of encodings feel."""
+
+    def slow(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if backend is None:
+        return slow
+
+    def fast(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    probe = NIAH_CHECK_TEXT
+    try:
+        same = fast(probe) == slow(probe)
+    except Exception:  # any failure means: use the tokenizer's own call
+        same = False
+    return fast if same else slow
 
 
 def _gold(encode: Callable[[str], list[int]], prompt: str, value: str) -> list[int]:
