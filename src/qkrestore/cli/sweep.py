@@ -125,8 +125,6 @@ PlotOpt = Annotated[
 
 class DeviceMap(str, Enum):
     auto = "auto"
-    balanced = "balanced"
-    sequential = "sequential"
 
 
 class Scoring(str, Enum):
