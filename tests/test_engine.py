@@ -274,3 +274,20 @@ def test_bench_eval_smoke(tmp_path, monkeypatch) -> None:
         assert 0 <= row[scoring]["accuracy"] <= 1
     assert doc["summary"]["forced"]["ratio"] > 0
     assert "| 96 |" in (out / "bench_eval.md").read_text()
+
+
+def test_plan_batches_counts_logits_at_the_kept_run_of_positions() -> None:
+    """With logits only at the answer positions, a batch's logits are its rows × the one run of
+    positions covering their answers, not rows × padded width."""
+    from qkrestore.scoring import plan_batches
+
+    widths = [1000, 1000, 998, 990, 500]
+    spans = [(990, 1000), (990, 1000), (988, 998), (980, 990), (490, 500)]
+    # rows × run: 2 × 10, 3 × 12, 4 × 20 = 80 > 60: the fourth starts a batch; the last item's
+    # answer is far from the fourth's, so the run would span 500 positions
+    got = list(plan_batches(range(5), widths, spans, 8, 10**9, 60))
+    assert got == [[0, 1, 2], [3], [4]]
+    # counted at every padded position (spans=None) the same cap allows no pairs at all
+    assert list(plan_batches(range(5), widths, None, 8, 10**9, 60)) == [[0], [1], [2], [3], [4]]
+    # the token budget bounds rows × width
+    assert list(plan_batches(range(5), widths, spans, 8, 2000, 10**9)) == [[0, 1], [2, 3], [4]]
