@@ -183,6 +183,9 @@ def sweep(
     autocast: bool = True,
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    scoring: str = "forced",
+    beyond_context: bool = False,
+    device_map: str | None = None,
     plot: PathLike | None = None,
     json_out: PathLike | None = None,
     resume: PathLike | None = None,
@@ -227,6 +230,9 @@ def sweep(
         autocast=autocast,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        scoring=scoring,
+        beyond_context=beyond_context,
+        device_map=device_map,
     )
     cfg = SweepConfig(
         layers=_layers(layers),
@@ -279,6 +285,9 @@ def select_layers(
     autocast: bool = True,
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    scoring: str = "forced",
+    beyond_context: bool = False,
+    device_map: str | None = None,
     json_out: PathLike | None = None,
     resume: PathLike | None = None,
     progress: Progress | None = None,
@@ -312,6 +321,9 @@ def select_layers(
         autocast=autocast,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        scoring=scoring,
+        beyond_context=beyond_context,
+        device_map=device_map,
     )
     cfg = SelectConfig(layers=_layers(layers), include_sliding=not global_only, measurement=m)
     doc, refusal = select_layers_job(
@@ -425,6 +437,9 @@ def niah(
     dtype: str = "auto",
     seed: int = 0,
     trust_remote_code: bool = False,
+    scoring: str = "forced",
+    beyond_context: bool = False,
+    device_map: str | None = None,
 ) -> NiahResult:
     """A RULER-style needle-in-a-haystack probe: exact-match accuracy per length (``niah``)."""
     from .diagnostics.niah import run_niah
@@ -437,7 +452,7 @@ def niah(
             raise QKRestoreError(f"--lengths {lengths!r}: give integers, e.g. 4096,8192") from None
     else:
         lens = [int(x) for x in lengths]
-    if not lens or any(n < 64 for n in lens):
+    if not lens:
         raise QKRestoreError(f"--lengths {lengths!r}: give lengths of at least 64 tokens")
     if task not in ("single-1", "single-2", "single-3"):
         raise QKRestoreError(f"--task {task!r}: use single-1, single-2 or single-3")
@@ -458,6 +473,9 @@ def niah(
         use_chat_template=chat_template,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        scoring=scoring,
+        beyond_context=beyond_context,
+        device_map=device_map,
     )
     return NiahResult(report)
 

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import Checkpoint
 from .dtypes import FLOAT_DTYPES, to_tensor, torch_dtype
 from .errors import PlanError
-from .methods import Method, QKRestore
+from .methods import QKRestore
 from .plan import PlanOptions, RestorePlan, TensorPatch
 from .tensors import read_rows
 
 if TYPE_CHECKING:
     import torch
+
+    from .qkpro import QKPro
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class PlanSettings:
     adapter_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def method_for(cand: Candidate, settings: PlanSettings) -> Method:
+def method_for(cand: Candidate, settings: PlanSettings) -> QKRestore | QKPro:
     """The method ``merge``/``pro`` would run for this candidate's options."""
     opts = PlanOptions(
         layers=list(cand.layers) if cand.layers is not None else None,
@@ -208,6 +210,13 @@ class ModelPatcher:
                     "transformers' model; use merge/pro and evaluate the outputs instead",
                 )
             t = self.params[hits[0]]
+        if t.device.type == "meta":
+            raise PlanError(
+                f"'{name}': offloaded by --device-map (its values live outside the model), so "
+                "candidates cannot be swapped into it",
+                hint="give the model enough GPU/CPU memory to hold every layer (--device-map "
+                "auto uses all GPUs, then the CPU), or run without --device-map",
+            )
         if tuple(t.shape) != tuple(shape):
             raise PlanError(
                 f"'{name}': shape {list(shape)} in the checkpoint but {list(t.shape)} in the "

@@ -5,7 +5,8 @@ Why one module: both commands evaluate many variants of one loaded model (see
 tokenised items) is built once here and reused for every variant.
 
 * **NIAH recall** uses the built-in RULER-style probe of :mod:`qkrestore.diagnostics.niah` (its
-  prompts, depths and scorer), generating greedily on the loaded model.
+  prompts, depths and scorer): the prompts of a length are scored in batches, by one
+  teacher-forced pass (default) or by batched greedy generation (:mod:`qkrestore.scoring`).
 * **Items** (``--reasoning FILE``, ``--recall FILE``): a JSONL file of ``{"prompt", "answer"}``
   objects, each field a string (tokenised with the model's tokenizer: the prompt as the tokenizer
   does by default, the answer with no special tokens) or a list of token ids (for models without a
@@ -27,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,12 +38,27 @@ from typing import Any
 
 import torch
 
+from . import scoring as sc
 from .diagnostics.attention import forward_errors
-from .diagnostics.niah import build_sample, sample_depths, score
+from .diagnostics.niah import (
+    SCORINGS,
+    TASKS,
+    build_sample,
+    check_lengths,
+    context_length,
+    forced_verdict,
+    sample_depths,
+    score,
+)
 from .errors import QKRestoreError
 from .runtime import load_causal_lm, load_tokenizer
 
 EXAMPLE_REASONING = "reasoning-example.jsonl"
+NIAH_CHECK_TEXT = (
+    "Some special magic numbers are hidden within the following text. One of the special magic "
+    "uuids for quiet-harbor is: 3f2b8c1e-9a4d-4e7f-8b6a-1c2d3e4f5a6b. In practice, most founders"
+    " keep returning to 1234567.\n Answer: The special magic number is 7654321."
+)
 LM_EVAL_INSTALL = 'pip install "qkrestore[eval]" (or: pip install "lm_eval>=0.4")'
 
 Progress = Callable[[int], None]
@@ -65,6 +83,7 @@ class Item:
     prompt: str | tuple[int, ...]
     answer: str | tuple[int, ...]
     group: str | None = None
+    source: str | None = None  # "FILE:LINE", for errors about this item
 
 
 def _field(value: Any, where: str, name: str) -> str | tuple[int, ...]:
@@ -106,6 +125,7 @@ def load_items(path: Path, option: str) -> list[Item]:
                 _field(obj["prompt"], where, "prompt"),
                 _field(obj["answer"], where, "answer"),
                 None if group is None else str(group),
+                where,
             )
         )
     if not items:
@@ -121,15 +141,24 @@ def needs_tokenizer(items: Sequence[Item]) -> bool:
 
 
 def load_model(
-    path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> Any:
-    """One causal LM from a local folder, on ``device`` in ``dtype``, in eval mode."""
-    return load_causal_lm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    """One causal LM from a local folder, on ``device`` (or spread by ``device_map``) in
+    ``dtype``, in eval mode."""
+    return load_causal_lm(
+        path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map
+    )
 
 
 @dataclass(frozen=True)
 class NiahSettings:
-    """The built-in probe's options (those of ``qkrestore niah``)."""
+    """The built-in probe's options (those of ``qkrestore niah``), checked when made: lengths are
+    bounded here (:func:`qkrestore.diagnostics.niah.check_lengths`), before any work, and against
+    the model's context once it is loaded."""
 
     lengths: tuple[int, ...]
     task: str = "single-2"
@@ -137,6 +166,26 @@ class NiahSettings:
     depth: float | None = None
     seed: int = 0
     max_new_tokens: int | None = None
+    chat_template: bool = False
+    scoring: str = "forced"
+    beyond_context: bool = False
+
+    def __post_init__(self) -> None:
+        check_lengths(self.lengths)
+        if self.task not in TASKS:
+            raise QKRestoreError(f"--task {self.task}: use one of {', '.join(TASKS)}")
+        if self.scoring not in SCORINGS:
+            raise QKRestoreError(f"--scoring {self.scoring}: use one of {', '.join(SCORINGS)}")
+        if self.samples < 1:
+            raise QKRestoreError(f"--samples {self.samples}: give at least 1")
+
+    def new_tokens(self) -> int:
+        """Tokens generated (``generate``) or the answer's cut (``forced``): 24, 48 for UUIDs."""
+        return self.max_new_tokens or (48 if self.task == "single-3" else 24)
+
+    def prompts_key(self) -> tuple[Any, ...]:
+        """What the prompts depend on (not the scoring rule)."""
+        return (self.lengths, self.task, self.samples, self.depth, self.seed, self.chat_template)
 
 
 class Runner:
@@ -155,12 +204,13 @@ class Runner:
         self.model = model
         self.batch_size = max(1, batch_size)
         self.tok = tokenizer
-        self.device = device
-        self.autocast = autocast and device.type == "cuda"
+        self.device = sc.input_device(model, device)
+        self.autocast = autocast and self.device.type == "cuda"
         self.label = label
         # id(items) → (items, encoded): the items are kept so that their id stays theirs
         self._encoded: dict[int, tuple[Sequence[Item], list[tuple[list[int], list[int]]]]] = {}
-        self._niah: dict[NiahSettings, list[tuple[Any, int, float]]] = {}
+        # the probe's prompts per NiahSettings.prompts_key(): (sample, length, depth, ids, gold)
+        self._niah: dict[tuple[Any, ...], list[tuple[Any, int, float, list[int], list[int]]]] = {}
 
     @classmethod
     def from_settings(cls, model: Any, tokenizer: Any | None, cfg: Any, label: str) -> Runner:
@@ -186,33 +236,79 @@ class Runner:
         with torch.inference_mode(), amp, forward_errors(self.label, self.device, tokens):
             yield
 
+    def _check_ids(self, ids: Sequence[int], where: str) -> None:
+        vocab = sc.input_vocabulary(self.model)
+        if vocab is not None and ids and max(ids) >= vocab:
+            raise QKRestoreError(
+                f"{where}: token id {max(ids)} is beyond the model's vocabulary "
+                f"({vocab} ids, 0..{vocab - 1})",
+                hint="token ids must come from this model's tokenizer",
+            )
+
     def _encode(self, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
         key = id(items)
         if key not in self._encoded:
-            if needs_tokenizer(items) and self.tok is None:
+            tok: Any = self.tok
+            if needs_tokenizer(items) and tok is None:
                 raise QKRestoreError(
                     f"{self.label}: text items need the model's tokenizer files",
                     hint="copy the tokenizer into the model folder, or give token ids",
                 )
-            out = []
+            out: list[tuple[list[int], list[int]]] = []
             for x in items:
-                p = (
-                    list(x.prompt)
-                    if isinstance(x.prompt, tuple)
-                    else self.tok(x.prompt)["input_ids"]
-                )
+                where = x.source or f"item {len(out) + 1}"
+                p = list(x.prompt) if isinstance(x.prompt, tuple) else tok(x.prompt)["input_ids"]
                 a = (
                     list(x.answer)
                     if isinstance(x.answer, tuple)
-                    else self.tok(x.answer, add_special_tokens=False)["input_ids"]
+                    else tok(x.answer, add_special_tokens=False)["input_ids"]
                 )
                 if not p or not a:
-                    raise QKRestoreError(
-                        f"item {len(out) + 1}: the prompt or answer tokenises to nothing"
-                    )
+                    raise QKRestoreError(f"{where}: the prompt or answer tokenises to nothing")
+                self._check_ids(p + a, where)
                 out.append((p, a))
             self._encoded[key] = (items, out)
         return self._encoded[key][1]
+
+    def _forced(
+        self,
+        pairs: Sequence[sc.Pair],
+        extra: int,
+        max_rows: int,
+        progress: Progress | None,
+        *,
+        kept_only: bool,
+        logprobs: bool,
+    ) -> list[tuple[list[int], list[float]]]:
+        """:func:`qkrestore.scoring.forced_pass` over ``pairs`` in batches sized to memory:
+        longest first, at most ``max_rows`` items, :func:`qkrestore.scoring.token_budget` padded
+        tokens and :data:`BATCH_LOGITS` logits. The logits are counted at every padded position
+        (the bound ``--batch-size`` documents for items, which keeps short items' batches small
+        too), or, with ``kept_only`` and a model that computes logits only where they are read,
+        at those positions (the NIAH probe: a few positions of long prompts)."""
+        results: list[tuple[list[int], list[float]]] = [([], []) for _ in pairs]
+        widths = [len(p) + len(a) for p, a in pairs]
+        spans = [(len(p) - 1, len(p) + len(a) - 1 + extra) for p, a in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: -widths[i])
+        keeps = kept_only and sc.keeps_logits(self.model)
+        max_tokens = sc.token_budget(self.model, self.device, width=max(widths, default=0))
+        max_logits = max(1, BATCH_LOGITS // _vocabulary(self.model))
+
+        def run(batch: list[int]) -> None:
+            got = sc.forced_pass(
+                self.model, [pairs[i] for i in batch], extra, self.device, logprobs
+            )
+            for i, r in zip(batch, got):
+                results[i] = r
+
+        for batch in sc.plan_batches(
+            order, widths, spans if keeps else None, max_rows, max_tokens, max_logits
+        ):
+            with self.context(widths[batch[0]]):
+                sc.run_split(batch, run, self.device)
+            if progress:
+                progress(len(batch))
+        return results
 
     def score_items(
         self, items: Sequence[Item], progress: Progress | None = None
@@ -226,78 +322,191 @@ class Runner:
         a time (float32 on CPU: ~1e-6; bf16 autocast: a tie may flip).
         """
         encoded = self._encode(items)
-        rows: list[dict[str, Any]] = [{} for _ in encoded]
-        # longest first, so that a batch that runs out of memory does so at once
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))
-        lengths = [len(p) + len(a) for p, a in encoded]
-        cap = max(1, BATCH_LOGITS // _vocabulary(self.model))
-        for batch in _batches(order, lengths, self.batch_size, cap):
-            width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = encoded[i][0] + encoded[i][1]
-                ids[row, : len(seq)] = torch.tensor(seq)
-            with self.context(width):
-                logits = self.model(input_ids=ids.to(self.device)).logits
-            for row, i in enumerate(batch):
-                p, a = encoded[i]
-                lg = logits[row, len(p) - 1 : len(p) + len(a) - 1].float()
-                target = torch.tensor(a, device=lg.device)
-                logp = torch.log_softmax(lg, -1).gather(1, target[:, None])[:, 0]
-                rows[i] = {
-                    "exact": bool((lg.argmax(-1) == target).all()),
-                    "loglik": float(logp.mean()),
-                    "tokens": len(a),
-                }
-            if progress:
-                progress(len(batch))
-        return rows
+        got = self._forced(encoded, 0, self.batch_size, progress, kept_only=False, logprobs=True)
+        return [
+            {
+                "exact": arg == a,
+                "loglik": sum(logp) / len(logp),
+                "tokens": len(a),
+            }
+            for (_, a), (arg, logp) in zip(encoded, got)
+        ]
 
-    def niah(self, s: NiahSettings, progress: Progress | None = None) -> dict[str, float]:
-        """Accuracy per length of the built-in probe (prompts built once, reused)."""
-        if self.tok is None:
+    def _niah_prompts(self, s: NiahSettings) -> list[tuple[Any, int, float, list[int], list[int]]]:
+        """The probe's prompts of ``s``, built and tokenised once: per sample, the sample, its
+        length and depth, the prompt's ids (as the model reads them) and the value's ids after
+        it (the gold answer of the teacher-forced pass)."""
+        tok = self.tok
+        if tok is None:
             raise QKRestoreError(
                 f"{self.label}: the NIAH probe needs the model's tokenizer files",
                 hint="copy the tokenizer next to the model, or pass --recall FILE.jsonl "
                 "with token-id prompts",
             )
-        if s not in self._niah:
-            tok = self.tok
+        key = s.prompts_key()
+        if key not in self._niah:
+            encode = _encoder(tok)
+            chat = None
+            if s.chat_template:
 
-            def encode(text: str) -> list[int]:
-                return tok(text, add_special_tokens=False)["input_ids"]
+                def chat(body: str) -> str:
+                    return tok.apply_chat_template(
+                        [{"role": "user", "content": body}],
+                        tokenize=False,
+                        add_generation_prompt=True,
+                    )
 
-            built = []
-            for length in s.lengths:
-                for i, d in enumerate(sample_depths(s.samples, s.depth)):
-                    sample = build_sample(s.task, length, d, encode, seed=s.seed * 100_003 + i)
-                    built.append((sample, length, d))
-            self._niah[s] = built
-        new_tokens = s.max_new_tokens or (48 if s.task == "single-3" else 24)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        hits = dict.fromkeys(s.lengths, 0)
-        for sample, length, _ in self._niah[s]:
-            enc = self.tok(sample.prompt, return_tensors="pt")
-            ids = {
-                k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
-            }
-            with self.context(sample.tokens):
-                out = self.model.generate(
-                    **ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+            name = str(getattr(tok, "name_or_path", "") or self.label)
+
+            def one(job: tuple[int, int, float]) -> tuple[Any, int, float, list[int], list[int]]:
+                length, i, d = job
+                sample = build_sample(
+                    s.task,
+                    length,
+                    d,
+                    encode,
+                    seed=s.seed * 100_003 + i,
+                    chat=chat,
+                    tokenizer=name,
                 )
-            answer = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits[length] += score(answer, sample.needle.value)
+                ids = tok(sample.prompt, add_special_tokens=not s.chat_template)["input_ids"]
+                return sample, length, d, ids, _gold(encode, sample.prompt, sample.needle.value)
+
+            jobs = [
+                (length, i, d)
+                for length in s.lengths
+                for i, d in enumerate(sample_depths(s.samples, s.depth))
+            ]
+            # fast tokenizers encode outside the GIL: prompts build in parallel, each exactly
+            # as it builds alone (its own seeded generator)
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+                built = list(pool.map(one, jobs))
+            self._niah[key] = built
+        return self._niah[key]
+
+    def niah_records(
+        self, s: NiahSettings, progress: Progress | None = None
+    ) -> list[dict[str, Any]]:
+        """Per prompt of the built-in probe: length, depth, prompt tokens, the expected value, the
+        model's answer and whether it is right (``s.scoring``: ``forced`` reads the answer's known
+        prefix from one teacher-forced pass, :func:`~qkrestore.diagnostics.niah.forced_verdict`;
+        ``generate`` generates it whole, in left-padded batches)."""
+        context = context_length(getattr(self.model, "config", None))
+        check_lengths(s.lengths, context, beyond_context=s.beyond_context, where=self.label)
+        built = self._niah_prompts(s)
+        tok: Any = self.tok
+        new_tokens = s.new_tokens()
+        eos = sc.eos_ids(self.model, tok)
+        answers: list[tuple[bool, str]]
+        if s.scoring == "forced":
+            for _, _, _, ids, gold in built:
+                self._check_ids(ids + gold, self.label)
+            pairs = [(b[3], b[4]) for b in built]
+            got = self._forced(pairs, 1, len(built), progress, kept_only=True, logprobs=False)
+            answers = []
+            for (sample, _, _, _, gold), (arg, _) in zip(built, got):
+                ok, known = forced_verdict(
+                    lambda t: tok.decode(t, skip_special_tokens=True),
+                    arg,
+                    gold,
+                    sample.needle.value,
+                    new_tokens,
+                    eos,
+                )
+                answers.append((ok, tok.decode(known, skip_special_tokens=True)))
+        else:
+            outs = self._generate([b[3] for b in built], new_tokens, progress)
+            answers = []
+            for (sample, *_), out in zip(built, outs):
+                text = tok.decode(out, skip_special_tokens=True)
+                answers.append((score(text, sample.needle.value), text))
+        return [
+            {
+                "length": length,
+                "depth": round(d, 4),
+                "prompt_tokens": len(ids),
+                "expected": sample.needle.value,
+                "answer": text.strip()[:200],
+                "correct": ok,
+            }
+            for (sample, length, d, ids, _), (ok, text) in zip(built, answers)
+        ]
+
+    def _generate(
+        self, prompts: Sequence[list[int]], new_tokens: int, progress: Progress | None
+    ) -> list[list[int]]:
+        """Greedy answers of ``prompts`` in left-padded batches sized to memory (the key/value
+        cache and the padding mask counted)."""
+        tok: Any = self.tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = 0 if pad is None else int(pad)
+        eos = sc.eos_ids(self.model, tok)
+        results: list[list[int]] = [[] for _ in prompts]
+        widths = [len(p) + new_tokens for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -widths[i])
+        max_tokens = sc.token_budget(self.model, self.device, cache=True, width=max(widths))
+
+        def run(batch: list[int]) -> None:
+            got = sc.generate_batch(
+                self.model, [prompts[i] for i in batch], new_tokens, pad, eos, self.device
+            )
+            for i, r in zip(batch, got):
+                results[i] = r
+
+        for batch in sc.plan_batches(order, widths, None, len(prompts), max_tokens, 1 << 62):
+            with self.context(widths[batch[0]]):
+                sc.run_split(batch, run, self.device)
             if progress:
-                progress(1)
+                progress(len(batch))
+        return results
+
+    def niah(self, s: NiahSettings, progress: Progress | None = None) -> dict[str, float]:
+        """Accuracy per length of the built-in probe (prompts built once, reused)."""
+        hits = dict.fromkeys(s.lengths, 0)
+        for r in self.niah_records(s, progress):
+            hits[r["length"]] += r["correct"]
         return {str(n): hits[n] / s.samples for n in s.lengths}
+
+
+def _encoder(tok: Any) -> Callable[[str], list[int]]:
+    """``text → ids`` without special tokens: the fast tokenizer's Rust encoder directly where it
+    gives the ids the tokenizer gives (checked on the probe's own text), a quarter faster than
+    through transformers' call, which the prompts' thousands of encodings feel."""
+
+    def slow(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    if backend is None:
+        return slow
+
+    def fast(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    probe = NIAH_CHECK_TEXT
+    try:
+        same = fast(probe) == slow(probe)
+    except Exception:  # any failure means: use the tokenizer's own call
+        same = False
+    return fast if same else slow
+
+
+def _gold(encode: Callable[[str], list[int]], prompt: str, value: str) -> list[int]:
+    """The tokens of `` value`` as they follow ``prompt``: those that encoding the prompt's last
+    words with the value adds (tokenizers split at spaces, so the last words decide), or, where
+    that is not a clean extension, the value's own tokens. Only what is teacher-forced depends on
+    it: the verdict reads the model's own arg-max tokens."""
+    tail = prompt[-64:]
+    tail = tail[tail.find(" ") + 1 :] if " " in tail else tail
+    bare, full = encode(tail), encode(tail + " " + value)
+    if full[: len(bare)] == bare and len(full) > len(bare):
+        return full[len(bare) :]
+    return encode(" " + value)
 
 
 def _vocabulary(model: Any) -> int:
     """Rows of the model's output layer (the logits' last dimension); 1 if it cannot be told."""
-    try:
-        return int(model.get_output_embeddings().weight.shape[0])
-    except (AttributeError, TypeError, IndexError):
-        return int(getattr(getattr(model, "config", None), "vocab_size", None) or 1)
+    return sc.vocabulary(model)
 
 
 def _batches(
@@ -305,15 +514,7 @@ def _batches(
 ) -> Iterator[list[int]]:
     """Consecutive runs of ``order`` (longest first) of at most ``size`` items and at most
     ``max_tokens`` padded tokens; an item longer than that forms a batch of its own."""
-    batch: list[int] = []
-    for i in order:
-        width = lengths[batch[0]] if batch else lengths[i]
-        if batch and (len(batch) >= size or (len(batch) + 1) * width > max_tokens):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
+    return sc.plan_batches(order, lengths, None, size, max_tokens, 1 << 62)
 
 
 def summarise_items(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -345,7 +546,7 @@ def mean(values: Sequence[float]) -> float | None:
 def require_lm_eval() -> None:
     """Fail early, in one line, when the optional harness is missing."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         raise QKRestoreError(
             "--lm-eval needs lm-evaluation-harness, which is not installed",
@@ -377,9 +578,9 @@ def run_lm_eval(
     ``max_seq_lengths``, with ``tokenizer`` naming the tokenizer folder they count with.
     """
     require_lm_eval()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    import lm_eval  # type: ignore[import-untyped]
+    from lm_eval.models.huggingface import HFLM  # type: ignore[import-untyped]
+    from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]
 
     kwargs: dict[str, Any] = {
         "pretrained": model,

@@ -60,6 +60,7 @@ class Measurement:
     autocast: bool = True
     batch_size: int = 8
     trust_remote_code: bool = False
+    device_map: str | None = None  # accelerate's placement ("auto") for models beyond one device
 
     def fields(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -121,6 +122,9 @@ def measurement(
     autocast: bool = True,
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    scoring: str = "forced",
+    beyond_context: bool = False,
+    device_map: str | None = None,
 ) -> Measurement:
     """Check every measuring option (and that optional packages are there) before a model is
     loaded; the one :class:`Measurement` both commands use.
@@ -164,7 +168,16 @@ def measurement(
         )
     niah = None
     if recall_items is None and lm is None:
-        niah = NiahSettings(lengths=lens, task=task, samples=samples, seed=seed)
+        niah = NiahSettings(
+            lengths=lens,
+            task=task,
+            samples=samples,
+            seed=seed,
+            scoring=scoring,
+            beyond_context=beyond_context,
+        )
+    if device_map not in (None, "auto"):
+        raise QKRestoreError(f"--device-map {device_map!r}: use auto")
     dev, dt = choose_device(device, dtype)
     return Measurement(
         niah=niah,
@@ -176,6 +189,7 @@ def measurement(
         autocast=autocast,
         batch_size=batch_size,
         trust_remote_code=trust_remote_code,
+        device_map=device_map,
     )
 
 
@@ -205,7 +219,8 @@ def niah_doc(niah: NiahSettings | None) -> dict[str, Any] | None:
     if niah is None:
         return None
     return {"task": niah.task, "lengths": list(niah.lengths), "samples": niah.samples} | {
-        "seed": niah.seed
+        "seed": niah.seed,
+        "scoring": niah.scoring,
     }
 
 

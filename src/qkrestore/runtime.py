@@ -10,7 +10,7 @@ copy bytes never pay for them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import QKRestoreError
 
@@ -106,11 +106,20 @@ def load_causal_lm(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: Path | str | None = None,
 ) -> Any:
     """A causal LM from a local folder, in eval mode on ``device``; one clear line if it won't load.
 
     ``attn_implementation="eager"`` is what the attention diagnostics need (the only implementation
-    that returns attention weights).
+    that returns attention weights); otherwise transformers' default (SDPA, which runs flash or
+    memory-efficient kernels) is kept.
+
+    ``device_map`` (``"auto"``, or accelerate's per-module dict) spreads a model too large for one
+    device over the GPUs, then the CPU (and ``offload_folder`` on disk), as accelerate's
+    ``infer_auto_device_map`` decides within ``max_memory``; the model then stays where it was
+    put (no ``.to(device)``) and inputs go to its input embedding's device.
     """
     from transformers import AutoModelForCausalLM
 
@@ -120,13 +129,28 @@ def load_causal_lm(
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        try:
+            import accelerate  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError:
+            raise QKRestoreError(
+                f"--device-map {device_map}: needs accelerate, which is not installed",
+                hint="pip install accelerate",
+            ) from None
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise QKRestoreError(
             f"{path}: transformers could not load the model ({_first_line(exc)})"
         ) from None
-    return model.to(device).eval()
+    if device_map is None:
+        model = cast(Any, model).to(device)
+    return model.eval()
 
 
 def has_causal_lm_class(model_type: object) -> bool:

@@ -126,7 +126,7 @@ def run_select_layers(
         def loaded() -> tuple[Runner, ModelPatcher, Any]:
             if not state:
                 tok = load_tokenizer(model_dir) if needs_tok(m) else None
-                model = load_model(model_dir, m.device, m.dtype, m.trust_remote_code)
+                model = load_model(model_dir, m.device, m.dtype, m.trust_remote_code, m.device_map)
                 state["runner"] = Runner.from_settings(model, tok, m, str(model_dir))
                 state["patcher"], state["tok"] = ModelPatcher(model), tok
             return state["runner"], state["patcher"], state["tok"]

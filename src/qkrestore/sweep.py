@@ -87,6 +87,7 @@ class SweepConfig:
     autocast: bool = True
     batch_size: int = 8  # items scored per forward pass (evaluation.Runner.score_items)
     trust_remote_code: bool = False
+    device_map: str | None = None  # accelerate's placement ("auto") for models beyond one device
     adapter_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -436,7 +437,11 @@ class _Loaded:
     def post(self) -> tuple[Runner, ModelPatcher]:
         if self.runner is None or self.patcher is None:
             model = load_model(
-                self.post_dir, self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code
+                self.post_dir,
+                self.cfg.device,
+                self.cfg.dtype,
+                self.cfg.trust_remote_code,
+                self.cfg.device_map,
             )
             self.runner = Runner.from_settings(model, self._tok(), self.cfg, str(self.post_dir))
             self.patcher = ModelPatcher(model)
@@ -456,7 +461,13 @@ class _Loaded:
             import torch
 
             torch.cuda.empty_cache()
-        model = load_model(pre_dir, self.cfg.device, self.cfg.dtype, self.cfg.trust_remote_code)
+        model = load_model(
+            pre_dir,
+            self.cfg.device,
+            self.cfg.dtype,
+            self.cfg.trust_remote_code,
+            self.cfg.device_map,
+        )
         if self.runner is None:
             self.runner = Runner.from_settings(model, tok, self.cfg, str(self.post_dir))
         self.runner.model = model

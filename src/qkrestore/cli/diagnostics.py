@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .options import (
+    BeyondOpt,
     DeviceChoice,
+    DeviceMapOpt,
     DeviceOpt,
     DType,
     DTypeOpt,
@@ -24,6 +26,8 @@ from .options import (
     JsonOpt,
     PlotOpt,
     RemoteOpt,
+    Scoring,
+    ScoringOpt,
     SeedOpt,
     Task,
 )
@@ -303,6 +307,9 @@ def niah(
     dtype: DTypeOpt = DType.auto,
     seed: SeedOpt = 0,
     trust_remote_code: RemoteOpt = False,
+    device_map: DeviceMapOpt = None,
+    scoring: ScoringOpt = Scoring.forced,
+    beyond_context: BeyondOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """A RULER-style needle-in-a-haystack probe: exact-match accuracy per prompt length."""
@@ -320,6 +327,9 @@ def niah(
         dtype=dtype.value,
         seed=seed,
         trust_remote_code=trust_remote_code,
+        scoring=scoring.value,
+        beyond_context=beyond_context,
+        device_map=device_map.value if device_map else None,
     ).to_json()
     for n in report["notes"]:
         note(n)

@@ -176,3 +176,33 @@ ArchOpt = option_type("allow_arch_mismatch")
 PreWeightsOpt = option_type("pre_weights")
 PrivateOpt = option_type("private")
 RevisionOpt = option_type("revision")
+
+
+class DeviceMap(str, Enum):
+    auto = "auto"
+
+
+class Scoring(str, Enum):
+    forced = "forced"
+    generate = "generate"
+
+
+DeviceMapOpt = Annotated[
+    DeviceMap | None,
+    typer.Option(
+        "--device-map",
+        help="Spread a model too large for one GPU over all GPUs, then the CPU (accelerate).",
+    ),
+]
+BeyondOpt = Annotated[
+    bool,
+    typer.Option("--beyond-context", help="Allow --lengths past max_position_embeddings."),
+]
+ScoringOpt = Annotated[
+    Scoring,
+    typer.Option(
+        "--scoring",
+        help="NIAH answers: forced = one teacher-forced pass (the greedy answer starts with the "
+        "value); generate = greedy generation searched whole.",
+    ),
+]

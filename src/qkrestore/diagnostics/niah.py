@@ -9,21 +9,25 @@ checkpoints should not need a benchmark harness or a download. The three tasks f
   word lists, where RULER uses Paul Graham's essays);
 * ``single-3`` — a UUID hidden in the same prose.
 
-The prompt asks for "the special magic number/uuid for <key>" and ends with an answer prefix; the
-model generates greedily and a sample scores 1 when the needle value appears in the answer as a whole
-token (not as part of a longer number or id) — RULER's ``string_match_all`` for one needle, made
-strict about boundaries. Numbers are for comparing checkpoints with each other; for numbers that
+The prompt asks for "the special magic number/uuid for <key>" and ends with an answer prefix; a
+sample scores 1 when the needle value appears in the model's greedy answer as a whole token (not as
+part of a longer number or id) — RULER's ``string_match_all`` for one needle, made strict about
+boundaries. By default the greedy answer is read from one teacher-forced pass over prompt + value
+(``scoring="forced"``: right when greedy decoding starts its answer with the value; see
+:func:`forced_verdict` for the exact relation); ``scoring="generate"`` generates ``max_new_tokens``
+tokens and searches them all, as earlier versions did. Numbers are for comparing checkpoints with each other; for numbers that
 compare with papers use lm-evaluation-harness's ``ruler`` tasks.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,6 @@ import torch
 
 from ..errors import QKRestoreError
 from ..runtime import load_causal_lm, load_tokenizer
-from .attention import forward_errors
 
 TASKS = ("single-1", "single-2", "single-3")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -178,25 +181,36 @@ def make_needle(task: str, rng: random.Random) -> Needle:
 # -- prompts --------------------------------------------------------------------------------------
 
 
+Encode = Callable[[str], list[int]]
+
+
 @dataclass(frozen=True)
 class Sample:
-    """One prompt: its text, token count, where the needle sits, and the answer."""
+    """One prompt: its text, token count, where the needle sits, and the answer.
+
+    Where the needle and the haystack sit in tokens is counted on demand from character offsets
+    (``needle_tokens``, ``context_tokens``): scoring never reads them, and counting them costs
+    three encodings of the whole prompt.
+    """
 
     prompt: str
     tokens: int
     depth: float  # asked for
-    needle_tokens: tuple[int, int]  # [start, end) of the needle sentence in the prompt's tokens
-    context_tokens: tuple[int, int]  # [start, end) of the haystack (needle included)
     needle: Needle
+    offsets: tuple[int, int, int, int]  # chars: haystack start, needle start, needle end, end
+    encode: Encode = field(compare=False, repr=False)
 
     @property
-    def actual_depth(self) -> float:
-        """Where the needle starts within the haystack, as a fraction of the haystack around it."""
-        (a, b), (s, e) = self.context_tokens, self.needle_tokens
-        return (s - a) / max(1, (b - a) - (e - s))
+    def needle_tokens(self) -> tuple[int, int]:
+        """[start, end) of the needle sentence in the prompt's tokens."""
+        _, s, e, _ = self.offsets
+        return len(self.encode(self.prompt[:s])), len(self.encode(self.prompt[:e]))
 
-
-Encode = Callable[[str], list[int]]
+    @property
+    def context_tokens(self) -> tuple[int, int]:
+        """[start, end) of the haystack (needle included) in the prompt's tokens."""
+        c0, _, _, c1 = self.offsets
+        return len(self.encode(self.prompt[:c0])), len(self.encode(self.prompt[:c1]))
 
 
 def build_sample(
@@ -206,6 +220,7 @@ def build_sample(
     encode: Encode,
     seed: int = 0,
     chat: Callable[[str], str] | None = None,
+    tokenizer: str = "the tokenizer",
 ) -> Sample:
     """A prompt of at most ``length`` tokens (as ``encode`` counts them, usually a few short) with the
     needle at ``depth`` of the haystack.
@@ -214,6 +229,10 @@ def build_sample(
     boundary nearest ``depth``; then the real count of the whole prompt decides: whole sentences
     are added or removed until the next one would not fit, and the gap is filled with the words of
     one more sentence (found by bisection), so the prompt lands within a few tokens of ``length``.
+
+    Every loop is bounded: a haystack sentence costs at least one token in any real tokenizer, so
+    more than ``length`` sentences means ``encode`` yields (next to) nothing, and the probe refuses,
+    naming ``tokenizer``, instead of growing the haystack forever.
     """
     if task not in TASKS:
         raise QKRestoreError(f"--task {task}: use one of {', '.join(TASKS)}")
@@ -255,8 +274,20 @@ def build_sample(
         c_needle = c0 + (len(" ".join(hay[:at])) + 1 if at else 0)
         return text, c0, c_needle, c_needle + len(needle_text), c0 + len(context)
 
+    counted: dict[tuple[int, int], int] = {}
+
     def tokens(count: int, words: int = 0) -> int:
-        return len(encode(render(count, words)[0]))
+        if (count, words) in counted:
+            return counted[count, words]
+        if count > length:
+            raise QKRestoreError(
+                f"{tokenizer}: the tokenizer yields no tokens for the probe's text (more than "
+                f"{length} haystack sentences fit in {length} tokens)",
+                hint="the tokenizer files hold no usable vocabulary; copy the model's own "
+                "tokenizer into the folder",
+            )
+        counted[count, words] = len(encode(render(count, words)[0]))
+        return counted[count, words]
 
     overhead = tokens(0)
     if overhead > length:
@@ -268,6 +299,8 @@ def build_sample(
         grow(count + 1)
         if total + costs[count] > length:
             break
+        if count > length:
+            tokens(count)  # refuses: the sentences cost nothing
         total += costs[count]
         count += 1
     n = tokens(count)
@@ -294,15 +327,33 @@ def build_sample(
     text, c0, c_s, c_e, c1 = render(count, lo)
     return Sample(
         prompt=text,
-        tokens=len(encode(text)),
+        tokens=tokens(count, lo),
         depth=depth,
-        needle_tokens=(len(encode(text[:c_s])), len(encode(text[:c_e]))),
-        context_tokens=(len(encode(text[:c0])), len(encode(text[:c1]))),
         needle=needle,
+        offsets=(c0, c_s, c_e, c1),
+        encode=encode,
     )
 
 
 # -- scoring --------------------------------------------------------------------------------------
+
+SCORINGS = ("forced", "generate")
+# No prompt length is worth building beyond this, whatever the model claims (a haystack of 2^22
+# tokens is ~16 MB of text per prompt); lengths past the model's own context need an override.
+MAX_LENGTH = 2**22
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+
+
+def _pattern(value: str) -> re.Pattern[str]:
+    return re.compile(
+        r"(?<![0-9A-Za-z-])" + re.escape(value) + r"(?![0-9A-Za-z-])", flags=re.IGNORECASE
+    )
 
 
 def score(answer: str, value: str) -> bool:
@@ -310,8 +361,46 @@ def score(answer: str, value: str) -> bool:
 
     "1234567" counts in "is 1234567." but not in "12345678"; a UUID must appear whole.
     """
-    pattern = r"(?<![0-9A-Za-z-])" + re.escape(value) + r"(?![0-9A-Za-z-])"
-    return re.search(pattern, answer, flags=re.IGNORECASE) is not None
+    return _pattern(value).search(answer) is not None
+
+
+def forced_verdict(
+    decode: Callable[[list[int]], str],
+    argmax: Sequence[int],
+    gold: Sequence[int],
+    value: str,
+    new_tokens: int,
+    eos: set[int],
+) -> tuple[bool, list[int]]:
+    """The ``generate`` rule's verdict, decided from one teacher-forced pass where it can be.
+
+    ``argmax[j]`` is the model's choice after the prompt and ``gold[:j]`` (``len(gold) + 1``
+    entries). Up to and including the first ``j`` where it differs from ``gold`` (or the entry
+    past the gold answer), these are exactly the tokens greedy decoding emits: the *known* prefix
+    of the greedy answer (cut at ``new_tokens`` and after an end-of-sequence token, as
+    ``generate`` stops there). Returns (correct, known prefix).
+
+    Correct means :func:`score` holds for any continuation of the known prefix: a match of
+    ``value`` that some decoded character follows (the boundary can no longer change), or any
+    match once the known prefix is the whole answer. So a forced "correct" is generation's
+    "correct"; a forced "wrong" is generation's "wrong" unless greedy decoding writes the value
+    later than the known prefix (after other words, or in other tokens than ``gold``). Ties of
+    the top two logits aside, the forced score is thus a lower bound of the generated one, equal
+    whenever the model answers with the value first (tested item by item against ``generate``).
+    """
+    k = 0
+    while k < len(gold) and k < len(argmax) and argmax[k] == gold[k]:
+        k += 1
+    known = list(argmax[: k + 1])[:new_tokens]
+    whole = len(known) == new_tokens
+    for j, t in enumerate(known):
+        if t in eos:
+            known, whole = known[: j + 1], True
+            break
+    text = decode(known)
+    if whole:
+        return score(text, value), known
+    return any(m.end() < len(text) for m in _pattern(value).finditer(text)), known
 
 
 def sample_depths(samples: int, depth: float | None) -> list[float]:
@@ -321,6 +410,63 @@ def sample_depths(samples: int, depth: float | None) -> list[float]:
     if samples == 1:
         return [0.5]
     return [i / (samples - 1) for i in range(samples)]
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config says it takes (``max_position_embeddings`` or the
+    family's name for it; a VLM's text config), or None when the config does not say."""
+    for cfg in (getattr(config, "text_config", None), config):
+        if cfg is None:
+            continue
+        for key in CONTEXT_KEYS:
+            v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        return context_length(config["text_config"])
+    return None
+
+
+def check_lengths(
+    lengths: Sequence[int],
+    context: int | None = None,
+    *,
+    beyond_context: bool = False,
+    where: str = "the model",
+    option: str = "--lengths",
+) -> None:
+    """Refuse prompt lengths no run should attempt, before any work: below 64 tokens, above
+    :data:`MAX_LENGTH`, or (unless ``beyond_context``) above the model's ``context`` (a length
+    equal to it is fine: the prompt fits; only the answer's tokens then run past it)."""
+    shown = ",".join(map(str, lengths))
+    if not lengths or any(n < 64 for n in lengths):
+        raise QKRestoreError(f"{option} {shown}: give lengths of at least 64 tokens")
+    if any(n > MAX_LENGTH for n in lengths):
+        raise QKRestoreError(f"{option} {shown}: at most {MAX_LENGTH} tokens a prompt")
+    if context is not None and not beyond_context:
+        over = [n for n in lengths if n > context]
+        if over:
+            raise QKRestoreError(
+                f"{option} {shown}: {','.join(map(str, over))} beyond {where}'s context "
+                f"(max_position_embeddings {context})",
+                hint="measure within the context, or pass --beyond-context to measure anyway",
+            )
+
+
+def context_notes(lengths: Sequence[int], context: int | None, answer_tokens: int) -> list[str]:
+    """Notes for lengths whose prompt or answer runs past the model's context."""
+    if context is None:
+        return []
+    out = []
+    for n in lengths:
+        if n > context:
+            out.append(f"length {n} is beyond max_position_embeddings {context}")
+        elif n + answer_tokens > context:
+            out.append(
+                f"length {n}: the prompt fits max_position_embeddings {context}, but up to "
+                f"{n + answer_tokens - context} of the {answer_tokens} answer tokens run past it"
+            )
+    return out
 
 
 # -- running a model ------------------------------------------------------------------------------
@@ -339,63 +485,62 @@ def run_niah(
     use_chat_template: bool = False,
     seed: int = 0,
     trust_remote_code: bool = False,
+    scoring: str = "forced",
+    beyond_context: bool = False,
+    device_map: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate an answer for every (length, sample) and score it; the ``niah`` JSON document."""
-    tok = load_tokenizer(model_dir, what="niah")
-    chat = None
-    if use_chat_template:
-        if not getattr(tok, "chat_template", None):
-            raise QKRestoreError(f"{model_dir}: --chat-template, but the tokenizer has none")
+    """Score every (length, sample) prompt; the ``niah`` JSON document.
 
-        def chat(body: str) -> str:
-            return tok.apply_chat_template(
-                [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
-            )
+    Prompts of one length are scored in batches (:class:`qkrestore.evaluation.Runner`), by one
+    teacher-forced pass (``scoring="forced"``, see :func:`forced_verdict`) or by greedy generation
+    of ``max_new_tokens`` tokens (``"generate"``, the rule of earlier versions).
+    """
+    from ..evaluation import NiahSettings, Runner
 
-    model = load_causal_lm(
-        model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    config = read_config(model_dir)
+    context = context_length(config)
+    check_lengths(lengths, context, beyond_context=beyond_context, where=str(model_dir))
+    settings = NiahSettings(
+        lengths=tuple(lengths),
+        task=task,
+        samples=samples,
+        depth=depth,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        chat_template=use_chat_template,
+        scoring=scoring,
+        beyond_context=beyond_context,
     )
-    new_tokens = max_new_tokens or (48 if task == "single-3" else 24)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def encode(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    notes = []
-    limit = getattr(model.config, "max_position_embeddings", None)
+    tok = load_tokenizer(model_dir, what="niah")
+    if use_chat_template and not getattr(tok, "chat_template", None):
+        raise QKRestoreError(f"{model_dir}: --chat-template, but the tokenizer has none")
+    model = load_causal_lm(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        device_map=device_map,
+    )
+    runner = Runner(model, tok, device, autocast=False, label=str(model_dir))
+    new_tokens = settings.new_tokens()
     rows = []
     records = []
     for length in lengths:
-        if isinstance(limit, int) and length + new_tokens > limit:
-            notes.append(f"length {length} is beyond max_position_embeddings {limit}")
-        hits = 0
         t0 = time.perf_counter()
-        for i, d in enumerate(sample_depths(samples, depth)):
-            s = build_sample(task, length, d, encode, seed=seed * 100_003 + i, chat=chat)
-            ids = tok(s.prompt, add_special_tokens=not use_chat_template, return_tensors="pt")
-            ids = {k: v.to(device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
-            with torch.inference_mode(), forward_errors(model_dir, device, s.tokens):
-                out = model.generate(
-                    **ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
-                )
-            answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-            ok = score(answer, s.needle.value)
-            hits += ok
-            records.append(
-                {
-                    "length": length,
-                    "depth": round(d, 4),
-                    "prompt_tokens": int(ids["input_ids"].shape[1]),
-                    "expected": s.needle.value,
-                    "answer": answer.strip()[:200],
-                    "correct": ok,
-                }
-            )
+        one = replace(settings, lengths=(length,))
+        done = [0]
+
+        def tick(n: int, length: int = length, done: list[int] = done) -> None:
+            done[0] += n
             if progress:
-                progress(f"length {length} sample {i + 1}/{samples}: {'✓' if ok else '✗'}")
+                progress(f"length {length}: {done[0]}/{samples} scored")
+
+        got = runner.niah_records(one, tick)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        hits = sum(r["correct"] for r in got)
+        records.extend(got)
         rows.append(
             {
                 "length": length,
@@ -410,9 +555,25 @@ def run_niah(
         "task": task,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "device_map": device_map,
+        "scoring": scoring,
         "max_new_tokens": new_tokens,
         "results": rows,
         "samples": records,
-        "notes": notes,
+        "notes": context_notes(lengths, context, new_tokens),
         "reference": "for official numbers use lm-evaluation-harness's RULER tasks (niah_single_1/2/3)",
     }
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model folder, for its context length; one line when it is unreadable."""
+    path = Path(model_dir) / "config.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QKRestoreError(f"{model_dir}: no config.json (not a model folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QKRestoreError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(doc, dict):
+        raise QKRestoreError(f"{path}: not a JSON object")
+    return doc
