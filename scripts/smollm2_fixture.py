@@ -242,14 +242,15 @@ def sanity_answer(folder: Path) -> str:
     tok = AutoTokenizer.from_pretrained(folder)
     if not getattr(tok, "chat_template", None):
         raise FixtureError(f"{folder}: the saved tokenizer lost its chat template")
-    model, info = AutoModelForCausalLM.from_pretrained(
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, output_loading_info=True
     )
+    model, info = loaded
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
     if bad:
         raise FixtureError(f"{folder}/model.safetensors: transformers reports {bad}")
     check_config(model.config)
-    ids = tok.apply_chat_template(
+    ids: Any = tok.apply_chat_template(
         [{"role": "user", "content": QUESTION}],
         add_generation_prompt=True,
         return_tensors="pt",
