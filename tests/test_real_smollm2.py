@@ -179,12 +179,40 @@ def niah_correct(cli, model: Path) -> int:
     return sum(r["correct"] for r in doc["results"])
 
 
-def test_niah_recall_of_the_real_model(smollm2: Path, tmp_path: Path, cli) -> None:
+@pytest.fixture(scope="session")
+def blind(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PRE with every layer's W_Q zeroed: every head attends uniformly."""
+    return write_variant(smollm2, tmp_path_factory.mktemp("blind") / "no-query", zero_queries)
+
+
+def test_niah_recall_of_the_real_model(smollm2: Path, blind: Path, cli) -> None:
     """PRE finds the needle (measured: 16 of 16 at 256 and 512 tokens, 8 samples each); with every
     layer's W_Q zeroed (uniform attention) it cannot, so the probe measures recall, not luck."""
     assert niah_correct(cli, smollm2) >= 5  # of 6
-    blind = write_variant(smollm2, tmp_path / "no-query", zero_queries)
     assert niah_correct(cli, blind) <= 1
+
+
+def test_attn_locality_sees_the_real_heads(smollm2: Path, blind: Path, cli) -> None:
+    """On a NIAH prompt PRE's heads are far from uniform (some local, some on the needle); the
+    zeroed-W_Q model reads exactly the uniform values, so the numbers measure the heads."""
+    res = cli(
+        "attn-locality", smollm2, blind, "--length", "384", "--samples", "1", "--last-k", "32",
+        "--chat-template", "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    uni = doc["uniform"]
+    pre, flat = ([x for x in m["layers"]] for m in doc["models"])
+    assert len(pre) == LAYERS
+    for x in flat:
+        for h in x["local_mass"]["heads"]:
+            assert h == pytest.approx(uni["local_mass"], abs=1e-4)
+        for h in x["needle_weight"]["heads"]:
+            assert h == pytest.approx(uni["needle_weight"], abs=1e-4)
+    local = [h for x in pre for h in x["local_mass"]["heads"]]
+    needle = [h for x in pre for h in x["needle_weight"]["heads"]]
+    assert max(local) > 0.9 and max(local) > 3 * uni["local_mass"]
+    assert max(needle) > 5 * uni["needle_weight"]
 
 
 # -- LoRA ----------------------------------------------------------------------------------------
