@@ -409,9 +409,19 @@ def locality_figure(report: LocalityReport, path: Path, names: Sequence[str]) ->
         measures.append(("needle_weight", "needle weight (question → needle)"))
     cols = len(report.models)
     fig, axes = plt.subplots(
-        len(measures), cols, figsize=(3.2 * cols + 0.8, 3.4 * len(measures)), squeeze=False
+        len(measures),
+        cols,
+        figsize=(3.2 * cols + 0.8, 3.6 * len(measures)),
+        squeeze=False,
+        layout="constrained",
     )
     for r, (key, title) in enumerate(measures):
+        # One colour scale per row, shared by the models: 0..1 for the local mass, 0..the largest
+        # head for the needle weight (its values are small unless a head retrieves).
+        peak = max(
+            (v for m in report.models for row in (m.needle.values()) for v in row), default=1.0
+        )
+        vmax = 1.0 if key == "local_mass" else max(peak, 1e-6)
         for c, (m, name) in enumerate(zip(report.models, names)):
             table = m.local if key == "local_mass" else m.needle
             layers = sorted(table)
@@ -420,7 +430,7 @@ def locality_figure(report: LocalityReport, path: Path, names: Sequence[str]) ->
             for row, i in enumerate(layers):
                 grid[row, : len(table[i])] = table[i]
             ax = axes[r][c]
-            im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
+            im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=vmax, cmap="viridis")
             ax.set_title(f"{name}\n{title}", fontsize=8)
             ax.set_xlabel("head", fontsize=8)
             ax.set_ylabel("layer", fontsize=8)
