@@ -121,13 +121,17 @@ def test_verify_runs_the_forward_pass_and_catches_a_flipped_byte(
     assert doc["forward"]["ran"] is True
     broken = tmp_path / "broken"
     shutil.copytree(merged, broken)
-    head = len(header_bytes(broken / "model.safetensors"))
-    with (broken / "model.safetensors").open("r+b") as fh:  # flip the first byte of the data
-        fh.seek(head)
+    header = header_bytes(broken / "model.safetensors")
+    name = "model.layers.7.self_attn.k_proj.weight"  # a restored tensor: PRE's bytes expected
+    start = len(header) + json.loads(header[8:])[name]["data_offsets"][0]
+    with (broken / "model.safetensors").open("r+b") as fh:
+        fh.seek(start + 100)
         b = fh.read(1)
-        fh.seek(head)
+        fh.seek(start + 100)
         fh.write(bytes([b[0] ^ 1]))
-    assert cli("verify", broken, "--forward", "never").code != 0
+    res = cli("verify", broken, "--forward", "never", "--json")
+    assert res.code == 1, res.err
+    assert name in res.out or "model.safetensors" in res.out, res.out
 
 
 def test_pro_fix_key(pair: tuple[Path, Path], tmp_path: Path, cli) -> None:
