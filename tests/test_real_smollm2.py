@@ -65,12 +65,34 @@ def merged(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def test_fixture_is_the_pinned_smollm2(smollm2: Path) -> None:
-    """The folder was built from the pinned wheel and is the model the figures were measured on."""
+def fixture_script():
     spec = importlib.util.spec_from_file_location("fixture", REPO / "scripts/smollm2_fixture.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_fixture_script_refuses_a_wrong_wheel_and_an_incomplete_folder(tmp_path: Path) -> None:
+    """Runs without the fixture: the checks that guard it."""
+    script = fixture_script()
+    fake = tmp_path / script.WHEEL_NAME
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(script.FixtureError, match=r"sha256 .* is not the expected"):
+        script.check_wheel(fake)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert script.main(["--wheel", str(fake), "--out", str(out)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # left alone
+    assert script.main(["--wheel", str(fake), "--out", str(out), "--force"]) == 1  # still refused
+    assert (out / "config.json").is_file()
+
+
+def test_fixture_is_the_pinned_smollm2(smollm2: Path) -> None:
+    """The folder was built from the pinned wheel and is the model the figures were measured on."""
+    script = fixture_script()
+    assert script.is_complete(smollm2)
     src = source(smollm2)
     assert src["wheel_sha256"] == script.WHEEL_SHA256
     assert "Paris" in src["sanity_answer"]
