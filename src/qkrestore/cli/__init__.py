@@ -13,7 +13,7 @@ console script is ``qkrestore.cli:main``.
 
 from __future__ import annotations
 
-from . import checks, demo, diagnostics, surgery, sweep
+from . import checks, demo, diagnostics, locality, surgery, sweep
 from .app import app, main
 
 app.command(epilog=surgery.MERGE_EPILOG)(surgery.merge)
@@ -26,6 +26,7 @@ app.command(epilog=diagnostics.DRIFT_EPILOG)(diagnostics.drift)
 app.command("attn-distance", epilog=diagnostics.ATTN_DISTANCE_EPILOG)(diagnostics.attn_distance)
 app.command(epilog=diagnostics.AUTOCORR_EPILOG)(diagnostics.autocorr)
 app.command(epilog=diagnostics.NIAH_EPILOG)(diagnostics.niah)
+app.command("attn-locality", epilog=locality.ATTN_LOCALITY_EPILOG)(locality.attn_locality)
 app.command(epilog=sweep.SWEEP_EPILOG)(sweep.sweep)
 app.command("select-layers", epilog=sweep.SELECT_LAYERS_EPILOG)(sweep.select_layers)
 
