@@ -335,11 +335,15 @@ def convert(
     full_layers: Sequence[int] | None = None,
     dtype: str = "auto",
     calib_tokens: int = 2048,
+    calib_ids: torch.Tensor | None = None,
     seed: int = 0,
     min_half_life: float = 8.0,
     max_half_life: float = 2048.0,
 ) -> dict[str, Any]:
-    """Write the hybrid to ``dst`` and return a record of what was done."""
+    """Write the hybrid to ``dst`` and return a record of what was done.
+
+    The q/k norms are calibrated on ``calib_ids`` when given, else on ``calib_tokens`` tokens of
+    fixed text when the source has a tokenizer, else left neutral."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -349,10 +353,12 @@ def convert(
     cfg = hybrid_config_dict(src_cfg, full)
     state = read_state(src)
     qk_rms = None
-    if calib_tokens > 0 and any(f.name.startswith("tokenizer") for f in src.iterdir()):
-        tok = AutoTokenizer.from_pretrained(src)
+    has_tok = any(f.name.startswith("tokenizer") for f in src.iterdir())
+    if calib_ids is None and calib_tokens > 0 and has_tok:
+        calib_ids = calibration_ids(AutoTokenizer.from_pretrained(src), calib_tokens)
+    if calib_ids is not None:
         teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        qk_rms = calibrate_qk(teacher, calibration_ids(tok, calib_tokens))
+        qk_rms = calibrate_qk(teacher, calib_ids)
         del teacher
     out_dtype = (
         state["model.embed_tokens.weight"].dtype if dtype == "auto" else getattr(torch, dtype)

@@ -270,6 +270,7 @@ def distill(
     seed: int = 0,
     device: torch.device | None = None,
     log: Callable[[str], None] = lambda s: None,
+    log_every: int = 10,
 ) -> dict[str, Any]:
     """Both stages on windows of the ``train`` token stream; the student is changed in place."""
     device = device or torch.device("cpu")
@@ -279,12 +280,21 @@ def distill(
     log(f"held-out KL before: {kl0:.4f}")
     data = batches(train, seq_len, batch, seed)
     p1 = set_trainable(student, trainable_names(student, False))
-    r1 = run_stage(1, teacher, student, data, stage1, p1, device, log=log)
+    r1 = run_stage(1, teacher, student, data, stage1, p1, device, log=log, log_every=log_every)
     kl1 = eval_kl(teacher, student, eval_batch, device)
     log(f"held-out KL after stage 1: {kl1:.4f}")
     p2 = set_trainable(student, trainable_names(student, stage2_all))
     r2 = run_stage(
-        2, teacher, student, data, stage2, p2, device, hidden_weight=hidden_weight, log=log
+        2,
+        teacher,
+        student,
+        data,
+        stage2,
+        p2,
+        device,
+        hidden_weight=hidden_weight,
+        log=log,
+        log_every=log_every,
     )
     kl2 = eval_kl(teacher, student, eval_batch, device)
     log(f"held-out KL after stage 2: {kl2:.4f}")
