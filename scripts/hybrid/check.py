@@ -113,8 +113,8 @@ def write_ablated(src: Path, dst: Path, changed: dict[str, torch.Tensor]) -> Non
 
 @torch.no_grad()
 def perplexities(
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
+    teacher: Any,
+    student: Any,
     stream: torch.Tensor,
     seq_len: int,
     device: torch.device,
@@ -223,8 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(a.teacher)
     corpus = build_corpus(tok, train_tokens=0, held_out_tokens=a.ppl_tokens)
-    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).to(device).eval()
-    student = AutoModelForCausalLM.from_pretrained(a.hybrid, dtype=torch.float32).to(device).eval()
+    teacher: Any = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32)
+    student: Any = AutoModelForCausalLM.from_pretrained(a.hybrid, dtype=torch.float32)
+    teacher.to(device).eval()
+    student.to(device).eval()
     report: dict[str, Any] = {
         "teacher": str(a.teacher),
         "hybrid": str(a.hybrid),

@@ -226,7 +226,7 @@ def convert_state(
 
 
 @torch.no_grad()
-def calibrate_qk(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[int, tuple[float, float]]:
+def calibrate_qk(model: Any, input_ids: torch.Tensor) -> dict[int, tuple[float, float]]:
     """Mean per-head RMS of each layer's query and key projections (before RoPE) on ``input_ids``.
 
     Qwen3.5 normalises each query/key head to RMS 1 and scales by ``1 + w``; setting ``1 + w`` to
@@ -291,7 +291,7 @@ def calibration_ids(tokenizer: Any, n_tokens: int) -> torch.Tensor:
     return ids
 
 
-def build_model(cfg_dict: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def build_model(cfg_dict: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
     """The transformers model holding ``state`` exactly (strict load, nothing left to random init)."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 

@@ -49,7 +49,7 @@ class StageConfig:
     warmup: int = 10
 
 
-def trainable_names(model: torch.nn.Module, everything: bool) -> list[str]:
+def trainable_names(model: Any, everything: bool) -> list[str]:
     """DeltaNet layers and softmax q/k norms; with ``everything``, all parameters."""
     names = []
     for n, _ in model.named_parameters():
@@ -58,7 +58,7 @@ def trainable_names(model: torch.nn.Module, everything: bool) -> list[str]:
     return names
 
 
-def set_trainable(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Parameter]:
+def set_trainable(model: Any, names: Sequence[str]) -> list[torch.nn.Parameter]:
     keep = set(names)
     params = []
     for n, p in model.named_parameters():
@@ -82,7 +82,7 @@ def rel_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class AttentionTaps:
     """Forward hooks on the teacher's attention modules: their input hidden states and output."""
 
-    def __init__(self, teacher: torch.nn.Module) -> None:
+    def __init__(self, teacher: Any) -> None:
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.handles = []
@@ -94,9 +94,8 @@ class AttentionTaps:
 
     def _pre(self, i: int) -> Callable[..., None]:
         def hook(_m: Any, args: tuple, kwargs: dict) -> None:
-            self.inputs[i] = (
-                kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]
-            ).detach()
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.inputs[i] = x.detach()
 
         return hook
 
@@ -111,9 +110,7 @@ class AttentionTaps:
             h.remove()
 
 
-def mixer_loss(
-    student: torch.nn.Module, taps: AttentionTaps, position_ids: torch.Tensor
-) -> torch.Tensor:
+def mixer_loss(student: Any, taps: AttentionTaps, position_ids: torch.Tensor) -> torch.Tensor:
     """Stage 1: sum over layers of the relative MSE between each student mixer's output on the
     teacher's attention input and the teacher's attention output."""
     layers = student.model.layers
@@ -151,9 +148,7 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def eval_kl(
-    teacher: torch.nn.Module, student: torch.nn.Module, batch: torch.Tensor, device: torch.device
-) -> float:
+def eval_kl(teacher: Any, student: Any, batch: torch.Tensor, device: torch.device) -> float:
     student.eval()
     with autocast(device):
         t = teacher(input_ids=batch).logits
@@ -164,8 +159,8 @@ def eval_kl(
 
 def run_stage(
     stage: int,
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
+    teacher: Any,
+    student: Any,
     data: Iterator[torch.Tensor],
     cfg: StageConfig,
     params: list[torch.nn.Parameter],
@@ -239,25 +234,22 @@ def run_stage(
     }
 
 
-def load_pair(
-    teacher_dir: Path, hybrid_dir: Path, device: torch.device
-) -> tuple[torch.nn.Module, torch.nn.Module]:
+def load_pair(teacher_dir: Path, hybrid_dir: Path, device: torch.device) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(
-        teacher_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).to(device)
-    student = AutoModelForCausalLM.from_pretrained(
-        hybrid_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).to(device)
+    kw: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    teacher: Any = AutoModelForCausalLM.from_pretrained(teacher_dir, **kw)
+    student: Any = AutoModelForCausalLM.from_pretrained(hybrid_dir, **kw)
+    teacher.to(device)
+    student.to(device)
     teacher.eval().requires_grad_(False)
     student.train()
     return teacher, student
 
 
 def distill(
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
+    teacher: Any,
+    student: Any,
     train: torch.Tensor,
     eval_batch: torch.Tensor,
     *,
@@ -319,7 +311,7 @@ def distill(
     }
 
 
-def save_student(student: torch.nn.Module, hybrid_dir: Path, out: Path, dtype: torch.dtype) -> None:
+def save_student(student: Any, hybrid_dir: Path, out: Path, dtype: torch.dtype) -> None:
     """Save in ``dtype`` with the converted folder's side files (tokenizer, chat template, ...)."""
     if out.exists():
         shutil.rmtree(out)
