@@ -158,6 +158,29 @@ def test_qk_norm_calibration(llama: Path, hybrid: Path) -> None:
                 )
 
 
+def test_output_scales_are_least_squares(llama: Path, hybrid: Path) -> None:
+    """After calibration, each DeltaNet layer's best scale against its target is 1 (the residual
+    of the teacher's attention output is orthogonal to the layer's output), and it was not before."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    hyb = AutoModelForCausalLM.from_pretrained(hybrid, dtype=torch.float32)
+    rec = json.loads((hybrid / "conversion.json").read_text())
+    assert sorted(int(k) for k in rec["output_scales"]) == [0, 2]
+    taps = distill.AttentionTaps(teacher)
+    with torch.no_grad():
+        teacher.model(input_ids=calib_ids())
+        for i in (0, 2):
+            y = hyb.model.layers[i].linear_attn(hidden_states=taps.inputs[i])
+            t = taps.outputs[i]
+            assert float((y * t).sum() / (y * y).sum()) == pytest.approx(1.0, rel=1e-4)
+            assert float(hyb.model.layers[i].linear_attn.norm.weight[0]) == pytest.approx(
+                rec["output_scales"][str(i)], rel=1e-6
+            )
+            assert rec["output_scales"][str(i)] != pytest.approx(1.0, rel=1e-3)
+    taps.remove()
+
+
 def test_inspect_layers_reports_the_softmax_layers(hybrid: Path, cli) -> None:
     res = cli("inspect-layers", hybrid, "--json")
     assert res.code == 0, res.err

@@ -261,6 +261,44 @@ def calibrate_qk(model: Any, input_ids: torch.Tensor) -> dict[int, tuple[float, 
     }
 
 
+@torch.no_grad()
+def output_scales(teacher: Any, hybrid: Any, input_ids: torch.Tensor) -> dict[int, float]:
+    """Least-squares scale of each DeltaNet layer's output against the attention it replaces.
+
+    On ``input_ids``, each DeltaNet mixer gets the teacher's attention input of its layer;
+    ``alpha = <y, t> / <y, y>`` is the scalar that brings its output ``y`` closest to the teacher's
+    attention output ``t``. Multiplying the gated norm's weight by it (it scales the output
+    linearly) makes each new layer start no worse, in that sense, than leaving it out: a layer
+    whose output does not correlate with its target starts near silent instead of adding noise
+    to the residual stream.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(teacher.model.layers):
+
+        def pre(_m: Any, args: tuple, kwargs: dict, i: int = i) -> None:
+            inputs[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        def post(_m: Any, _a: Any, out: Any, i: int = i) -> None:
+            outputs[i] = out[0] if isinstance(out, tuple) else out
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(post))
+    try:
+        teacher.model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    scales = {}
+    for i, layer in enumerate(hybrid.model.layers):
+        if hasattr(layer, "linear_attn"):
+            y = layer.linear_attn(hidden_states=inputs[i].float()).float()
+            t = outputs[i].float()
+            scales[i] = float((y * t).sum() / (y * y).sum().clamp_min(1e-30))
+    return scales
+
+
 # -- I/O ----------------------------------------------------------------------------------------
 
 
@@ -336,6 +374,7 @@ def convert(
     dtype: str = "auto",
     calib_tokens: int = 2048,
     calib_ids: torch.Tensor | None = None,
+    calibrate_outputs: bool = True,
     seed: int = 0,
     min_half_life: float = 8.0,
     max_half_life: float = 2048.0,
@@ -343,7 +382,9 @@ def convert(
     """Write the hybrid to ``dst`` and return a record of what was done.
 
     The q/k norms are calibrated on ``calib_ids`` when given, else on ``calib_tokens`` tokens of
-    fixed text when the source has a tokenizer, else left neutral."""
+    fixed text when the source has a tokenizer, else left neutral; on the same tokens, with
+    ``calibrate_outputs``, each DeltaNet layer's output gets its least-squares scale
+    (:func:`output_scales`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -353,26 +394,36 @@ def convert(
     cfg = hybrid_config_dict(src_cfg, full)
     state = read_state(src)
     qk_rms = None
+    scales: dict[int, float] = {}
     has_tok = any(f.name.startswith("tokenizer") for f in src.iterdir())
     if calib_ids is None and calib_tokens > 0 and has_tok:
         calib_ids = calibration_ids(AutoTokenizer.from_pretrained(src), calib_tokens)
-    if calib_ids is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        qk_rms = calibrate_qk(teacher, calib_ids)
-        del teacher
     out_dtype = (
         state["model.embed_tokens.weight"].dtype if dtype == "auto" else getattr(torch, dtype)
     )
+    teacher = None
+    if calib_ids is not None:
+        teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        qk_rms = calibrate_qk(teacher, calib_ids)
+    # Built in float32 first, so calibration and every value computed here round once, at the end.
     hstate = convert_state(
         state,
         cfg,
         qk_rms=qk_rms,
-        dtype=out_dtype,
+        dtype=torch.float32,
         seed=seed,
         min_half_life=min_half_life,
         max_half_life=max_half_life,
     )
     model = build_model(cfg, hstate)
+    if teacher is not None and calib_ids is not None and calibrate_outputs:
+        scales = output_scales(teacher, model, calib_ids)
+        with torch.no_grad():
+            for i, a in scales.items():
+                model.model.layers[i].linear_attn.norm.weight.mul_(a)
+    del teacher
+    model.to(out_dtype)
+    model.config.dtype = out_dtype
     if dst.exists():
         shutil.rmtree(dst)
     model.save_pretrained(dst)
@@ -383,6 +434,7 @@ def convert(
         "full_attention_layers": full,
         "dtype": str(out_dtype).removeprefix("torch."),
         "qk_rms": {str(k): list(v) for k, v in (qk_rms or {}).items() if k in full},
+        "output_scales": {str(k): v for k, v in scales.items()},
         "half_lives": half_lives(cfg["num_attention_heads"], min_half_life, max_half_life),
         "side_files": side,
         "seconds": round(time.perf_counter() - t0, 2),
@@ -400,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--full-layers", default="every:4", help="'every:K' or a list like 3,7,11")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--calib-tokens", type=int, default=2048, help="0: no q/k norm calibration")
+    ap.add_argument("--no-output-scales", action="store_true", help="skip output calibration")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-half-life", type=float, default=8.0)
     ap.add_argument("--max-half-life", type=float, default=2048.0)
@@ -411,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_layers=parse_layers(a.full_layers, n),
         dtype=a.dtype,
         calib_tokens=a.calib_tokens,
+        calibrate_outputs=not a.no_output_scales,
         seed=a.seed,
         min_half_life=a.min_half_life,
         max_half_life=a.max_half_life,
