@@ -65,7 +65,9 @@ def calib_ids() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def hybrid(llama: Path) -> Path:
     out = llama.parent / "hybrid"
-    convert.convert(llama, out, full_layers=FULL_LAYERS, calib_ids=calib_ids())
+    convert.convert(
+        llama, out, full_layers=FULL_LAYERS, calib_ids=calib_ids(), calibrate_outputs=True
+    )
     return out
 
 
