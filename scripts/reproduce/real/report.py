@@ -320,7 +320,7 @@ def markdown(doc: dict[str, Any], runs: list[dict[str, Any]], sel: dict[str, Any
     for row in doc["levels"]:
         lines.append(f"| {row['group']} | {label(row['candidate'])} | "
                      + " | ".join(f"{100 * row[m]:.1f}" for m in ms) + f" | {row['n']} |")  # fmt: skip
-    lines += ["", "## What is and is not established", ""] + established(doc)
+    lines += ["", "## What is and is not established", "", *established(doc)]
     lines += ["", "## Time per run", "", "| run | SFT s | SFT tok/s | eval s | eval tok/s |",
               "|---|---|---|---|---|"]  # fmt: skip
     for r in runs:

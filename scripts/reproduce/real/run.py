@@ -9,7 +9,7 @@
 Grid: arms ``short`` (one problem per sequence) and ``packed`` (the same problems packed into
 ``--pack-len``-token sequences) × ``--lrs`` × ``--seeds``; each run is a full fine-tune of PRE
 (AdamW, bf16 autocast on CUDA) on synthetic worked-addition traces in the model's chat template
-(data.py). For each run, qkrestore's own ``sweep`` (:func:`qkrestore.sweep.run_sweep`) measures
+(traces.py). For each run, qkrestore's own ``sweep`` (:func:`qkrestore.sweep.run_sweep`) measures
 +SFT and the candidates on the same items: QK-Restore of every softmax layer, the Q/K/V ablations,
 QK-Pro (``--fix key``, ``--ridges``) and QK-Restore of ``select-layers``' top-k layers
 (:func:`qkrestore.select_layers.run_select_layers`, run once on PRE). PRE is measured once.
@@ -37,7 +37,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import data  # noqa: E402
+import traces  # noqa: E402
 
 CANDIDATE_SETS = ("restore", "ablations", "pro", "top-k")
 # Throughputs assumed by --plan-only's time estimate (tokens/s on one H100 for a 135M model); the
@@ -182,7 +182,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def micro_batches(b: data.Batch, budget: int) -> list[tuple[list[list[int]], list[list[int]]]]:
+def micro_batches(b: traces.Batch, budget: int) -> list[tuple[list[list[int]], list[list[int]]]]:
     """Split a step's sequences into forwards of at most ``budget`` padded tokens."""
     out, cur_i, cur_m = [], [], []  # type: ignore[var-annotated]
     for ids, m in zip(b.ids, b.mask):
@@ -197,7 +197,7 @@ def micro_batches(b: data.Batch, budget: int) -> list[tuple[list[list[int]], lis
     return out
 
 
-def sft(pre: Path, post: Path, codec: data.ChatCodec, run: dict[str, Any], args: argparse.Namespace,
+def sft(pre: Path, post: Path, codec: traces.ChatCodec, run: dict[str, Any], args: argparse.Namespace,
         device: Any, held_out: set[tuple[int, ...]], log: Log) -> dict[str, Any]:  # fmt: skip
     import torch
     from transformers import AutoModelForCausalLM
@@ -216,7 +216,7 @@ def sft(pre: Path, post: Path, codec: data.ChatCodec, run: dict[str, Any], args:
     tokens = padded = targets = 0
     t0 = time.perf_counter()
     for step, b in enumerate(
-        data.batches(codec, run["arm"], run["seed"], args.steps, args.problems_per_step,
+        traces.batches(codec, run["arm"], run["seed"], args.steps, args.problems_per_step,
                      args.pack_len, held_out)
     ):  # fmt: skip
         for g in opt.param_groups:
@@ -295,7 +295,7 @@ def outcomes(doc_cand: dict[str, Any], items: list[dict[str, Any]]) -> dict[str,
     niah: dict[str, str] = {}
     reasoning = ""
     for x in items:
-        bit = "1" if rec[data.group_of(x)] >= 0.5 else "0"
+        bit = "1" if rec[traces.group_of(x)] >= 0.5 else "0"
         if x["kind"] == "niah":
             key = f"{x['task']}/{x['length']}"
             niah[key] = niah.get(key, "") + bit
@@ -317,7 +317,7 @@ def sweep(pre: Path, post: Path, items: list[dict[str, Any]], groups: tuple[str,
     from qkrestore.evaluation import Item
     from qkrestore.sweep import SweepConfig, run_sweep
 
-    recall = [Item(tuple(x["prompt"]), tuple(x["answer"]), data.group_of(x)) for x in items]
+    recall = [Item(tuple(x["prompt"]), tuple(x["answer"]), traces.group_of(x)) for x in items]
     cfg = SweepConfig(
         layers=layers,
         groups=groups,
@@ -387,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     runs = shard(run_grid(words(args.arms), floats(args.lrs), ints(args.seeds)), args.shard)
     tok = AutoTokenizer.from_pretrained(str(args.model))
-    codec = data.ChatCodec(tok)
+    codec = traces.ChatCodec(tok)
     n_layers = int(AutoConfig.from_pretrained(str(args.model)).num_hidden_layers)
     if args.plan_only:
-        est = plan(args, len(runs), n_layers, data.mean_tokens(codec))
+        est = plan(args, len(runs), n_layers, traces.mean_tokens(codec))
         est["selected_runs"] = [r["name"] for r in runs]
         print(json.dumps(est, indent=1))
         return 0
@@ -403,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"runs: {', '.join(r['name'] for r in runs)} on {device}; {json.dumps(versions(device))}")
 
     t = time.perf_counter()
-    held = data.eval_problems(args.reasoning)
+    held = traces.eval_problems(args.reasoning)
     held_out = {p.terms for p in held}
-    items = data.niah_items(codec, words(args.tasks), ints(args.lengths), args.samples)
-    items += data.reasoning_items(codec, args.reasoning)
+    items = traces.niah_items(codec, words(args.tasks), ints(args.lengths), args.samples)
+    items += traces.reasoning_items(codec, args.reasoning)
     fwd_tokens = sum(len(x["prompt"]) + len(x["answer"]) for x in items)
     log(f"items: {len(items)} ({fwd_tokens} tokens per candidate) built in "
         f"{time.perf_counter() - t:.1f}s")  # fmt: skip
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             top = json.loads(sel_path.read_text())
             log(f"select-layers: cached top-{args.top_k} {top['top_layers']}")
         else:
-            sel_items = data.niah_items(codec, words(args.select_tasks),
+            sel_items = traces.niah_items(codec, words(args.select_tasks),
                                         ints(args.select_lengths), args.select_samples,
                                         seed_offset=10_000)  # fmt: skip
             top = select_top(args.model, sel_items, args, device)

@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import data  # noqa: E402
+import traces  # noqa: E402
 
 CHAT = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -27,8 +27,15 @@ def tokenizer() -> object:
 
     from qkrestore.diagnostics import niah as nh
 
-    texts = [nh.TEMPLATE, nh.ANSWER_PREFIX, nh.NEEDLE, nh.NOISE, data.INSTRUCTION, "Add Answer + ="]
-    texts += nh.essay_sentences(random.Random(0), 400) + [" ".join(map(str, range(10)))]
+    texts = [
+        nh.TEMPLATE,
+        nh.ANSWER_PREFIX,
+        nh.NEEDLE,
+        nh.NOISE,
+        traces.INSTRUCTION,
+        "Add Answer + =",
+    ]
+    texts += [*nh.essay_sentences(random.Random(0), 400), " ".join(map(str, range(10)))]
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
