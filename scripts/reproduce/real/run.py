@@ -92,7 +92,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--select-tasks", default="single-2")
     ap.add_argument("--select-lengths", default="4096,8192")
-    ap.add_argument("--select-samples", type=int, default=20)
+    ap.add_argument("--select-samples", type=int, default=12)
     ap.add_argument("--pre-eval", choices=("auto", "yes", "no"), default="auto",
                     help="auto: measure PRE in shard 1 (or without --shard) unless cached")  # fmt: skip
     ap.add_argument("--device", default="auto")
