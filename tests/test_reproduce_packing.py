@@ -58,11 +58,11 @@ def test_toy_run_with_sft_packing(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, str(SCRIPTS / "run.py"), "--out", str(out), "--size", "toy",
          "--setup", "analog", "--device", "cpu", "--sft-packing", "96", "--also-targets", "none",
-         "--no-qk-frozen", "--no-ablate"],
+         "--no-qk-frozen", "--no-ablate", "--pre-steps", "10", "--sft-steps", "8"],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["sft_packing"] == 96
-    assert results["sft"]["steps"] == results["config"]["sft_steps"]
+    assert results["config"]["sft_steps"] == 8 and results["sft"]["steps"] == 8
     assert {"PRE", "+SFT", "+QK-Restore"} <= set(results["models"])
