@@ -17,8 +17,13 @@ import ast
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired import t_interval
 
 # Table 1's rows, then Table 4's, as run.py names the models
 MAIN = ["PRE", "+SFT", "+QK-Restore", "+QK-Pro (R=1)", "+QK-Pro (R=10)"]
@@ -151,6 +156,7 @@ def table(runs: list[dict]) -> str:
     out += attn_table(runs)
     out += tau_table(runs)
     out += sweep_table(runs)
+    out += paired_table(runs)
     return "\n".join(out) + "\n"
 
 
@@ -189,6 +195,87 @@ def sweep_table(runs: list[dict]) -> list[str]:
         ]
         n = len(vals)
         out.append(f"| {name} | " + " | ".join(cells) + f" | {front}/{n} | {picked}/{n} |")
+    return out
+
+
+# the candidates of a run, each compared with +SFT of the same run
+PAIRED = {
+    "+QK-Restore": "QK-Restore",
+    "+QK-Pro (R=1)": "QK-Pro (R=1)",
+    "+Restore {q}": "Q-Restore",
+    "+Restore {k}": "K-Restore",
+    "+Restore {v}": "V-Restore",
+    "QK-Frozen SFT": "QK-Frozen SFT (own SFT run)",
+}
+# Table 4's order, as paired differences between two candidates of the same run
+ORDER = [("+Restore {q}", "+Restore {k}"), ("+Restore {k}", "+Restore {v}"),
+         ("+Restore {q}", "+Restore {v}"), ("+QK-Restore", "+Restore {q}"),
+         ("+QK-Restore", "+QK-Pro (R=1)")]  # fmt: skip
+
+
+def run_metrics(model: dict, lengths: list[int]) -> dict[str, float]:
+    """Recall per length and its mean over lengths, CoT answer and whole-trace accuracy."""
+    rec = {f"recall@{L}": model["recall"][str(L)] for L in lengths}
+    return {
+        **rec,
+        "recall (mean)": sum(rec.values()) / len(rec),
+        "CoT answer": model["reasoning"]["answer"],
+        "CoT trace": model["reasoning"]["trace"],
+    }
+
+
+def _paired_cell(diffs: list[float]) -> str:
+    if not diffs:
+        return "–"
+    iv = t_interval(diffs)
+    return f"{iv.text()} ({iv.wins}/{iv.losses})"
+
+
+def paired_table(runs: list[dict], base: str = "+SFT") -> list[str]:
+    """Pooled paired contrasts: per run, candidate − ``base`` of the same run; over the runs, the
+    mean difference with a Student-t 95 % interval and (runs better/worse). The runs are pooled as
+    draws of one configuration (a seed reruns to different numbers on a GPU, so it is not a unit);
+    then Table 4's order as paired differences between candidates."""
+    lengths = runs[0]["config"]["lengths"]
+    have = [r for r in runs if base in r.get("models", {})]
+    if not have:
+        return []
+    cols = list(run_metrics(have[0]["models"][base], lengths))
+    head = "| candidate − " + base + " | " + " | ".join(cols) + " | n |"
+    sep = "|---" * (len(cols) + 2) + "|"
+    out = ["", f"### Paired contrasts, pooled over {len(have)} runs (points; 95 % t-interval over "
+           "runs; runs better/worse)", "", head, sep]  # fmt: skip
+
+    def rows(pairs: list[tuple[str, str, str]]) -> list[str]:
+        lines = []
+        for a, b, label in pairs:
+            both = [r for r in have if a in r["models"] and b in r["models"]]
+            if not both:
+                continue
+            diffs = {c: [run_metrics(r["models"][a], lengths)[c]
+                         - run_metrics(r["models"][b], lengths)[c] for r in both] for c in cols}  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(_paired_cell(diffs[c]) for c in cols)
+                         + f" | {len(both)} |")  # fmt: skip
+        return lines
+
+    out += rows([(k, base, v) for k, v in PAIRED.items()])
+    located = [(r, (r.get("located") or {}).get(base, {})) for r in have]
+    groups = list(dict.fromkeys(g for _, loc in located for g in loc))
+    if groups:
+        out += ["", f"#### PRE's parameter group put back into {base} (`--locate`) − {base}", "",
+                head.replace("candidate", "group put back"), sep]  # fmt: skip
+        for g in groups:
+            both = [(r, loc[g]) for r, loc in located if g in loc]
+            diffs = {c: [loc["recall"][c.split("@")[1]] - r["models"][base]["recall"][c.split("@")[1]]
+                         for r, loc in both] for c in cols if c.startswith("recall@")}  # fmt: skip
+            mean_d = [sum(loc["recall"][str(L)] - r["models"][base]["recall"][str(L)]
+                          for L in lengths) / len(lengths) for r, loc in both]  # fmt: skip
+            cells = [_paired_cell(diffs[c]) if c in diffs else _paired_cell(mean_d)
+                     if c == "recall (mean)" else "not measured" for c in cols]  # fmt: skip
+            out.append(f"| {g} | " + " | ".join(cells) + f" | {len(both)} |")
+    out += ["", "#### Table 4's order, paired within runs", "",
+            head.replace("candidate − " + base, "contrast"), sep]  # fmt: skip
+    out += rows([(a, b, f"{PAIRED[a]} − {PAIRED[b]}") for a, b in ORDER])
     return out
 
 
@@ -344,11 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("agg"))
+    ap.add_argument("--paired", action="store_true",
+                    help="only the pooled paired contrasts (candidate − +SFT of the same run)")  # fmt: skip
     ap.add_argument("--curves", action="store_true",
                     help="only the SFT curves, one panel per run (agg.png), and their table")  # fmt: skip
     args = ap.parse_args(argv)
     runs = [load(r) for r in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.paired:
+        Path(f"{args.out}.md").write_text("\n".join(paired_table(runs)).lstrip() + "\n")
+        print(f"wrote {args.out}.md")
+        return 0
     if args.curves:
         lines = []
         for res in runs:

@@ -205,3 +205,26 @@ def cot_batch(
         ids[b, : len(seq)] = seq
         labels[b, len(p) : len(seq)] = r
     return ids, labels
+
+
+def pack_batch(ids: np.ndarray, labels: np.ndarray, pack_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same SFT examples packed: each row's tokens (up to its padding) concatenated in order and
+    cut into rows of ``pack_len`` tokens, the last one right-padded (``--sft-packing``).
+
+    Why: every CoT-SFT sequence of the analog is at most 27 tokens, so a fine-tune on them never
+    shows the softmax layers a long context; the paper fine-tunes on long sequences whose useful
+    dependencies are local. Packing keeps the examples, their order and their loss mask (-100 on
+    prompts and padding) and changes only what each position can attend to: positions run on across
+    examples and nothing is masked between them.
+    """
+    if pack_len < 1:
+        raise ValueError(f"pack_len {pack_len}: must be at least 1")
+    real = ids != PAD
+    flat_ids = ids[real]
+    flat_labels = labels[real]
+    rows = max(1, -(-len(flat_ids) // pack_len))
+    out_ids = np.full((rows, pack_len), PAD, dtype=ids.dtype)
+    out_labels = np.full((rows, pack_len), -100, dtype=labels.dtype)
+    out_ids.reshape(-1)[: len(flat_ids)] = flat_ids
+    out_labels.reshape(-1)[: len(flat_labels)] = flat_labels
+    return out_ids, out_labels

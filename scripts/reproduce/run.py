@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-lr", type=float)
     ap.add_argument("--sft-freeze-embeddings", action="store_true",
                     help="keep the (tied) token embeddings fixed during SFT")  # fmt: skip
+    ap.add_argument("--sft-packing", type=int, default=0, metavar="N",
+                    help="pack each SFT batch's traces into sequences of N tokens (0: one trace per "
+                         "sequence, as before)")  # fmt: skip
     ap.add_argument("--sft2-steps", type=int, help="steps of the longer, second SFT (0: none)")
     ap.add_argument("--sft2-seconds", type=float, help="wall-time budget of the second SFT")
     ap.add_argument("--ridges", type=lambda s: [float(x) for x in s.split(",")])
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         {k: getattr(args, k) for k in (*sizes.OVERRIDES, "untied", "linear_decay", "cot_task",
                                         "cot_lambda", "curve_every", "qk_frozen", "ablate")},
     )  # fmt: skip
+    cfg["sft_packing"] = args.sft_packing
     if cfg["linear_decay"] == 0:
         cfg["linear_decay"] = None
     for t in args.also_targets or []:
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             ids, labels = data.cot_batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
         else:
             ids, labels = cot.batch(rng_sft, cfg["sft_batch"], *cfg["cot_digits"])
+        if cfg["sft_packing"]:
+            ids, labels = data.pack_batch(ids, labels, cfg["sft_packing"])
         return torch.from_numpy(ids).to(dev), torch.from_numpy(labels).to(dev)
 
     def sft_curve(m: torch.nn.Module) -> dict:
