@@ -336,15 +336,18 @@ def select_top(pre: Path, items: list[dict[str, Any]], args: argparse.Namespace,
     import torch
 
     from qkrestore.evaluation import Item
+    from qkrestore.measuring import Measurement
     from qkrestore.select_layers import SelectConfig, run_select_layers
 
     recall = [Item(tuple(x["prompt"]), tuple(x["answer"]), f"{x['length']}") for x in items]
     cfg = SelectConfig(
-        recall_items=recall,
-        device=device,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        autocast=True,
-        batch_size=args.batch_size,
+        measurement=Measurement(
+            recall_items=recall,
+            device=device,
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            autocast=True,
+            batch_size=args.batch_size,
+        )
     )
     doc = run_select_layers(pre, cfg)
     top = sorted(r["layer"] for r in doc["ranking"][: args.top_k])
