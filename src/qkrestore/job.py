@@ -25,6 +25,7 @@ from .hub import (
     FOREIGN_WEIGHTS,
     META_FILES,
     Source,
+    check_push_login,
     download_list,
     fetch_post,
     fetch_pre,
@@ -151,6 +152,8 @@ def run_job(
     """Run ``method`` on PRE and POST (folders or Hub ids) and write, or only plan, OUT."""
     hooks = hooks or Hooks()
     notes = _Notes(hooks.note)
+    if options.push_to_hub and not options.dry_run:
+        check_push_login(options.push_to_hub)  # before any work, not after OUT is written
     adapter = adapter_source(post)
     if adapter is not None:
         return _adapter_job(pre, adapter, method, options, hooks, notes)

@@ -256,9 +256,14 @@ def push(
     repo_id: Annotated[str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")],
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
+    pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
+    post: Annotated[
+        Path | None, typer.Option("--post", help="Override POST's recorded path.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Upload an output made earlier to the Hugging Face Hub (uses your saved Hub token)."""
+    """Verify an output made earlier, then upload it to the Hugging Face Hub (uses your saved Hub
+    token)."""
     record = read_provenance(out)
     method = record.get("plan", {}).get("method", "qk-restore")
     url = push_folder(
@@ -267,6 +272,8 @@ def push(
         private=private,
         revision=revision,
         message=f"{method} with qkrestore",
+        pre=pre,
+        post=post,
     )
     if json_out:
         emit_json({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
