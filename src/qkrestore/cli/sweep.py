@@ -38,7 +38,7 @@ from .options import (
     SlidingOpt,
 )
 from .options import Task as NiahTask
-from .output import command_text, emit_json, err_console, note, out_console
+from .output import command_text, emit_json, err_console, fit_columns, note, out_console
 
 
 class SweepDType(str, Enum):
@@ -639,4 +639,4 @@ def _sweep_table(report: dict[str, Any]) -> Table:
             cells.append(_f(r.get("lm_eval_score")))
         cells.append(("★" if r.get("pareto") else "") + (" ←" if r["name"] == pick else ""))
         table.add_row(*cells)
-    return table
+    return fit_columns(table)
