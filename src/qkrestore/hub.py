@@ -113,6 +113,12 @@ def not_cached_reason() -> str:
 
 
 def _download(source: Source, **patterns: Any) -> Path:
+    return Path(_snapshot(source, **patterns))
+
+
+def _snapshot(source: Source, **kwargs: Any) -> Any:
+    """``snapshot_download`` of a Hub source, every failure one line naming the repo (no route,
+    offline, no such repo or revision, gated, an HTTP client error raised raw)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -123,7 +129,7 @@ def _download(source: Source, **patterns: Any) -> Path:
 
     where = source.repo + (f"@{source.revision}" if source.revision else "")
     try:
-        return Path(snapshot_download(source.repo, revision=source.revision, **patterns))
+        return snapshot_download(source.repo, revision=source.revision, **kwargs)
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{where}: {not_cached_reason()}", hint=download_hint(source)
@@ -139,8 +145,8 @@ def _download(source: Source, **patterns: Any) -> Path:
         raise CheckpointError(
             f"{where}: gated repo", hint="accept its terms on the Hub and log in"
         ) from None
-    except OSError as exc:
-        raise CheckpointError(f"{where}: download failed ({exc})") from None
+    except _network_errors() as exc:
+        raise CheckpointError(f"{where}: download failed ({type(exc).__name__}: {exc})") from None
 
 
 def fetch_post(source: Source) -> Path:
@@ -222,15 +228,7 @@ def download_list(
     if not source.is_hub:
         return []
     if not is_offline():
-        from huggingface_hub import snapshot_download
-
-        infos = snapshot_download(
-            source.repo,
-            revision=source.revision,
-            allow_patterns=allow,
-            ignore_patterns=ignore,
-            dry_run=True,
-        )
+        infos = _snapshot(source, allow_patterns=allow, ignore_patterns=ignore, dry_run=True)
         return [
             {"file": i.filename, "size": i.file_size, "cached": i.is_cached}  # type: ignore[union-attr]
             for i in infos
