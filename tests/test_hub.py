@@ -166,6 +166,9 @@ def test_push_uploads_the_folder(pair_out, monkeypatch, cli) -> None:
             return type("Info", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the login is checked before any upload
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     res = cli("push", pair_out, "me/model", "--private", "--revision", "exp")
     assert res.code == 0, res.err
     assert calls[0] == (

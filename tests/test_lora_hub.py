@@ -68,6 +68,9 @@ def test_push_adapter_output(pair, tmp_path: Path, monkeypatch, cli) -> None:
             return type("Info", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the login is checked before any work
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     out = tmp_path / "out"
     res = cli("merge", pre, adapter, "-o", out, "--push-to-hub", "me/lora-qkrestore", "--json")
     assert res.code == 0, res.err

@@ -24,13 +24,15 @@ RUN = REPO / "scripts" / "reproduce" / "run.py"
 
 
 def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
+    """No wall-clock timeout: the toy's budgets are steps, and it runs single-threaded (on a loaded
+    2-core machine two intra-op threads cost 10-30x the CPU), so load slows it but cannot fail it."""
     out = tmp_path / "toy"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     res = subprocess.run(
         [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
          "--also-targets", "q,k,v,o", "--locate", "--sft-freeze-embeddings"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
 
@@ -41,6 +43,8 @@ def test_reproduce_toy_end_to_end(tmp_path: Path) -> None:
     ):  # fmt: skip
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
+    assert results["threads"] == 1 and results["config"]["pre_seconds"] is None
+    assert results["pretrain"]["steps"] == results["config"]["pre_steps"]
     expected = {
         "PRE", "+SFT", "+QK-Restore", "+Restore {q,k,v,o}", "+QK-Pro (R=0.1)", "+QK-Pro (R=1)",
         "+SFT-long", "+SFT-long +QK-Restore", "+SFT-long +QK-Pro (R=1)",
@@ -425,7 +429,7 @@ def test_reproduce_analog_toy_end_to_end(tmp_path: Path) -> None:
         [sys.executable, str(RUN), "--out", str(out), "--size", "toy", "--device", "cpu",
          "--setup", "analog", "--pre-steps", "12", "--sft-steps", "6", "--curve-every", "3",
          "--ridges", "1", "--lengths", "96", "--also-targets", "none", "--also-targets", "v"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

@@ -7,14 +7,16 @@ that size on top, then the command line's options on top of both (``resolve``).
 
 from __future__ import annotations
 
+# "toy" is the CI smoke test: every budget in steps (no clock), small enough for well under a
+# minute of CPU (run.py's docstring has the figure); it checks that the pipeline runs, not results.
 SIZES = {
     "toy": dict(
-        vocab=dict(n_keys=32, n_vals=16, n_fill=32), pre_len=96, pre_batch=8, pre_steps=40,
+        vocab=dict(n_keys=32, n_vals=16, n_fill=32), pre_len=96, pre_batch=8, pre_steps=20,
         pre_lr=3e-3, pre_seconds=None, pre_curriculum=[1, 1], needles_per_1k=60.0, n_queries=2,
         train_needles_per_1k=60.0, train_queries=4,
-        plain_frac=0.2, cot_pretrain=4, sft_steps=30, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5),
-        lengths=[48, 96], eval_docs=32, eval_batch=32, eval_problems=30, ridges=[0.1, 1.0],
-        sft2_steps=20, sft2_seconds=None,
+        plain_frac=0.2, cot_pretrain=4, sft_steps=12, sft_batch=32, sft_lr=1e-3, cot_digits=(3, 5),
+        lengths=[48, 96], eval_docs=16, eval_batch=16, eval_problems=9, ridges=[0.1, 1.0],
+        sft2_steps=8, sft2_seconds=None,
     ),
     "cpu": dict(
         vocab=dict(n_keys=64, n_vals=32, n_fill=64), pre_len=256, pre_batch=16, pre_steps=20000,

@@ -481,9 +481,16 @@ def niah(
 
 
 def push(
-    output: PathLike, repo_id: str, *, private: bool = False, revision: str | None = None
+    output: PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    pre: PathLike | None = None,
+    post: PathLike | None = None,
 ) -> PushResult:
-    """Upload an output made earlier to the Hugging Face Hub (``qkrestore push``)."""
+    """Verify an output made earlier, then upload it to the Hugging Face Hub (``qkrestore push``);
+    ``pre``/``post`` say where the sources are now when they have moved since OUT was written."""
     from .hub import push_folder
     from .verification import read_provenance
 
@@ -491,7 +498,13 @@ def push(
     record = read_provenance(out)
     method = record.get("plan", {}).get("method", "qk-restore")
     url = push_folder(
-        out, repo_id, private=private, revision=revision, message=f"{method} with qkrestore"
+        out,
+        repo_id,
+        private=private,
+        revision=revision,
+        message=f"{method} with qkrestore",
+        pre=_path(pre),
+        post=_path(post),
     )
     return PushResult({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
 

@@ -380,9 +380,30 @@ def different_weights(a: Checkpoint, b: Checkpoint) -> str | None:
 # -- config ---------------------------------------------------------------------------------------
 
 
+def refuse_adapter(root: Path) -> None:
+    """A PEFT adapter folder (adapter_config.json, no config.json) given where a model belongs:
+    say what it is and what to pass instead, rather than that config.json (or a tokenizer) is
+    missing. Its base model's name comes from adapter_config.json."""
+    if (root / CONFIG_NAME).is_file() or not (root / "adapter_config.json").is_file():
+        return
+    try:
+        base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+        named = base.get("base_model_name_or_path") if isinstance(base, dict) else None
+    except (OSError, *JSON_ERRORS):
+        named = None
+    base_text = f" ({named})" if isinstance(named, str) and named else ""
+    raise ConfigError(
+        f"{root}: a PEFT adapter (adapter_config.json, no config.json), not a model",
+        hint=f"pass its base model{base_text}, or the adapter merged into it (peft's "
+        f"merge_and_unload; 'qkrestore merge BASE {root} --merge-adapter -o MERGED' merges and "
+        "restores); merge, pro and sweep take an adapter as POST",
+    )
+
+
 def read_config(root: Path) -> dict[str, Any]:
     path = checked_file(root, CONFIG_NAME)
     if not path.is_file():
+        refuse_adapter(Path(root))
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

@@ -42,6 +42,13 @@ class Source:
     def is_hub(self) -> bool:
         return self.repo_id is not None
 
+    @property
+    def repo(self) -> str:
+        """The repo id of a Hub source (asked for only where ``is_hub`` holds)."""
+        if self.repo_id is None:
+            raise QKRestoreError(f"{self.text}: not a Hub repo id")
+        return self.repo_id
+
 
 def parse_source(text: str) -> Source:
     """A local folder if one exists at ``text`` (or it looks like a path), else a Hub repo id."""
@@ -86,7 +93,32 @@ def hub_id_for(source: Source, root: Path, config: Mapping[str, Any]) -> str | N
     return None
 
 
+def download_hint(source: Source) -> str:
+    """The ``hf`` command that fills the cache with ``source`` (``hf download`` takes the revision
+    as ``--revision``, not as ``org/name@rev``)."""
+    rev = f" --revision {source.revision}" if source.revision else ""
+    return f"download it first with 'hf download {source.repo_id}{rev}'"
+
+
+def not_cached_reason() -> str:
+    """Why a Hub source that is not in the local cache could not be fetched: downloads are off
+    (``HF_HUB_OFFLINE`` is set), or the Hub (``HF_ENDPOINT``) could not be reached."""
+    from huggingface_hub import constants
+
+    if is_offline():
+        return (
+            "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (unset it to download)"
+        )
+    return f"not in the local Hugging Face cache, and {constants.ENDPOINT} cannot be reached"
+
+
 def _download(source: Source, **patterns: Any) -> Path:
+    return Path(_snapshot(source, **patterns))
+
+
+def _snapshot(source: Source, **kwargs: Any) -> Any:
+    """``snapshot_download`` of a Hub source, every failure one line naming the repo (no route,
+    offline, no such repo or revision, gated, an HTTP client error raised raw)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -95,13 +127,12 @@ def _download(source: Source, **patterns: Any) -> Path:
         RevisionNotFoundError,
     )
 
-    where = source.repo_id + (f"@{source.revision}" if source.revision else "")
+    where = source.repo + (f"@{source.revision}" if source.revision else "")
     try:
-        return Path(snapshot_download(source.repo_id, revision=source.revision, **patterns))
+        return snapshot_download(source.repo, revision=source.revision, **kwargs)
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{where}: not in the local Hugging Face cache and downloads are off",
-            hint="unset HF_HUB_OFFLINE, or download it first with 'hf download " + where + "'",
+            f"{where}: {not_cached_reason()}", hint=download_hint(source)
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
@@ -114,8 +145,8 @@ def _download(source: Source, **patterns: Any) -> Path:
         raise CheckpointError(
             f"{where}: gated repo", hint="accept its terms on the Hub and log in"
         ) from None
-    except OSError as exc:
-        raise CheckpointError(f"{where}: download failed ({exc})") from None
+    except _network_errors() as exc:
+        raise CheckpointError(f"{where}: download failed ({type(exc).__name__}: {exc})") from None
 
 
 def fetch_post(source: Source) -> Path:
@@ -173,7 +204,7 @@ def metadata_view(source: Source) -> Checkpoint:
     meta_dir = _download(source, allow_patterns=META_FILES)
     config = read_config(meta_dir)
     try:
-        remote = get_safetensors_metadata(source.repo_id, revision=source.revision)
+        remote = get_safetensors_metadata(source.repo, revision=source.revision)
     except Exception as exc:
         raise CheckpointError(
             f"{source.repo_id}: cannot read safetensors headers ({exc})"
@@ -197,18 +228,10 @@ def download_list(
     if not source.is_hub:
         return []
     if not is_offline():
-        from huggingface_hub import snapshot_download
-
-        infos = snapshot_download(
-            source.repo_id,
-            revision=source.revision,
-            allow_patterns=allow,
-            ignore_patterns=ignore,
-            dry_run=True,
-        )
+        infos = _snapshot(source, allow_patterns=allow, ignore_patterns=ignore, dry_run=True)
         return [
-            {"file": i.filename, "size": i.file_size, "cached": i.is_cached}
-            for i in infos  # type: ignore[union-attr]
+            {"file": i.filename, "size": i.file_size, "cached": i.is_cached}  # type: ignore[union-attr]
+            for i in infos
         ]
     snap = _download(source, allow_patterns=allow, ignore_patterns=ignore)
     from fnmatch import fnmatch
@@ -223,12 +246,89 @@ def download_list(
     return files
 
 
+class PushError(QKRestoreError):
+    """An upload could not start or did not finish. Raised after OUT is written, it says so and how
+    to retry (``qkrestore push OUT ID``): OUT itself is never touched by a push."""
+
+
+def login_problem() -> str | None:
+    """Why a push cannot start, or ``None``: offline mode, or no Hub token (``HF_TOKEN``, the token
+    file under ``HF_HOME``). Found without any network call, so a run with ``--push-to-hub`` can
+    refuse before it writes anything rather than after."""
+    from huggingface_hub import get_token
+
+    if is_offline():
+        return "HF_HUB_OFFLINE is set, so nothing can be uploaded (unset it to push)"
+    if not get_token():
+        return "not logged in to the Hugging Face Hub (run 'hf auth login' or set HF_TOKEN)"
+    return None
+
+
+def check_push_login(repo_id: str) -> None:
+    """Refuse a push that cannot start, before any other work (see :func:`login_problem`)."""
+    problem = login_problem()
+    if problem:
+        raise PushError(f"--push-to-hub {repo_id}: {problem}")
+
+
+def verify_for_push(out: Path, pre: Path | None = None, post: Path | None = None) -> None:
+    """Re-check OUT against its plan, PRE and POST (bytes only, no forward pass) before it leaves
+    this machine: a push publishes exactly what ``qkrestore verify`` passes, or nothing."""
+    from .errors import VerifyError
+    from .lora.job import is_adapter_record, verify_adapter_output
+    from .verification import read_provenance, verify_output
+
+    record = read_provenance(out)
+    if is_adapter_record(record):
+        verify_adapter_output(out, record, pre, post)  # raises VerifyError on a mismatch
+        return
+    report = verify_output(out, pre, post, "never")
+    if not report.ok:
+        first = report.mismatches[0] if report.mismatches else "forward pass failed"
+        raise VerifyError(
+            f"{out}: not pushed, verification failed: {first}",
+            hint=f"see 'qkrestore verify {out}'",
+        )
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub lets through when the Hub cannot be reached or answers with an error:
+    its own ``HfHubHTTPError``/``OfflineModeIsEnabled`` (both ``OSError``) and the HTTP client's
+    errors, raised raw (``httpx``, or ``httpx2`` in newer huggingface_hub, or ``requests``)."""
+    import importlib
+
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (
+        ("httpx2", "HTTPError"),
+        ("httpx", "HTTPError"),
+        ("requests", "RequestException"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def push_folder(
-    folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None, message: str
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str,
+    pre: Path | None = None,
+    post: Path | None = None,
 ) -> str:
-    """Create the repo if needed and upload ``folder``; returns the commit URL."""
+    """Check the login, verify ``folder``, then create the repo if needed and upload it; returns
+    the commit URL. Every failure is a :class:`PushError` (or the verifier's ``VerifyError``) whose
+    line says that ``folder`` is intact and how to retry; nothing here writes to ``folder``."""
+    retry = f"{folder} is written and intact; retry with 'qkrestore push {folder} {repo_id}'"
+    problem = login_problem()
+    if problem:
+        raise PushError(f"{repo_id}: not pushed: {problem}", hint=retry)
+    verify_for_push(folder, pre, post)
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
@@ -243,6 +343,12 @@ def push_folder(
             commit_message=message,
             ignore_patterns=[f"{LOCAL_RECORD_DIR}/*"],  # where PRE/POST are on this machine
         )
-    except HfHubHTTPError as exc:
-        raise QKRestoreError(f"{repo_id}: upload failed ({str(exc).splitlines()[0]})") from None
+    except _network_errors() as exc:
+        from huggingface_hub import constants
+
+        what = (str(exc).strip().splitlines() or [""])[0]
+        raise PushError(
+            f"{repo_id}: upload to {constants.ENDPOINT} failed ({type(exc).__name__}: {what})",
+            hint=retry,
+        ) from None
     return str(getattr(info, "commit_url", info))

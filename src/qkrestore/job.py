@@ -34,6 +34,7 @@ from .hub import (
     FOREIGN_WEIGHTS,
     META_FILES,
     Source,
+    check_push_login,
     download_list,
     fetch_post,
     fetch_pre,
@@ -237,6 +238,8 @@ def run_job(
     """
     hooks = hooks or Hooks()
     notes = _Notes(hooks.note)
+    if options.push_to_hub and not options.dry_run:
+        check_push_login(options.push_to_hub)  # before any work, not after OUT is written
     pre_src, post_src = parse_source(pre), parse_source(post)
     found = adapter_source(post)
     if found is None and options.merge_adapter:

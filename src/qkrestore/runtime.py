@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from .checkpoint import refuse_adapter
 from .errors import QKRestoreError
 
 if TYPE_CHECKING:
@@ -123,6 +124,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    refuse_adapter(Path(path))
     quiet_transformers()
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -168,6 +170,7 @@ def load_tokenizer(path: Path | str, *, what: str = "the model") -> Any:
     folder = Path(path)
     if not folder.is_dir():
         raise QKRestoreError(f"{path}: not a folder (a local tokenizer folder is needed)")
+    refuse_adapter(folder)
     if not any((folder / n).is_file() for n in TOKENIZER_FILES):
         raise QKRestoreError(
             f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json) there; "

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
 from ..errors import (
@@ -26,9 +27,47 @@ from ..errors import (
     render,
 )
 from ..options import flag_for
+from .helptext import command_page, group_page, short_help, usage_pieces
 from .output import EXIT_CODES_HELP, STATE, err_console
 
-app = typer.Typer(
+
+class HelpCommand(TyperCommand):
+    """A command whose ``--help`` page and usage line qkrestore lays out (see :mod:`.helptext`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return usage_pieces(self.get_params(ctx))
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        formatter.write(
+            command_page(ctx.command_path, self.get_params(ctx), self.help, self.epilog)
+        )
+
+
+class HelpGroup(TyperGroup):
+    """The application, with its ``--help`` page laid out by :mod:`.helptext`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return ["[OPTIONS]", "COMMAND", "[ARGS]..."]
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        commands = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not getattr(command, "hidden", False):
+                commands.append((name, short_help(command)))
+        formatter.write(group_page(ctx.command_path, self.get_params(ctx), self.help, commands))
+
+
+class QKRestoreApp(typer.Typer):
+    """A Typer whose commands render their help with :class:`HelpCommand` unless told otherwise."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", HelpCommand)
+        return super().command(*args, **kwargs)
+
+
+app = QKRestoreApp(
+    cls=HelpGroup,
     name="qkrestore",
     help="Checkpoint surgery for hybrid LLMs: bring back long-range recall after CoT fine-tuning "
     "by restoring the query/key routing of softmax-attention layers from the pre-SFT checkpoint.\n\n"

@@ -245,10 +245,15 @@ def push(
     repo_id: Annotated[str, typer.Argument(help="Hub repo id to create or update, e.g. org/name.")],
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
+    pre: Annotated[Path | None, typer.Option("--pre", help="Override PRE's recorded path.")] = None,
+    post: Annotated[
+        Path | None, typer.Option("--post", help="Override POST's recorded path.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Upload an output made earlier to the Hugging Face Hub (uses your saved Hub token)."""
-    result = api_eval.push(out, repo_id, private=private, revision=revision)
+    """Verify an output made earlier, then upload it to the Hugging Face Hub (uses your saved Hub
+    token)."""
+    result = api_eval.push(out, repo_id, private=private, revision=revision, pre=pre, post=post)
     if json_out:
         emit_json(result.to_json())
     else:

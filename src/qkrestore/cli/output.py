@@ -148,6 +148,32 @@ def narrow_table(title: str, columns: Sequence[str]) -> Table:
     return table
 
 
+def fit_columns(table: Table) -> Table:
+    """A wide table of metrics (the sweep's) made to read in an 80-column terminal without cutting
+    a header or a number: no outer borders; a header like ``recall@16384`` on two lines (``recall``
+    over ``@16384``); every right-aligned (numeric) column at least as wide as its header's longest
+    line and its widest value, and every column folding, never ending in an ellipsis. What must
+    give way are the text columns (names, layer lists), which fold onto more lines."""
+    table.box = box.SIMPLE_HEAD
+    table.show_edge = False
+    table.pad_edge = False
+    table.padding = (0, 1, 0, 0)  # with the box's blank separator: two spaces between columns
+    for col in table.columns:
+        header = col.header if isinstance(col.header, str) else ""
+        if "@" in header:
+            head, _, tail = header.partition("@")
+            header = f"{head}\n@{tail}"
+            col.header = header
+        need = max((len(line) for line in header.splitlines()), default=0)
+        if col.justify == "right" or not header:  # numbers, and the short marks column
+            need = max([need, *(len(c) for c in col.cells if isinstance(c, str))])
+        else:
+            col.no_wrap = False  # names and layer lists fold onto more lines
+        col.min_width = max(col.min_width or 0, need)
+        col.overflow = "fold"
+    return table
+
+
 def short_tensor(name: str, layer: int) -> str:
     """A tensor's name below its layer (``self_attn.q_proj.weight``); the full name elsewhere."""
     _, sep, tail = name.partition(f".{layer}.")

@@ -39,7 +39,7 @@ from .options import (
     SlidingOpt,
 )
 from .options import Task as NiahTask
-from .output import command_text, emit_json, err_console, note, out_console
+from .output import command_text, emit_json, err_console, fit_columns, note, out_console
 
 
 class SweepDType(str, Enum):
@@ -660,4 +660,4 @@ def sweep_table(report: dict[str, Any]) -> Table:
         star = "★" if r.get("pareto") and decides and complete else ""
         cells.append(star + (" ←" if r["name"] == pick else ""))
         table.add_row(*cells)
-    return table
+    return fit_columns(table)
