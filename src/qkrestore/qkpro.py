@@ -112,6 +112,10 @@ def plan_pro(
     free = "q" if fix == "key" else "k"
     patches: list[TensorPatch] = []
     for p in plan.patches:
+        if p.role == "weight" and not {p.dtype, p.pre_dtype} <= FLOAT_DTYPES:
+            # Both sides of both weights enter the solve; an integer tensor is no W_Q or W_K.
+            dtype = p.pre_dtype if p.pre_dtype not in FLOAT_DTYPES else p.dtype
+            raise PlanError(f"'{p.name}': QK-Pro needs float weights, not {dtype}")
         if p.target == free and p.role == "weight":
             if p.dtype not in FLOAT_DTYPES or p.dtype.startswith("F8"):
                 raise PlanError(f"'{p.name}': QK-Pro needs a float weight, not {p.dtype}")

@@ -232,8 +232,8 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         base_model=raw.get("base_model_name_or_path") or None,
         r=_positive_int(raw.get("r", 8), "r", path),
         lora_alpha=_number(raw.get("lora_alpha", 8), "lora_alpha", path),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
+        use_rslora=_flag(raw.get("use_rslora"), "use_rslora", path),
+        use_dora=_flag(raw.get("use_dora"), "use_dora", path),
         target_modules=_str_or_list(raw.get("target_modules"), "target_modules", path),
         exclude_modules=_str_or_list(raw.get("exclude_modules"), "exclude_modules", path),
         layers_to_transform=_layers(raw.get("layers_to_transform"), path),
@@ -291,6 +291,16 @@ def _short(value: Any) -> str:
 def _positive_int(value: Any, key: str, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{path}: '{key}' must be a positive integer, not {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str, path: Path) -> bool:
+    """A boolean option: true, false or absent (null). A string such as "no" is truthy in Python
+    and would silently switch the option on, so anything else is refused."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: '{key}' must be true or false, not {_short(value)}")
     return value
 
 

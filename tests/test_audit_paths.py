@@ -1,0 +1,116 @@
+"""An audit of every input path as a hostile user would drive it (issue 22's promises).
+
+Each test builds a tiny input, breaks it in one way, and checks the promise: exit 2 with one line
+on stderr that names the problem, and nothing left behind (no OUT, no staging folder).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import TINY, leftovers
+from lora_fixtures import DENSE, build_adapter
+
+from qkrestore.tiny import build_pair
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """PRE, POST (PRE + noise) and a peft LoRA adapter on PRE: a tiny dense Qwen3."""
+    root = tmp_path_factory.mktemp("audit")
+    pre, post = build_pair(root, "qwen3", DENSE, shard=None)
+    assert TINY["vocab_size"] > 0
+    adapter = build_adapter(pre, root / "adapter", r=4, lora_alpha=8, target_modules=QKVO)
+    return pre, post, adapter
+
+
+def edit_header(path: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite a safetensors header in place, keeping its length (spaces pad it, as allowed)."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    change(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n
+    path.write_bytes(blob[:8] + new.ljust(n) + blob[8 + n :])
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def refused(r, out: Path, *words: str) -> None:
+    assert r.code == 2, r.err
+    assert len(r.err_lines) == 1, r.err
+    assert r.err_lines[0].startswith("error: "), r.err
+    for w in words:
+        assert w in r.err, r.err
+    assert not out.exists()
+    assert not leftovers(out.parent)
+
+
+# -- checkpoint files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_unreferenced_bytes_in_a_shard_refused(dense, tmp_path: Path, cli, side: str) -> None:
+    """A header that drops a tensor but keeps its bytes is a file safetensors cannot load: before
+    the fix POST's was copied into OUT (which then failed to load) and PRE's read without a word."""
+    pre, post, _ = dense
+    bad = copy(pre if side == "pre" else post, tmp_path / "bad")
+    edit_header(bad / "model.safetensors", lambda h: h.pop("model.embed_tokens.weight"))
+    args = (bad, post) if side == "pre" else (pre, bad)
+    out = tmp_path / "out"
+    refused(cli("merge", *args, "-o", out), out, "belong to no tensor", "model.safetensors")
+
+
+def test_trailing_bytes_in_a_shard_refused(dense, tmp_path: Path, cli) -> None:
+    pre, post, _ = dense
+    bad = copy(post, tmp_path / "bad")
+    with open(bad / "model.safetensors", "ab") as fh:
+        fh.write(b"\0" * 16)
+    out = tmp_path / "out"
+    refused(cli("merge", pre, bad, "-o", out), out, "last 16 bytes belong to no tensor")
+
+
+@pytest.mark.parametrize("command", ["merge", "pro"])
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_integer_routing_weight_refused(
+    dense, tmp_path: Path, cli, command: str, side: str
+) -> None:
+    """An I32 W_Q on one side: merge used to cast PRE's floats to integers with only a note, and
+    pro crashed with an internal error (exit 3)."""
+    pre, post, _ = dense
+    bad = copy(pre if side == "pre" else post, tmp_path / "bad")
+    edit_header(bad / "model.safetensors", lambda h: h[Q0].__setitem__("dtype", "I32"))
+    args = (bad, post) if side == "pre" else (pre, bad)
+    out = tmp_path / "out"
+    refused(cli(command, *args, "-o", out), out, Q0, "I32")
+
+
+# -- adapter_config.json --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("use_rslora", "no"), ("use_dora", "yes"), ("use_rslora", 1)]
+)
+def test_adapter_flag_that_is_not_a_boolean_refused(
+    dense, tmp_path: Path, cli, key: str, value: object
+) -> None:
+    """``"use_rslora": "no"`` is truthy: it used to switch rsLoRA's scale on without a word."""
+    pre, _, adapter = dense
+    bad = copy(adapter, tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg[key] = value
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    refused(cli("merge", pre, bad, "-o", out), out, key, "true or false", "adapter_config.json")
