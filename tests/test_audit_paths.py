@@ -114,3 +114,40 @@ def test_adapter_flag_that_is_not_a_boolean_refused(
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     refused(cli("merge", pre, bad, "-o", out), out, key, "true or false", "adapter_config.json")
+
+
+# -- non-finite values entering QK-Pro ------------------------------------------------------------
+
+
+def poison(folder: Path, name: str, file: str = "model.safetensors") -> None:
+    """Put one NaN into tensor ``name`` of ``folder/file``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / file))
+    t = tensors[name].clone()
+    t.view(-1)[3] = float("nan")
+    tensors[name] = t
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("side", "target", "fix"),
+    [("pre", "k", "key"), ("pre", "q", "query"), ("pre", "q", "key"), ("post", "k", "query")],
+)
+def test_pro_refuses_nonfinite_inputs_by_name(
+    dense, tmp_path: Path, cli, side: str, target: str, fix: str
+) -> None:
+    """A NaN in the held side (PRE's W_K under --fix key) used to end in an internal error (exit 3)
+    and elsewhere in "QK-Pro's solution is not finite" without saying which input held it."""
+    pre, post, _ = dense
+    bad = copy(pre if side == "pre" else post, tmp_path / "bad")
+    name = f"model.layers.0.self_attn.{target}_proj.weight"
+    poison(bad, name)
+    args = (bad, post) if side == "pre" else (pre, bad)
+    out = tmp_path / "out"
+    r = cli("pro", *args, "--fix", fix, "-o", out)
+    assert r.code == 2, r.err
+    error = [line for line in r.err_lines if not line.startswith("note: ")]
+    assert len(error) == 1 and error[0].startswith("error: "), r.err
+    assert name in error[0] and f"{side.upper()}'s values are not finite" in error[0], r.err
+    assert not out.exists() and not leftovers(tmp_path)
