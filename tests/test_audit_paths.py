@@ -151,3 +151,52 @@ def test_pro_refuses_nonfinite_inputs_by_name(
     assert len(error) == 1 and error[0].startswith("error: "), r.err
     assert name in error[0] and f"{side.upper()}'s values are not finite" in error[0], r.err
     assert not out.exists() and not leftovers(tmp_path)
+
+
+# -- recipes and option values --------------------------------------------------------------------
+
+
+def test_recipe_key_given_twice_refused(dense, tmp_path: Path, cli) -> None:
+    """PyYAML keeps the last of two equal keys: ``layers: [1]`` then ``layers: [0]`` used to
+    restore layer 0 only, without a word."""
+    pre, post, _ = dense
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("layers: [1]\njobs: 1\nlayers: [0]\n")
+    out = tmp_path / "out"
+    refused(
+        cli("merge", pre, post, "-o", out, "--config", recipe), out, "line 3", "'layers'", "twice"
+    )
+
+
+def test_recipe_that_is_a_fifo_refused(dense, tmp_path: Path, cli) -> None:
+    """Reading a FIFO blocks until a writer comes: ``--config`` on one used to hang forever."""
+    import os
+
+    pre, post, _ = dense
+    recipe = tmp_path / "r.yaml"
+    os.mkfifo(recipe)
+    out = tmp_path / "out"
+    refused(cli("merge", pre, post, "-o", out, "--config", recipe), out, "not a regular file")
+
+
+@pytest.mark.parametrize("where", ["flag", "recipe", "api"])
+def test_infinite_ridge_refused(dense, tmp_path: Path, cli, where: str) -> None:
+    """``--ridge inf`` used to run and record ``"ridge": Infinity`` in qkrestore.json, which is
+    not JSON (and push uploads that file)."""
+    import qkrestore
+    from qkrestore.errors import QKRestoreError
+
+    pre, post, _ = dense
+    out = tmp_path / "out"
+    if where == "api":
+        with pytest.raises(QKRestoreError, match="ridge: inf: give a finite number"):
+            qkrestore.pro(pre, post, out, ridge=float("inf"))
+        assert not out.exists() and not leftovers(tmp_path)
+        return
+    if where == "recipe":
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("ridge: .inf\n")
+        r = cli("pro", pre, post, "-o", out, "--config", recipe)
+    else:
+        r = cli("pro", pre, post, "-o", out, "--ridge", "inf")
+    refused(r, out, "ridge", "inf: give a finite number")

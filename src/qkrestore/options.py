@@ -25,6 +25,7 @@ command that takes it); ``nested`` marks a field holding another option dataclas
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -226,6 +227,8 @@ def _checker(kind: type, optional: bool, minimum: float | None) -> Callable[[str
             if not ok or isinstance(value, bool):
                 raise OptionError(key, f"{value!r}: give a number")
             value = kind(value)
+            if not math.isfinite(value):  # inf would be recorded as non-JSON "Infinity"
+                raise OptionError(key, f"{value}: give a finite number")
             if minimum is not None and not value >= minimum:
                 raise OptionError(key, f"{value}: must be ≥ {minimum:g}")
             return value
