@@ -200,3 +200,28 @@ def test_infinite_ridge_refused(dense, tmp_path: Path, cli, where: str) -> None:
     else:
         r = cli("pro", pre, post, "-o", out, "--ridge", "inf")
     refused(r, out, "ridge", "inf: give a finite number")
+
+
+@pytest.mark.parametrize(
+    ("args", "keywords", "name"),
+    [
+        (("PRE", "POST", "OUT"), {"recipe": 5}, "recipe"),
+        ((None, "POST", "OUT"), {}, "pre"),
+        (("PRE", "POST", b"out"), {}, "output"),
+    ],
+)
+@pytest.mark.parametrize("command", ["merge", "pro"])
+def test_api_path_of_the_wrong_type_is_an_option_error(
+    dense, tmp_path: Path, command: str, args: tuple, keywords: dict, name: str
+) -> None:
+    """``recipe=5`` used to escape as pathlib's bare TypeError, naming no argument."""
+    import qkrestore
+    from qkrestore.errors import OptionError
+
+    pre, post, _ = dense
+    given = {"PRE": pre, "POST": post, "OUT": tmp_path / "out"}
+    real = [given.get(a, a) if isinstance(a, str) else a for a in args]
+    with pytest.raises(OptionError, match=f"^{name}: .*give a path") as info:
+        getattr(qkrestore, command)(*real, **keywords)
+    assert info.value.option == name
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
