@@ -225,3 +225,31 @@ def test_api_path_of_the_wrong_type_is_an_option_error(
         getattr(qkrestore, command)(*real, **keywords)
     assert info.value.option == name
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+# -- push ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["outside-link", "fifo"])
+def test_push_refuses_what_it_must_not_upload(
+    dense, tmp_path: Path, cli, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside link or a FIFO put into OUT after it was written: push used to hand the folder
+    to upload_folder as it was (the link's target uploaded, or a FIFO read forever). It is refused
+    before any network call (the Hub is unreachable here: a network call would fail otherwise)."""
+    import os
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pre, post, _ = dense
+    out = tmp_path / "out"
+    assert cli("merge", pre, post, "-o", out).code == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    if kind == "fifo":
+        os.mkfifo(out / "notes.txt")
+    else:
+        (out / "notes.txt").symlink_to(secret)
+    r = cli("push", out, "someone/model")
+    assert r.code == 2, r.err
+    assert len(r.err_lines) == 1 and "notes.txt" in r.err, r.err
+    assert ("outside the folder" if kind != "fifo" else "FIFO") in r.err

@@ -467,10 +467,15 @@ def push(
 ) -> PushResult:
     """Upload an output made earlier to the Hugging Face Hub (``qkrestore push``)."""
     from .hub import push_folder
+    from .sourcefiles import folder_files
     from .verification import read_provenance
 
     out = Path(output)
     record = read_provenance(out)
+    # Everything upload_folder would send must be a regular file of OUT: a link leading out of it
+    # (notes.txt -> ~/.ssh/id_rsa) or a FIFO added since it was written is refused before any
+    # network call.
+    folder_files(out)
     method = record.get("plan", {}).get("method", "qk-restore")
     url = push_folder(
         out, repo_id, private=private, revision=revision, message=f"{method} with qkrestore"
