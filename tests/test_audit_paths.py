@@ -253,3 +253,23 @@ def test_push_refuses_what_it_must_not_upload(
     assert r.code == 2, r.err
     assert len(r.err_lines) == 1 and "notes.txt" in r.err, r.err
     assert ("outside the folder" if kind != "fifo" else "FIFO") in r.err
+
+
+# -- config.json sizes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_layer_count_beyond_any_model_refused_before_work(
+    dense, tmp_path: Path, cli, whole: bool
+) -> None:
+    """``num_hidden_layers: 1000000000`` in POST's config.json used to hang merge (transformers
+    built that many layers to derive the map); the count is bounded before any work starts."""
+    pre, post, _ = dense
+    bad = copy(post, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text()) if whole else {"model_type": "qwen3"}
+    config["num_hidden_layers"] = 20_000
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    refused(cli("merge", pre, bad, "-o", out), out, "'num_hidden_layers' is 20000", "more than")
+    r = cli("inspect-layers", bad)
+    assert r.code == 2 and len(r.err_lines) == 1 and "more than" in r.err, r.err
