@@ -273,3 +273,25 @@ def test_layer_count_beyond_any_model_refused_before_work(
     refused(cli("merge", pre, bad, "-o", out), out, "'num_hidden_layers' is 20000", "more than")
     r = cli("inspect-layers", bad)
     assert r.code == 2 and len(r.err_lines) == 1 and "more than" in r.err, r.err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_adapter_config_that_is_not_a_file_named_as_such(
+    dense, tmp_path: Path, cli, kind: str
+) -> None:
+    """adapter_config.json as a FIFO or a folder: the folder was taken for a checkpoint and the
+    message said "config.json: missing", hiding what was wrong."""
+    import os
+
+    pre, _, adapter = dense
+    bad = copy(adapter, tmp_path / "bad")
+    (bad / "adapter_config.json").unlink()
+    if kind == "fifo":
+        os.mkfifo(bad / "adapter_config.json")
+    else:
+        (bad / "adapter_config.json").mkdir()
+    out = tmp_path / "out"
+    what = "a FIFO" if kind == "fifo" else "a folder"
+    refused(cli("merge", pre, bad, "-o", out), out, "adapter_config.json", what)
+    r = cli("inspect-layers", bad)
+    assert r.code == 2 and len(r.err_lines) == 1 and what in r.err, r.err

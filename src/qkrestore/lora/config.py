@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..checkpoint import JSON_ERRORS
 from ..errors import ConfigError
+from ..sourcefiles import checked_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -198,12 +200,14 @@ def _matches_list_or_regex(value: str | tuple[str, ...] | None, name: str) -> bo
 def is_adapter_folder(path: str | Path) -> bool:
     """A folder holding ``adapter_config.json`` (PEFT's marker) rather than ``config.json``."""
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_NAME).is_file()
+    # lexists, not is_file: an adapter_config.json that is a FIFO, a folder or a link leading out
+    # is still the adapter's marker, and is refused as such (not reported as "config.json: missing").
+    return p.is_dir() and os.path.lexists(p / CONFIG_NAME)
 
 
 def read_adapter_config(folder: Path) -> AdapterConfig:
     """Parse and check ``adapter_config.json``; refuse anything whose merge is not LoRA's."""
-    path = folder / CONFIG_NAME
+    path = checked_file(folder, CONFIG_NAME)  # never a FIFO or a link leading out of the folder
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
