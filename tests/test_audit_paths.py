@@ -295,3 +295,25 @@ def test_adapter_config_that_is_not_a_file_named_as_such(
     refused(cli("merge", pre, bad, "-o", out), out, "adapter_config.json", what)
     r = cli("inspect-layers", bad)
     assert r.code == 2 and len(r.err_lines) == 1 and what in r.err, r.err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("select-layers", "ADAPTER"),
+        ("drift", "PRE", "ADAPTER"),
+        ("inspect-layers", "PRE", "--compare", "ADAPTER"),
+        ("merge", "ADAPTER", "POST", "-o", "OUT"),
+    ],
+)
+def test_adapter_where_a_checkpoint_is_needed_named_as_such(
+    dense, tmp_path: Path, cli, args: tuple[str, ...]
+) -> None:
+    """An adapter folder given where a whole model is needed used to get "config.json: missing"."""
+    pre, post, adapter = dense
+    given = {"PRE": pre, "POST": post, "ADAPTER": adapter, "OUT": tmp_path / "out"}
+    r = cli(*[given.get(a, a) for a in args])
+    assert r.code == 2, r.err
+    assert len(r.err_lines) == 1, r.err
+    assert "a PEFT adapter folder" in r.err and "--merge-adapter" in r.err, r.err
+    assert not (tmp_path / "out").exists()

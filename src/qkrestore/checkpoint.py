@@ -382,6 +382,13 @@ def different_weights(a: Checkpoint, b: Checkpoint) -> str | None:
 
 def read_config(root: Path) -> dict[str, Any]:
     path = checked_file(root, CONFIG_NAME)
+    if not path.is_file() and os.path.lexists(root / "adapter_config.json"):
+        # merge and pro take an adapter as POST; every other reader needs a whole model.
+        raise ConfigError(
+            f"{root}: a PEFT adapter folder (adapter_config.json), not a full checkpoint",
+            hint=f"merge it into its base first: qkrestore merge BASE {root} --merge-adapter "
+            "-o MERGED, then pass MERGED",
+        )
     if not path.is_file():
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
     try:
