@@ -317,3 +317,25 @@ def test_adapter_where_a_checkpoint_is_needed_named_as_such(
     assert len(r.err_lines) == 1, r.err
     assert "a PEFT adapter folder" in r.err and "--merge-adapter" in r.err, r.err
     assert not (tmp_path / "out").exists()
+
+
+# -- ids written into uploaded files ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--pre-id", "--post-id", "--push-to-hub"])
+@pytest.mark.parametrize("value", ["/home/me/base", "../../etc", "a/b/c"])
+def test_hub_id_options_refuse_paths(dense, tmp_path: Path, cli, flag: str, value: str) -> None:
+    """``--pre-id /home/me/base`` used to be written into README.md's base_model, qkrestore.json
+    and adapter_config.json: the local path that push must never upload."""
+    pre, post, _ = dense
+    out = tmp_path / "out"
+    refused(cli("merge", pre, post, "-o", out, flag, value), out, flag, "Hub repo id", value)
+
+
+def test_hub_ids_named_in_the_card(dense, tmp_path: Path, cli) -> None:
+    pre, post, _ = dense
+    out = tmp_path / "out"
+    r = cli("merge", pre, post, "-o", out, "--pre-id", "Qwen/Qwen3-0.6B", "--post-id", "gpt2")
+    assert r.code == 0, r.err
+    card = (out / "README.md").read_text()
+    assert "- Qwen/Qwen3-0.6B" in card and "- gpt2" in card
