@@ -339,3 +339,29 @@ def test_hub_ids_named_in_the_card(dense, tmp_path: Path, cli) -> None:
     assert r.code == 0, r.err
     card = (out / "README.md").read_text()
     assert "- Qwen/Qwen3-0.6B" in card and "- gpt2" in card
+
+
+# -- verify on an edited record --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code", "words"),
+    [
+        ("dtype", "XX", 2, "expected a safetensors dtype"),
+        ("name", "model.layers.9.self_attn.q_proj.weight", 1, "POST does not hold"),
+    ],
+)
+def test_verify_reports_an_edited_plan_entry(
+    dense, tmp_path: Path, cli, field: str, value: str, code: int, words: str
+) -> None:
+    """A provenance record naming an unknown dtype or a tensor POST lacks used to end verify in an
+    internal error (KeyError, exit 3)."""
+    pre, post, _ = dense
+    out = tmp_path / "out"
+    assert cli("merge", pre, post, "-o", out).code == 0
+    record = json.loads((out / "qkrestore.json").read_text())
+    record["plan"]["tensors"][0][field] = value
+    (out / "qkrestore.json").write_text(json.dumps(record))
+    r = cli("verify", out)
+    assert r.code == code, r.err
+    assert words in r.err and "internal error" not in r.err, r.err
