@@ -19,11 +19,11 @@ import os
 import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from typing_extensions import Unpack
 
-from .errors import PlanError, VerifyError
+from .errors import OptionError, PlanError, VerifyError
 from .inspect import LayerReport, compare, describe
 from .job import Hooks, JobResult, open_side, run_job
 from .options import CommandOptions, resolve
@@ -79,8 +79,18 @@ class ProArgs(JobArgs, total=False):
     device: str
 
 
-def _path(path: PathLike | None) -> Path | None:
-    return None if path is None else Path(path)
+def _path(path: PathLike | None, name: str = "recipe") -> Path | None:
+    return None if path is None else Path(_fspath(path, name))
+
+
+def _fspath(path: Any, name: str) -> str:
+    """``path`` as text, or an OptionError naming the argument (not pathlib's bare TypeError)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionError(name, f"{path!r}: give a path (text or a Path)")
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise OptionError(name, f"{path!r}: give a path (text or a Path)")
+    return text
 
 
 def _run(
@@ -94,7 +104,7 @@ def _run(
     paths = [os.fspath(p) for p in (pre, post, output)]
     command = shlex.join([f"qkrestore.{options.command}", *paths])
     hooks = Hooks(note=on_note or (lambda message: None), command=command)
-    return run_job(os.fspath(pre), os.fspath(post), options.method(), options.job, hooks)
+    return run_job(paths[0], paths[1], options.method(), options.job, hooks)
 
 
 def merge(
@@ -116,7 +126,10 @@ def merge(
 
     Options:
     """
-    chosen = resolve("merge", os.fspath(output), options, recipe=_path(recipe))
+    pre, post, output = (
+        _fspath(p, n) for p, n in ((pre, "pre"), (post, "post"), (output, "output"))
+    )
+    chosen = resolve("merge", output, options, recipe=_path(recipe))
     return _run(chosen, pre, post, output, on_note)
 
 
@@ -137,7 +150,10 @@ def pro(
 
     Options:
     """
-    chosen = resolve("pro", os.fspath(output), options, recipe=_path(recipe))
+    pre, post, output = (
+        _fspath(p, n) for p, n in ((pre, "pre"), (post, "post"), (output, "output"))
+    )
+    chosen = resolve("pro", output, options, recipe=_path(recipe))
     return _run(chosen, pre, post, output, on_note)
 
 

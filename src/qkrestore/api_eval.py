@@ -492,10 +492,15 @@ def push(
     """Verify an output made earlier, then upload it to the Hugging Face Hub (``qkrestore push``);
     ``pre``/``post`` say where the sources are now when they have moved since OUT was written."""
     from .hub import push_folder
+    from .sourcefiles import folder_files
     from .verification import read_provenance
 
     out = Path(output)
     record = read_provenance(out)
+    # Everything upload_folder would send must be a regular file of OUT: a link leading out of it
+    # (notes.txt -> ~/.ssh/id_rsa) or a FIFO added since it was written is refused before any
+    # network call.
+    folder_files(out)
     method = record.get("plan", {}).get("method", "qk-restore")
     url = push_folder(
         out,

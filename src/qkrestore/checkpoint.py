@@ -402,6 +402,13 @@ def refuse_adapter(root: Path) -> None:
 
 def read_config(root: Path) -> dict[str, Any]:
     path = checked_file(root, CONFIG_NAME)
+    if not path.is_file() and os.path.lexists(root / "adapter_config.json"):
+        # merge and pro take an adapter as POST; every other reader needs a whole model.
+        raise ConfigError(
+            f"{root}: a PEFT adapter folder (adapter_config.json), not a full checkpoint",
+            hint=f"merge it into its base first: qkrestore merge BASE {root} --merge-adapter "
+            "-o MERGED, then pass MERGED",
+        )
     if not path.is_file():
         refuse_adapter(Path(root))
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
@@ -503,11 +510,23 @@ def read_header(path: Path, file: str) -> tuple[Shard, list[TensorInfo]]:
     for name, entry in header.items():
         infos.append(_tensor_info(path, file, name, entry, 8 + n, data_len))
     infos.sort(key=lambda t: (t.start, t.nbytes))
+    # The safetensors library reads only a data area that its tensors tile exactly, with no gap
+    # and no trailing bytes; a file that does not is refused here rather than copied into OUT.
     end = 8 + n
     for info in infos:
         if info.start < end:
             raise CheckpointError(f"{path}: tensor '{info.name}' overlaps the tensor before it")
+        if info.start > end:
+            raise CheckpointError(
+                f"{path}: {info.start - end} bytes before tensor '{info.name}' belong to no tensor "
+                "(the safetensors library refuses such a file)"
+            )
         end = info.start + info.nbytes
+    if end != size:
+        raise CheckpointError(
+            f"{path}: the last {size - end} bytes belong to no tensor "
+            "(the safetensors library refuses such a file)"
+        )
     shard = Shard(
         file=file,
         path=path,

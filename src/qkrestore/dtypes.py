@@ -81,6 +81,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
+INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
 
 
 def convert(data: bytes | bytearray | memoryview, src: str, dst: str) -> bytes:

@@ -83,6 +83,7 @@ class JobOptions:
         default=None,
         metadata={
             "flags": ("--push-to-hub",),
+            "parse": "repo_id",
             "help": "After success, upload OUT to this Hub repo id.",
         },
     )
@@ -98,6 +99,7 @@ class JobOptions:
         default=None,
         metadata={
             "flags": ("--pre-id",),
+            "parse": "repo_id",
             "help": "Hub id to name PRE by in the model card's base_model, when it is a local "
             "folder that the tool cannot tie to one (found from the HF cache or config otherwise).",
         },
@@ -106,6 +108,7 @@ class JobOptions:
         default=None,
         metadata={
             "flags": ("--post-id",),
+            "parse": "repo_id",
             "help": "Hub id to name POST by in the model card (see --pre-id).",
         },
     )

@@ -25,6 +25,8 @@ command that takes it); ``nested`` marks a field holding another option dataclas
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,7 +118,33 @@ class OptionSpec:
         return self.default if self.show is None else self.show(self.default)
 
 
-PARSERS: dict[str, Callable[[str, Any], Any]] = {"layers": layers_value, "targets": targets_value}
+_REPO_PART = re.compile(r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?")
+
+
+def repo_id_value(option: str, value: Any) -> str | None:
+    """A Hub repo id (``org/name`` or ``name``), as huggingface_hub validates one.
+
+    The ids are written into the model card, qkrestore.json and adapter_config.json, which push
+    uploads: a local path given here (``--pre-id /home/me/base``) would leak into them.
+    """
+    if value is None:
+        return None
+    parts = value.split("/") if isinstance(value, str) else []
+    if (
+        not 1 <= len(parts) <= 2
+        or not all(_REPO_PART.fullmatch(p) for p in parts)
+        or ".." in value
+        or "--" in value
+    ):
+        raise OptionError(option, f"{value!r}: give a Hub repo id like org/name (not a path)")
+    return value
+
+
+PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "layers": layers_value,
+    "targets": targets_value,
+    "repo_id": repo_id_value,
+}
 _META_KEYS = {"flags", "help", "key", "parse", "show", "choices", "cli_enum", "min", "only"}
 
 
@@ -226,6 +254,8 @@ def _checker(kind: type, optional: bool, minimum: float | None) -> Callable[[str
             if not ok or isinstance(value, bool):
                 raise OptionError(key, f"{value!r}: give a number")
             value = kind(value)
+            if not math.isfinite(value):  # inf would be recorded as non-JSON "Infinity"
+                raise OptionError(key, f"{value}: give a finite number")
             if minimum is not None and not value >= minimum:
                 raise OptionError(key, f"{value}: must be ≥ {minimum:g}")
             return value

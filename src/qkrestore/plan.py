@@ -25,6 +25,7 @@ from .adapters.base import merge_rows
 from .adapters.derived import is_derived
 from .adapters.shared import MLA_LATENT
 from .checkpoint import Checkpoint, TensorInfo
+from .dtypes import INTEGER_DTYPES
 from .errors import OptionError, PlanError, QKRestoreError
 
 METHOD_RESTORE = "qk-restore"
@@ -580,6 +581,12 @@ def _check_pair(
         raise PlanError(
             f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; PRE and POST must share the "
             "same quantisation"
+        )
+    if src.dtype != out.dtype and {src.dtype, out.dtype} & INTEGER_DTYPES:
+        # A cast to or from an integer dtype truncates or reinterprets values: never silently.
+        raise PlanError(
+            f"'{name}': {src.dtype} in PRE but {out.dtype} in POST; cannot convert between "
+            f"integer and other dtypes ({pre.root / src.file} vs {post.root / out.file})"
         )
 
 

@@ -28,7 +28,7 @@ from .plan import METHOD_PRO, PlanOptions, RestorePlan, TensorPatch, build_plan
 from .pro_math import solve as solve_heads
 from .pro_math import solve_cross_gram_batched
 from .runtime import resolve_device
-from .tensors import read_rows
+from .tensors import nonfinite, read_rows
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +112,10 @@ def plan_pro(
     free = "q" if fix == "key" else "k"
     patches: list[TensorPatch] = []
     for p in plan.patches:
+        if p.role == "weight" and not {p.dtype, p.pre_dtype} <= FLOAT_DTYPES:
+            # Both sides of both weights enter the solve; an integer tensor is no W_Q or W_K.
+            dtype = p.pre_dtype if p.pre_dtype not in FLOAT_DTYPES else p.dtype
+            raise PlanError(f"'{p.name}': QK-Pro needs float weights, not {dtype}")
         if p.target == free and p.role == "weight":
             if p.dtype not in FLOAT_DTYPES or p.dtype.startswith("F8"):
                 raise PlanError(f"'{p.name}': QK-Pro needs a float weight, not {p.dtype}")
@@ -224,7 +228,7 @@ def solve_layers(
     device = resolve_device(plan.params["device"])
     if n_heads <= 0:
         raise PlanError("config.json: 'num_attention_heads' is needed for QK-Pro")
-    free, _ = free_and_fixed(plan)
+    free, fixed = free_and_fixed(plan)
     batch: list[tuple[int, LayerRows]] = []
     shape: tuple[Any, ...] | None = None
     size = 0
@@ -271,6 +275,13 @@ def solve_layers(
 
     for layer in plan.layers if layers is None else layers:
         got = rows(layer)
+        for side, target, t in zip(("PRE", "POST", "PRE"), (free, free, fixed), got):
+            if nonfinite(t):  # refused by name here, not as a failed solve (or an internal error)
+                raise PlanError(
+                    f"'{_weight(plan, layer, target).name}': {side}'s values are not finite (NaN or Inf), "
+                    "so QK-Pro cannot solve this layer",
+                    hint="the file is damaged or the training diverged",
+                )
         key = tuple((tuple(t.shape), t.dtype) for t in got)
         nbytes = 8 * sum(t.numel() for t in got)
         if batch and (key != shape or size + nbytes > BATCH_BYTES):

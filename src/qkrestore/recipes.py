@@ -13,6 +13,8 @@ into billions of entries), and every value a plain scalar or a list of scalars.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,13 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     of scalars. Every refusal is a :class:`RecipeError` naming the file."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+                raise RecipeError(f"{path}: not a recipe ({what})")
             raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
@@ -66,14 +74,31 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def _refuse_aliases(path: Path, text: str) -> None:
     """Refuse anchors and aliases before anything is built: a recipe has no use for them, and
-    nested aliases are how 519 bytes of YAML expand into 10^9 list entries."""
+    nested aliases are how 519 bytes of YAML expand into 10^9 list entries. A key given twice in
+    the top mapping is refused too: PyYAML would keep the last one without a word."""
+    depth = 0  # 1 inside the top mapping, where events alternate key, value
+    expect_key = True
+    seen: set[str] = set()
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else "?"
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            line = event.start_mark.line + 1 if event.start_mark else "?"
             raise RecipeError(
                 f"{path}: line {line}: YAML anchors and aliases (&name, *name) are not allowed "
                 "in a recipe"
             )
+        opens = isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent))
+        closes = isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent))
+        if depth == 1 and expect_key and isinstance(event, yaml.ScalarEvent):
+            key = str(event.value).replace("-", "_")
+            if key in seen:
+                raise RecipeError(f"{path}: line {line}: recipe key '{event.value}' is given twice")
+            seen.add(key)
+        if opens:
+            depth += 1
+        elif closes:
+            depth -= 1
+        if depth == 1 and (isinstance(event, yaml.ScalarEvent) or closes):
+            expect_key = not expect_key if not closes else True
 
 
 def _check_value(path: Path, key: str, value: Any) -> None:

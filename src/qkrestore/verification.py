@@ -24,7 +24,7 @@ from typing import Any
 from .card import CARD_NAME, PROVENANCE_NAME, source_paths
 from .carried import carried_index
 from .checkpoint import CHUNK, INDEX_NAME, Checkpoint, read_header_bytes
-from .dtypes import cast_chunk, convert, to_tensor
+from .dtypes import BITSIZE, cast_chunk, convert, to_tensor
 from .errors import CheckpointError, QKRestoreError
 from .plan import CarriedTensor, RestorePlan, TensorPatch, patch_ranges
 from .weightfiles import (
@@ -196,6 +196,10 @@ def _check_record(record: Any) -> None:
         for key in ("name", "file", "dtype", "target", "role"):
             _want(isinstance(p.get(key), str), f"{where}.{key}", "a string")
         _want(_rel_path(p["file"]), f"{where}.file", "a relative path inside OUT")
+        _want(p["dtype"] in BITSIZE, f"{where}.dtype", "a safetensors dtype")
+        _want(
+            p.get("pre_dtype") in (None, "", *BITSIZE), f"{where}.pre_dtype", "a safetensors dtype"
+        )
         _want(
             p.get("source", "pre") in ("pre", "computed"), f"{where}.source", "'pre' or 'computed'"
         )
@@ -459,6 +463,14 @@ def _check_tensors(
         extra = sorted(set(got.tensors) ^ expected)
         _add(report, Mismatch("*", extra[0], "tensor set differs from POST's"))
         return
+    for p in plan.patches:  # an edited record may name tensors the checkpoints do not hold
+        side = (
+            "POST" if p.name not in post.tensors else "PRE" if p.pre_name not in pre.tensors else ""
+        )
+        if side:
+            name = p.name if side == "POST" else p.pre_name
+            _add(report, Mismatch(p.file, name, f"the plan restores a tensor {side} does not hold"))
+            return
     recorded = record.get("tensor_sha256", {})
     patches = plan.by_name()
     for rel, shard in post.shards.items():

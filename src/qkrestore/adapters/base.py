@@ -230,10 +230,25 @@ def text_config(config: Config) -> Config:
     return sub if isinstance(sub, Mapping) else config
 
 
+# No released model has more than a few hundred layers; a config claiming more is damaged or
+# hostile, and every per-layer loop (and transformers building the model to read its map) would
+# run that many times before anything else is checked.
+MAX_LAYERS = 10_000
+
+
+def check_layer_count(n: int, key: str = "num_hidden_layers") -> None:
+    if n > MAX_LAYERS:
+        raise ConfigError(
+            f"config.json: '{key}' is {n}; more than {MAX_LAYERS} layers is not a model this "
+            "tool can plan (the config is damaged?)"
+        )
+
+
 def num_layers(cfg: Config) -> int:
     n = cfg.get("num_hidden_layers")
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ConfigError("config.json: 'num_hidden_layers' is missing or not a positive integer")
+    check_layer_count(n)
     return n
 
 

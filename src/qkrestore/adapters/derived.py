@@ -40,7 +40,15 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..runtime import quiet_transformers
-from .base import GENERIC_WORDS, Adapter, Config, Kind, TensorSpec, text_config
+from .base import (
+    GENERIC_WORDS,
+    Adapter,
+    Config,
+    Kind,
+    TensorSpec,
+    check_layer_count,
+    text_config,
+)
 from .shared import kimi_tensors
 
 ATTENTION_CALLS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
@@ -297,6 +305,10 @@ def _derive_cached(key: str) -> Derived:
     if not model_type:
         raise DeriveError("config.json: no 'model_type' to look up in transformers")
     cleaned = _clean(inner)
+    for key in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
+        value = cleaned.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            check_layer_count(value, key)  # before transformers builds that many layers
     fewer = _fewer_experts(cleaned)
     try:
         cfg, model = _build(model_type, fewer if fewer is not None else cleaned)

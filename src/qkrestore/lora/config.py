@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..checkpoint import JSON_ERRORS
 from ..errors import ConfigError
+from ..sourcefiles import checked_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -198,12 +200,14 @@ def _matches_list_or_regex(value: str | tuple[str, ...] | None, name: str) -> bo
 def is_adapter_folder(path: str | Path) -> bool:
     """A folder holding ``adapter_config.json`` (PEFT's marker) rather than ``config.json``."""
     p = Path(path)
-    return p.is_dir() and (p / CONFIG_NAME).is_file()
+    # lexists, not is_file: an adapter_config.json that is a FIFO, a folder or a link leading out
+    # is still the adapter's marker, and is refused as such (not reported as "config.json: missing").
+    return p.is_dir() and os.path.lexists(p / CONFIG_NAME)
 
 
 def read_adapter_config(folder: Path) -> AdapterConfig:
     """Parse and check ``adapter_config.json``; refuse anything whose merge is not LoRA's."""
-    path = folder / CONFIG_NAME
+    path = checked_file(folder, CONFIG_NAME)  # never a FIFO or a link leading out of the folder
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -232,8 +236,8 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
         base_model=raw.get("base_model_name_or_path") or None,
         r=_positive_int(raw.get("r", 8), "r", path),
         lora_alpha=_number(raw.get("lora_alpha", 8), "lora_alpha", path),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
+        use_rslora=_flag(raw.get("use_rslora"), "use_rslora", path),
+        use_dora=_flag(raw.get("use_dora"), "use_dora", path),
         target_modules=_str_or_list(raw.get("target_modules"), "target_modules", path),
         exclude_modules=_str_or_list(raw.get("exclude_modules"), "exclude_modules", path),
         layers_to_transform=_layers(raw.get("layers_to_transform"), path),
@@ -291,6 +295,16 @@ def _short(value: Any) -> str:
 def _positive_int(value: Any, key: str, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{path}: '{key}' must be a positive integer, not {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str, path: Path) -> bool:
+    """A boolean option: true, false or absent (null). A string such as "no" is truthy in Python
+    and would silently switch the option on, so anything else is refused."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: '{key}' must be true or false, not {_short(value)}")
     return value
 
 
