@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from . import scoring as sc
-from .diagnostics.attention import forward_errors
 from .diagnostics.niah import (
     SCORINGS,
     TASKS,
@@ -51,7 +50,7 @@ from .diagnostics.niah import (
     score,
 )
 from .errors import QKRestoreError
-from .runtime import load_causal_lm, load_tokenizer
+from .runtime import forward_errors, load_causal_lm, load_tokenizer
 
 EXAMPLE_REASONING = "reasoning-example.jsonl"
 NIAH_CHECK_TEXT = (

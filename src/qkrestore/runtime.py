@@ -9,6 +9,8 @@ copy bytes never pay for them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -183,3 +185,25 @@ def load_tokenizer(path: Path | str, *, what: str = "the model") -> Any:
         raise QKRestoreError(
             f"{path}: the tokenizer does not load ({_first_line(exc, 160)})"
         ) from None
+
+
+@contextmanager
+def forward_errors(path: Path | str, device: torch.device, tokens: int) -> Iterator[None]:
+    """A failing forward pass (out of memory, a kernel that refuses the shapes) is the model's or
+    the machine's problem, not a bug of the tool: one line that says where, and what to try."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise QKRestoreError(
+            f"{path}: out of GPU memory on {tokens} tokens",
+            hint="eager attention keeps one layer's N×N weights; try a smaller --length",
+        ) from None
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QKRestoreError(
+            f"{path}: the model's forward pass failed on {device} ({first[:200]})",
+            hint="rerun with --debug for the traceback; --device cpu may work where a GPU kernel "
+            "refuses the model's shapes",
+        ) from exc

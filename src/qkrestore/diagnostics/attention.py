@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from ..adapters import Kind, layer_map, text_config
 from ..checkpoint import read_config
 from ..errors import ConfigError, QKRestoreError
-from ..runtime import load_causal_lm
+from ..runtime import forward_errors, load_causal_lm
 
 NEEDLE_LEN = 16  # tokens in the needle span
 CUE_LEN = 8  # the needle's first tokens, repeated at the end of the prompt as the "question"
@@ -228,26 +227,6 @@ def load_model(
         trust_remote_code=trust_remote_code,
         attn_implementation="eager",
     )
-
-
-@contextmanager
-def forward_errors(path: Path | str, device: torch.device, tokens: int) -> Iterator[None]:
-    """A failing forward pass (out of memory, a kernel that refuses the shapes) is the model's or
-    the machine's problem, not a bug of the tool: one line that says where, and what to try."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        raise QKRestoreError(
-            f"{path}: out of GPU memory on {tokens} tokens",
-            hint="eager attention keeps one layer's N×N weights; try a smaller --length",
-        ) from None
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QKRestoreError(
-            f"{path}: the model's forward pass failed on {device} ({first[:200]})",
-            hint="rerun with --debug for the traceback; --device cpu may work where a GPU kernel "
-            "refuses the model's shapes",
-        ) from exc
 
 
 def run_model(

@@ -34,8 +34,9 @@ import torch
 from ..adapters import text_config
 from ..checkpoint import read_config
 from ..errors import QKRestoreError
+from ..runtime import forward_errors
 from . import niah
-from .attention import _attention_modules, forward_errors, load_model, softmax_layers
+from .attention import _attention_modules, load_model, softmax_layers
 
 DEFAULT_LAST_K = 64
 
