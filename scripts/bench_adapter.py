@@ -85,7 +85,7 @@ def make_adapter(pre: Path, out: Path, rank: int, targets: tuple[str, ...]) -> d
     from safetensors.torch import save_file
 
     index = json.loads((pre / "model.safetensors.index.json").read_text())
-    from qkrestore.checkpoint import Checkpoint
+    from qkrestore.io.checkpoint import Checkpoint
 
     ck = Checkpoint.open(pre)
     g = torch.Generator().manual_seed(0)

@@ -42,10 +42,10 @@ from typing import Any
 
 import torch
 
-from qkrestore.diagnostics import niah as nh
-from qkrestore.evaluation import NiahSettings, Runner
-from qkrestore.runtime import load_causal_lm, load_tokenizer, quiet_transformers
-from qkrestore.scoring import plan_batches, token_budget
+from qkrestore.evaluate import niah as nh
+from qkrestore.evaluate.runner import NiahSettings, Runner
+from qkrestore.evaluate.scoring import plan_batches, token_budget
+from qkrestore.io.runtime import load_causal_lm, load_tokenizer, quiet_transformers
 
 
 def word_tokenizer() -> Any:
@@ -70,8 +70,8 @@ def word_tokenizer() -> Any:
 
 
 def build_tiny(root: Path, context: int) -> tuple[Path, Path]:
-    """The demo's tiny hybrid (qkrestore.tiny) sized to the word tokenizer, PRE and POST."""
-    from qkrestore.tiny import QWEN3_NEXT, build_pair
+    """The demo's tiny hybrid (qkrestore.testing.tiny) sized to the word tokenizer, PRE and POST."""
+    from qkrestore.testing.tiny import QWEN3_NEXT, build_pair
 
     tok = word_tokenizer()
     kw = QWEN3_NEXT | {

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
+from qkrestore.qkpro.method.closed_form import solve
 
-from qkrestore.pro_math import solve
-from qkrestore.runtime import resolve_device
+from qkrestore.io.runtime import resolve_device
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qkrestore.cli import main
-from qkrestore.runtime import quiet_transformers
-from qkrestore.tiny import FULL, LIN, QWEN3_NEXT, TINY, build_pair
+from qkrestore.io.runtime import quiet_transformers
+from qkrestore.testing.tiny import FULL, LIN, QWEN3_NEXT, TINY, build_pair
 
 # Re-exported for the test modules (``from conftest import ...``).
 __all__ = ["FULL", "LIN", "QWEN3_NEXT", "TINY", "build_hf_pair", "quiet_transformers"]

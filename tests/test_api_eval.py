@@ -114,11 +114,11 @@ def test_sweep_errors_are_typed(dense, tmp_path: Path) -> None:  # noqa: F811
 
 def test_public_names_stay_functions() -> None:
     """Importing the modules behind ``sweep``/``select_layers`` must not shadow the functions."""
-    import qkrestore.select_layers as _  # noqa: F401
-    from qkrestore.sweep import run_sweep  # noqa: F401
+    import qkrestore.evaluate.select_layers as _  # noqa: F401
+    from qkrestore.evaluate.sweep import run_sweep  # noqa: F401
 
-    assert callable(qkrestore.sweep) and qkrestore.sweep.__module__ == "qkrestore.api_eval"
-    assert qkrestore.select_layers.__module__ == "qkrestore.api_eval"
+    assert callable(qkrestore.sweep) and qkrestore.evaluate.sweep.__module__ == "qkrestore.api_eval"
+    assert qkrestore.evaluate.select_layers.__module__ == "qkrestore.api_eval"
 
 
 def test_inspect_layers_takes_adapters(tmp_path: Path, cli) -> None:

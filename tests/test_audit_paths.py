@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY, leftovers
 from lora_fixtures import DENSE, build_adapter
 
-from qkrestore.tiny import build_pair
+from qkrestore.testing.tiny import build_pair
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 Q0 = "model.layers.0.self_attn.q_proj.weight"

@@ -11,7 +11,7 @@ import torch
 from conftest import QWEN3_NEXT, build_hf_pair, load_all, raw, sha
 from safetensors.torch import save_file
 
-from qkrestore.carried import CARRIED_FILE
+from qkrestore.surgery.carried import CARRIED_FILE
 
 EXTRA = {"mtp.fc.weight": (8, 32), "mtp.norm.weight": (32,)}
 

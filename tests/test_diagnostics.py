@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from qkrestore.diagnostics import attention as at
 from qkrestore.diagnostics import autocorr as ac
-from qkrestore.diagnostics import niah as nh
 from qkrestore.diagnostics.drift import principal_angles, routing_drift_sq
+from qkrestore.evaluate import niah as nh
 
 try:
     import matplotlib  # noqa: F401

@@ -16,12 +16,12 @@ import torch
 from conftest import QWEN3_NEXT, TINY
 from test_diagnostics import word_tokenizer
 
-from qkrestore.candidates import ModelPatcher
-from qkrestore.diagnostics import niah as nh
 from qkrestore.errors import PlanError, QKRestoreError
-from qkrestore.evaluation import Item, NiahSettings, Runner, load_items
-from qkrestore.runtime import load_causal_lm, quiet_transformers
-from qkrestore.scoring import eos_ids, forced_pass
+from qkrestore.evaluate import niah as nh
+from qkrestore.evaluate.candidates import ModelPatcher
+from qkrestore.evaluate.runner import Item, NiahSettings, Runner, load_items
+from qkrestore.evaluate.scoring import eos_ids, forced_pass
+from qkrestore.io.runtime import load_causal_lm, quiet_transformers
 
 CPU = torch.device("cpu")
 
@@ -279,7 +279,7 @@ def test_bench_eval_smoke(tmp_path, monkeypatch) -> None:
 def test_plan_batches_counts_logits_at_the_kept_run_of_positions() -> None:
     """With logits only at the answer positions, a batch's logits are its rows × the one run of
     positions covering their answers, not rows × padded width."""
-    from qkrestore.scoring import plan_batches
+    from qkrestore.evaluate.scoring import plan_batches
 
     widths = [1000, 1000, 998, 990, 500]
     spans = [(990, 1000), (990, 1000), (988, 998), (980, 990), (490, 500)]

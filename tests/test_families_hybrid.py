@@ -509,7 +509,7 @@ CONFIG_CASES: list[tuple[str, dict, tuple[list[int], list[int]] | None]] = [
 def test_layer_map_from_config(model_type: str, fields: dict, stated) -> None:
     from transformers import AutoConfig
 
-    from qkrestore.adapters import Kind, resolve
+    from qkrestore.families import Kind, resolve
 
     config = {"model_type": model_type, **fields}
     if stated is None:
@@ -524,8 +524,8 @@ def test_layer_map_from_config(model_type: str, fields: dict, stated) -> None:
 
 
 def test_nemotron_h_pattern_with_unknown_character_is_refused() -> None:
-    from qkrestore.adapters import resolve
     from qkrestore.errors import ConfigError
+    from qkrestore.families import resolve
 
     config = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*X"}
     with pytest.raises(ConfigError, match="hybrid_override_pattern"):

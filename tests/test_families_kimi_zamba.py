@@ -28,10 +28,10 @@ import pytest
 import torch
 from conftest import TINY, assert_merged, load_all, quiet_transformers, write_checkpoint
 
-from qkrestore.adapters import resolve
-from qkrestore.checkpoint import Checkpoint
 from qkrestore.errors import ConfigError
-from qkrestore.plan import PlanOptions, build_plan
+from qkrestore.families import resolve
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.surgery.plan import PlanOptions, build_plan
 
 KIMI = {
     "num_hidden_layers": 4,

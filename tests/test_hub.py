@@ -14,9 +14,9 @@ import yaml
 from conftest import load_all, raw, sha, write_checkpoint
 from test_handwritten_families import hypenet_config, model_tensors, perturbed
 
-from qkrestore.checkpoint import Checkpoint
-from qkrestore.hub import parse_source, pre_shards_needed
-from qkrestore.plan import build_plan, pre_names_for
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.io.hub import parse_source, pre_shards_needed
+from qkrestore.surgery.plan import build_plan, pre_names_for
 
 REPO = Path(__file__).resolve().parents[1]
 SOFTMAX = [False, True, False, False, False, True]
@@ -200,7 +200,7 @@ def test_shipped_recipes_load(recipe: Path) -> None:
     import typer
 
     from qkrestore.cli import app
-    from qkrestore.recipes import load_recipe
+    from qkrestore.surgery.recipes import load_recipe
 
     for name in ("merge", "pro"):
         cmd = typer.main.get_command(app).commands[name]

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 
 from conftest import FULL, LIN, assert_merged, load_all, raw, routing_rows
 
-from qkrestore.runtime import quiet_transformers
+from qkrestore.io.runtime import quiet_transformers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts" / "hybrid"))

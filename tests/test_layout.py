@@ -29,12 +29,12 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return hidden
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_only: bool = True) -> dict[str, set[str]]:
     mods = modules()
     graph: dict[str, set[str]] = {}
     for name, (path, is_pkg) in mods.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        hidden = _type_checking_nodes(tree)
+        hidden = set() if type_only else _type_checking_nodes(tree)
         package = name if is_pkg else name.rpartition(".")[0]
         deps: set[str] = set()
         for node in ast.walk(tree):
@@ -107,3 +107,52 @@ def test_only_the_cli_prints() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "print":
                 offenders.append(f"{name}:{node.lineno}")
     assert offenders == []
+
+
+# The layers of the package, lowest first. A module may import its own subpackage and any lower
+# layer, never a higher one (type-only imports count: a circle that exists only for the type
+# checker is still a circle for a reader). Root modules are named by their module name.
+LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"_version", "errors"}),
+    frozenset({"io"}),  # reading and writing checkpoints, Hub, the torch/transformers edge
+    frozenset({"families"}),  # model families as data: layer maps and routing tensors
+    frozenset({"surgery"}),  # plan, methods, writer, card, verification
+    frozenset({"qkpro"}),  # QK-Pro: closed forms and its Method
+    frozenset({"adapter"}),  # PEFT adapters as an input kind
+    frozenset({"job", "options", "testing"}),  # the one pipeline and its options; tiny builders
+    frozenset({"evaluate"}),  # the NIAH probe, scoring, candidates, sweep, select-layers
+    frozenset({"diagnostics"}),  # drift, attention distance and locality, autocorrelation
+    frozenset({"api", "api_eval"}),
+    frozenset({"cli", "__main__", ""}),
+)
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else ""
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module}: not in any layer of tests/test_layout.py's LAYERS")
+
+
+def test_every_module_has_a_layer() -> None:
+    for name in modules():
+        layer_of(name)
+
+
+def test_no_upward_imports() -> None:
+    """Imports point down the layers (type-only imports included); nothing below cli/ imports it."""
+    graph = import_graph(type_only=True)
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, deps in graph.items()
+        for b in deps
+        if layer_of(b) > layer_of(a) and a != "qkrestore"
+    )
+    assert upward == []
+
+
+def test_layer_check_sees_an_upward_import() -> None:
+    assert layer_of("qkrestore.cli.app") > layer_of("qkrestore.io.checkpoint")
+    assert layer_of("qkrestore.surgery.plan") < layer_of("qkrestore.evaluate.sweep")

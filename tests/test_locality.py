@@ -21,8 +21,8 @@ from conftest import quiet_transformers
 from test_diagnostics import check_png, word_tokenizer
 
 from qkrestore.diagnostics import locality as lc
-from qkrestore.diagnostics import niah as nh
 from qkrestore.errors import QKRestoreError
+from qkrestore.evaluate import niah as nh
 
 
 def band(n: int, w: int) -> torch.Tensor:

@@ -17,8 +17,8 @@ from conftest import QWEN3_NEXT, leftovers
 from lora_fixtures import DENSE, build_adapter, build_base, load_base, merged_state
 from safetensors.torch import load_file, save_file
 
-from qkrestore.lora.config import read_adapter_config
-from qkrestore.lora.write import exclude_regex
+from qkrestore.adapter.config import read_adapter_config
+from qkrestore.adapter.write import exclude_regex
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

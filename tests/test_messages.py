@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from lora_fixtures import DENSE, build_adapter, build_base
 
-from qkrestore.hub import Source, download_hint, parse_source
+from qkrestore.io.hub import Source, download_hint, parse_source
 
 
 def run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

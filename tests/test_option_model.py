@@ -24,8 +24,8 @@ from qkrestore.api import MergeArgs, ProArgs
 from qkrestore.cli import app, surgery
 from qkrestore.cli.options import option_parameters
 from qkrestore.errors import OptionError, QKRestoreError
-from qkrestore.plan import PlanOptions
-from qkrestore.writer import WriteOptions
+from qkrestore.surgery.plan import PlanOptions
+from qkrestore.surgery.writer import WriteOptions
 
 CLI_ONLY = {"output", "config", "verbose", "json_out", "quiet", "pre", "post", "ctx"}
 TYPED_ARGS = {"merge": MergeArgs, "pro": ProArgs}

@@ -1,4 +1,4 @@
-"""Tests for qkrestore.pro_math: the QK-Pro closed form, its limits and its batching.
+"""Tests for qkrestore.qkpro.closed_form: the QK-Pro closed form, its limits and its batching.
 
 The reference implementations here are written independently of the module,
 in numpy float64, one head (or one KV group) at a time, straight from the
@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qkrestore.qkpro.method.closed_form import objective, solve, stationarity_residual
 
-from qkrestore.pro_math import objective, solve, stationarity_residual
-from qkrestore.runtime import resolve_device
+from qkrestore.io.runtime import resolve_device
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None)
 RIDGES = st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 2.5, 50.0])

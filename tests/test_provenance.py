@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import QWEN3_NEXT, build_hf_pair
 
-from qkrestore.card import LOCAL_RECORD, redact_command
+from qkrestore.surgery.card import LOCAL_RECORD, redact_command
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def pushed_files(out: Path) -> list[Path]:
     """The files huggingface_hub's upload_folder would send, with push's own ignore patterns."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from qkrestore.card import LOCAL_RECORD_DIR
+    from qkrestore.surgery.card import LOCAL_RECORD_DIR
 
     rel = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()]
     kept = filter_repo_objects(rel, ignore_patterns=[f"{LOCAL_RECORD_DIR}/*"])

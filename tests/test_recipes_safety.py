@@ -13,7 +13,7 @@ import pytest
 
 import qkrestore
 from qkrestore.errors import RecipeError
-from qkrestore.recipes import MAX_RECIPE_BYTES
+from qkrestore.surgery.recipes import MAX_RECIPE_BYTES
 
 # The shape of the audit's 519-byte recipe, kept small: each level repeats the one before.
 LAUGHS = """\

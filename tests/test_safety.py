@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_handwritten_families import model_tensors, perturbed
 
-from qkrestore.checkpoint import Checkpoint
 from qkrestore.errors import QKRestoreError
-from qkrestore.plan import build_plan
-from qkrestore.writer import check_free_space, write_output
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.surgery.plan import build_plan
+from qkrestore.surgery.writer import check_free_space, write_output
 
 CONFIG = {"model_type": "x", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}
 
@@ -408,7 +408,7 @@ def test_written_bytes_are_reread_before_the_rename(pair, tmp_path) -> None:
     It passes on the written output (and yields the sha256s the provenance records), and names the
     tensor once a byte of a restored range is changed on disk.
     """
-    from qkrestore.writer import check_written_file
+    from qkrestore.surgery.writer import check_written_file
 
     pre_ck, post_ck = Checkpoint.open(pair[0]), Checkpoint.open(pair[1])
     plan = build_plan(pre_ck, post_ck)

@@ -24,7 +24,7 @@ import torch
 import yaml
 from conftest import load_all, raw
 
-from qkrestore.runtime import quiet_transformers
+from qkrestore.io.runtime import quiet_transformers
 
 N_VALUES, N_FILL = 8, 20
 NEEDLE0, DISTRACT0, FILL0, QUESTION, BOS = 4, 12, 20, 3, 1
@@ -201,9 +201,9 @@ def test_ablation_zeroes_only_query_rows_of_a_gated_projection(tmp_path: Path) -
     from conftest import QWEN3_NEXT, build_hf_pair
     from transformers import AutoModelForCausalLM
 
-    from qkrestore.candidates import ModelPatcher, ablation_values
-    from qkrestore.checkpoint import Checkpoint
-    from qkrestore.plan import PlanOptions, build_plan
+    from qkrestore.evaluate.candidates import ModelPatcher, ablation_values
+    from qkrestore.io.checkpoint import Checkpoint
+    from qkrestore.surgery.plan import PlanOptions, build_plan
 
     _, post = build_hf_pair(tmp_path, "qwen3_next", QWEN3_NEXT)
     model = AutoModelForCausalLM.from_pretrained(str(post), dtype=torch.float32)

@@ -16,12 +16,11 @@ import pytest
 import torch
 from conftest import QWEN3_NEXT, build_hf_pair, load_all, raw
 
-from qkrestore import evaluation
-from qkrestore.candidates import ModelPatcher, PlanSettings, plan_candidate, plan_values
-from qkrestore.checkpoint import Checkpoint
-from qkrestore.diagnostics import niah as nh
 from qkrestore.errors import QKRestoreError
-from qkrestore.evaluation import (
+from qkrestore.evaluate import niah as nh
+from qkrestore.evaluate import runner as evaluation
+from qkrestore.evaluate.candidates import ModelPatcher, PlanSettings, plan_candidate, plan_values
+from qkrestore.evaluate.runner import (
     Item,
     Runner,
     _batches,
@@ -30,8 +29,7 @@ from qkrestore.evaluation import (
     load_items,
     summarise_items,
 )
-from qkrestore.runtime import quiet_transformers
-from qkrestore.sweep import (
+from qkrestore.evaluate.sweep import (
     SweepConfig,
     base_candidates,
     choose,
@@ -40,6 +38,8 @@ from qkrestore.sweep import (
     recipe_text,
     top_k_candidates,
 )
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.io.runtime import quiet_transformers
 
 EXAMPLE = example_reasoning_file()
 

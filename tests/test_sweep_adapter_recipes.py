@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_sweep_adapter import models  # noqa: F401 - fixture
 
-from qkrestore.sweep import SweepConfig, base_candidates, recipe_text, top_k_candidates
+from qkrestore.evaluate.sweep import SweepConfig, base_candidates, recipe_text, top_k_candidates
 
 pytest.importorskip("peft")
 

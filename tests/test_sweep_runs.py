@@ -26,7 +26,7 @@ import pytest
 from test_api_eval import untimed
 from test_sweep import EXAMPLE, dense, one_thread  # noqa: F401 - fixtures
 
-from qkrestore.probe import Z95, at_chance, tied, wilson
+from qkrestore.evaluate.probe import Z95, at_chance, tied, wilson
 
 FAST = ["--lengths", "128", "--samples", "2", "--task", "single-1", "--device", "cpu"]
 
@@ -227,7 +227,7 @@ def test_resume_with_other_settings_is_refused(dense, tmp_path: Path, cli) -> No
 def test_results_file_is_rewritten_after_each_candidate(dense, tmp_path: Path) -> None:  # noqa: F811
     """Through the API: the file holds 1, 2, … candidates as they finish (complete at the end)."""
     import qkrestore
-    from qkrestore.runlog import Progress
+    from qkrestore.evaluate.runlog import Progress
 
     pre, post = dense
     out = tmp_path / "s.json"
@@ -266,7 +266,7 @@ def test_select_layers_stopped_then_resumed_equals_one_run(dense, tmp_path: Path
     """A library-level stop after two measurements (the caller's progress object raises, as a
     Ctrl-C would), then ``--resume``: the same document as one uninterrupted run."""
     import qkrestore
-    from qkrestore.runlog import Progress, Step
+    from qkrestore.evaluate.runlog import Progress, Step
 
     _, post = dense
     out = tmp_path / "layers.json"

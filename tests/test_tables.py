@@ -7,11 +7,11 @@ from rich.console import Console
 from rich.table import Table
 
 import qkrestore
-from qkrestore.checkpoint import Checkpoint
 from qkrestore.cli.checks import drift_table, routing_table
 from qkrestore.cli.demo import build_demo_pair
 from qkrestore.cli.output import plan_table
-from qkrestore.plan import build_plan
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.surgery.plan import build_plan
 
 
 def rendered_lines(table: Table, width: int) -> list[str]:

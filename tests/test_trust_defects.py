@@ -19,8 +19,8 @@ from conftest import leftovers, load_all, raw, write_checkpoint
 from safetensors.torch import save_file
 from test_handwritten_families import model_tensors, perturbed
 
-from qkrestore.checkpoint import Checkpoint
 from qkrestore.errors import CheckpointError
+from qkrestore.io.checkpoint import Checkpoint
 
 CONFIG = {"model_type": "x", "num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}
 INDEX = "model.safetensors.index.json"

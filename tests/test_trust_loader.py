@@ -18,9 +18,9 @@ from conftest import build_hf_pair, leftovers, load_all, perturbed, raw, write_c
 from safetensors.torch import save_file
 from test_handwritten_families import model_tensors
 
-from qkrestore.checkpoint import Checkpoint
 from qkrestore.errors import CheckpointError
-from qkrestore.runtime import quiet_transformers
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.io.runtime import quiet_transformers
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 ROUTING = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")

@@ -10,10 +10,10 @@ import torch
 from conftest import build_hf_pair, load_all
 from safetensors.torch import save_file
 
-from qkrestore.checkpoint import Checkpoint
-from qkrestore.plan import RestorePlan
-from qkrestore.runtime import quiet_transformers
-from qkrestore.verification import check_loaded, read_provenance
+from qkrestore.io.checkpoint import Checkpoint
+from qkrestore.io.runtime import quiet_transformers
+from qkrestore.surgery.plan import RestorePlan
+from qkrestore.surgery.verification import check_loaded, read_provenance
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 

@@ -18,7 +18,7 @@ from conftest import (
 )
 from test_handwritten_families import model_tensors
 
-from qkrestore import writer
+from qkrestore.surgery import writer
 
 CONFIG = {
     "model_type": "x",

@@ -195,7 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qkrestore.runtime import quiet_transformers
+    from qkrestore.io.runtime import quiet_transformers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("teacher", type=Path)

@@ -324,7 +324,7 @@ def save_student(student: Any, hybrid_dir: Path, out: Path, dtype: torch.dtype) 
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from qkrestore.runtime import quiet_transformers
+    from qkrestore.io.runtime import quiet_transformers
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("teacher", type=Path)

@@ -62,8 +62,8 @@ def qk_restore_selections(pre_dir: str, post_dir: str) -> tuple[Selection, Selec
     of the tensors it takes only in part."""
     if str(REPO / "src") not in sys.path:
         sys.path.insert(0, str(REPO / "src"))
-    from qkrestore.checkpoint import Checkpoint
-    from qkrestore.plan import build_plan
+    from qkrestore.io.checkpoint import Checkpoint
+    from qkrestore.surgery.plan import build_plan
 
     plan = build_plan(Checkpoint.open(pre_dir), Checkpoint.open(post_dir))
     restored: Selection = {p.name: p.rows for p in plan.patches}

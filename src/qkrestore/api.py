@@ -24,12 +24,12 @@ from typing import Any, TypedDict
 from typing_extensions import Unpack
 
 from .errors import OptionError, PlanError, VerifyError
-from .inspect import LayerReport, compare, describe
 from .job import Hooks, JobResult, open_side, run_job
 from .options import CommandOptions, resolve
 from .options import describe as describe_options
-from .plan import pre_only_tensors
-from .verification import Mismatch, VerifyReport, read_provenance, verify_output
+from .surgery.inspect import LayerReport, compare, describe
+from .surgery.plan import pre_only_tensors
+from .surgery.verification import Mismatch, VerifyReport, read_provenance, verify_output
 
 PathLike = str | os.PathLike[str]
 Layers = str | int | Sequence[int] | None
@@ -177,7 +177,7 @@ def verify(
     """
     if forward not in ("auto", "always", "never"):
         raise PlanError(f"forward={forward!r}: use 'auto', 'always' or 'never'")
-    from .lora import is_adapter_record, verify_adapter_output
+    from .adapter import is_adapter_record, verify_adapter_output
 
     out = Path(output)
     record = read_provenance(out)

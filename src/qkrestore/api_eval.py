@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError, QKRestoreError
-from .inspect import LayerReport
-from .runlog import Progress
+from .evaluate.runlog import Progress
+from .surgery.inspect import LayerReport
 
 # the sweep's candidate groups, in report order (qkrestore.sweep.GROUPS; not imported here so that
 # ``import qkrestore`` does not import torch)
@@ -141,7 +141,7 @@ def _path(p: PathLike | None) -> Path | None:
 
 
 def _layers(layers: Layers) -> list[int] | None:
-    from .plan import parse_layers
+    from .surgery.plan import parse_layers
 
     if layers is None:
         return None
@@ -191,25 +191,25 @@ def sweep(
     resume: PathLike | None = None,
     progress: Progress | None = None,
     on_note: Callable[[str], None] | None = None,
-    command: str = "qkrestore.sweep",
+    command: str = "qkrestore.evaluate.sweep",
 ) -> SweepResult:
     """Measure what each way of restoring buys and costs (``qkrestore sweep``).
 
     ``json_out`` is rewritten after every candidate; ``resume`` skips the candidates a file of the
-    same settings holds (and keeps writing to it). ``progress`` (a :class:`qkrestore.runlog.
+    same settings holds (and keeps writing to it). ``progress`` (a :class:`qkrestore.evaluate.runlog.
     Progress`) gets per-candidate events with an ETA. A recipe asked for with ``write_recipe``
     that cannot be written raises :class:`RecipeNotWritten`, whose ``result`` holds the sweep.
     """
-    from .measuring import float_list, measurement, word_list
-    from .measuring import int_list as ints
-    from .sweep import Outputs, SweepConfig, sweep_job
+    from .evaluate.measuring import float_list, measurement, word_list
+    from .evaluate.measuring import int_list as ints
+    from .evaluate.sweep import Outputs, SweepConfig, sweep_job
 
     if reasoning_metric not in ("exact", "loglik"):
         raise QKRestoreError(f"--reasoning-metric {reasoning_metric!r}: use exact or loglik")
     groups = word_list(candidates, "--candidates", GROUPS)
     fixes = word_list(fix, "--fix", ("key", "query"))
     pre_p, post_p = Path(pre), Path(post)
-    from .lora import is_adapter_source
+    from .adapter import is_adapter_source
 
     model_dir = pre_p if is_adapter_source(post_p) else post_p
     m = measurement(
@@ -291,7 +291,7 @@ def select_layers(
     json_out: PathLike | None = None,
     resume: PathLike | None = None,
     progress: Progress | None = None,
-    command: str = "qkrestore.select_layers",
+    command: str = "qkrestore.evaluate.select_layers",
 ) -> SelectLayersResult:
     """Rank softmax layers by the retrieval lost when their W_Q is zeroed (``select-layers``).
 
@@ -299,8 +299,8 @@ def select_layers(
     writes a ``merge`` recipe; when it cannot be written, :class:`RecipeNotWritten` carries the
     ranking.
     """
-    from .measuring import measurement
-    from .select_layers import SelectConfig, select_layers_job
+    from .evaluate.measuring import measurement
+    from .evaluate.select_layers import SelectConfig, select_layers_job
 
     if top is not None and top < 1:
         raise QKRestoreError(f"--top {top}: give at least 1")
@@ -442,8 +442,8 @@ def niah(
     device_map: str | None = None,
 ) -> NiahResult:
     """A RULER-style needle-in-a-haystack probe: exact-match accuracy per length (``niah``)."""
-    from .diagnostics.niah import run_niah
-    from .runtime import choose_device
+    from .evaluate.niah_run import run_niah
+    from .io.runtime import choose_device
 
     if isinstance(lengths, str):
         try:
@@ -491,9 +491,10 @@ def push(
 ) -> PushResult:
     """Verify an output made earlier, then upload it to the Hugging Face Hub (``qkrestore push``);
     ``pre``/``post`` say where the sources are now when they have moved since OUT was written."""
-    from .hub import push_folder
-    from .sourcefiles import folder_files
-    from .verification import read_provenance
+    from .io.hub import push_folder
+    from .io.sourcefiles import folder_files
+    from .job import verify_for_push
+    from .surgery.verification import read_provenance
 
     out = Path(output)
     record = read_provenance(out)
@@ -508,8 +509,7 @@ def push(
         private=private,
         revision=revision,
         message=f"{method} with qkrestore",
-        pre=_path(pre),
-        post=_path(post),
+        check=lambda folder: verify_for_push(folder, _path(pre), _path(post)),
     )
     return PushResult({"ok": True, "repo_id": repo_id, "revision": revision, "url": url})
 
@@ -528,8 +528,8 @@ def inspect_layers(
     folder). ``compare_with`` gives the relative Q/K drift per layer (checkpoints only).
     """
     from . import api
-    from .lora import inspect_adapter, is_adapter_source
-    from .lora.config import read_adapter_config
+    from .adapter import inspect_adapter, is_adapter_source
+    from .adapter.config import read_adapter_config
 
     if is_adapter_source(Path(model)):
         if compare_with is not None or weights is not None:

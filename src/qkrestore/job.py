@@ -1,6 +1,6 @@
 """The restore pipeline: sources → plan → computed rows → write → card and provenance → push.
 
-One function, :func:`run_job`, runs a :class:`~qkrestore.methods.Method` on two sources. The CLI, the
+One function, :func:`run_job`, runs a :class:`~qkrestore.surgery.methods.Method` on two sources. The CLI, the
 Python API and the evaluation loop all call it; what differs between them (printing notes, drawing a
 progress bar, the command line recorded in the card) comes in through :class:`Hooks`. Nothing here
 prints, and nothing branches on which method runs.
@@ -18,19 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .card import (
-    ADAPTER,
-    CHECKPOINT,
-    MERGED_ADAPTER,
-    CardInput,
-    SourceRecord,
-    command_line,
-    write_card_and_provenance,
-)
-from .carried import check_carry, write_carried
-from .checkpoint import INDEX_NAME, Checkpoint
+from .adapter import adapter_source
 from .errors import OutputError, PlanError, QKRestoreError
-from .hub import (
+from .io.checkpoint import INDEX_NAME, Checkpoint
+from .io.hub import (
     FOREIGN_WEIGHTS,
     META_FILES,
     Source,
@@ -43,14 +34,29 @@ from .hub import (
     parse_source,
     push_folder,
 )
-from .lora import adapter_source
-from .methods import Method
-from .plan import RestorePlan, pre_names_for, pre_only_tensors
-from .writer import WriteOptions, WriteResult, check_output_location, preflight, write_output
+from .surgery.card import (
+    ADAPTER,
+    CHECKPOINT,
+    MERGED_ADAPTER,
+    CardInput,
+    SourceRecord,
+    command_line,
+    write_card_and_provenance,
+)
+from .surgery.carried import check_carry, write_carried
+from .surgery.methods import Method
+from .surgery.plan import RestorePlan, pre_names_for, pre_only_tensors
+from .surgery.writer import (
+    WriteOptions,
+    WriteResult,
+    check_output_location,
+    preflight,
+    write_output,
+)
 
 if TYPE_CHECKING:
-    from .lora.plan import AdapterPlan
-    from .lora.reader import LoraAdapter
+    from .adapter.plan import AdapterPlan
+    from .adapter.reader import LoraAdapter
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
@@ -258,7 +264,7 @@ def run_job(
             pre_root = fetch_pre(pre_src, _pre_needs(method, post_ck))
             post_root = post_ck.root
         else:
-            from .lora.job import open_adapter_input
+            from .adapter.job import open_adapter_input
 
             post_src, post_root = found
             adapter = stack.enter_context(open_adapter_input(post_root))
@@ -280,7 +286,7 @@ def run_job(
         plan = checked_plan(method, pre_ck, layout, options)
         aplan = None
         if adapter is not None:
-            from .lora.job import plan_adapter_job
+            from .adapter.job import plan_adapter_job
 
             aplan, adapter_notes = plan_adapter_job(
                 adapter, plan, pre_ck, pre, options.merge_adapter
@@ -379,6 +385,26 @@ def _check_output(options: JobOptions, inputs: dict[str, Path], notes: _Notes) -
         notes("PRE and POST are the same folder: the output will equal POST")
 
 
+def verify_for_push(out: Path, pre: Path | None = None, post: Path | None = None) -> None:
+    """Re-check OUT against its plan, PRE and POST (bytes only, no forward pass) before it leaves
+    this machine: a push publishes exactly what ``qkrestore verify`` passes, or nothing."""
+    from .adapter.job import is_adapter_record, verify_adapter_output
+    from .errors import VerifyError
+    from .surgery.verification import read_provenance, verify_output
+
+    record = read_provenance(out)
+    if is_adapter_record(record):
+        verify_adapter_output(out, record, pre, post)  # raises VerifyError on a mismatch
+        return
+    report = verify_output(out, pre, post, "never")
+    if not report.ok:
+        first = report.mismatches[0] if report.mismatches else "forward pass failed"
+        raise VerifyError(
+            f"{out}: not pushed, verification failed: {first}",
+            hint=f"see 'qkrestore verify {out}'",
+        )
+
+
 def _push(out: Path, what: str, options: JobOptions, summary: dict[str, Any]) -> None:
     """Upload OUT after a successful write, when asked; the commit URL goes into the summary."""
     if options.push_to_hub and not options.dry_run:
@@ -388,6 +414,7 @@ def _push(out: Path, what: str, options: JobOptions, summary: dict[str, Any]) ->
             private=options.private,
             revision=options.revision,
             message=f"{what} with qkrestore {__version__}",
+            check=verify_for_push,
         )
 
 
@@ -483,8 +510,8 @@ def _write_from_adapter(
 ) -> WriteResult:
     """OUT from PRE + a PEFT adapter: the edited adapter, or (``merge_adapter``) PRE + adapter
     merged into a full checkpoint and then treated exactly as a checkpoint POST."""
-    from .lora.job import merged_post, write_adapter_output
-    from .lora.write import is_local_path
+    from .adapter.job import merged_post, write_adapter_output
+    from .adapter.write import is_local_path
 
     adapter_record: dict[str, Any] = {"adapter_plan": aplan.to_json()}
     out = options.output.absolute()

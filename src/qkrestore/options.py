@@ -2,8 +2,8 @@
 
 Every option is a field of one of four dataclasses, and the field's metadata says how it reads:
 
-* :class:`~qkrestore.plan.PlanOptions` — what to restore (``layers``, ``targets``, ...);
-* :class:`~qkrestore.writer.WriteOptions` — how OUT is written (``overwrite``, ``link``, ``jobs``);
+* :class:`~qkrestore.surgery.plan.PlanOptions` — what to restore (``layers``, ``targets``, ...);
+* :class:`~qkrestore.surgery.writer.WriteOptions` — how OUT is written (``overwrite``, ``link``, ``jobs``);
 * :class:`~qkrestore.job.JobOptions` — what the job does besides (``dry_run``, ``push_to_hub``, ...);
 * :class:`ProOptions` — QK-Pro's own (``fix``, ``ridge``, ``form``, ``device``).
 
@@ -36,10 +36,10 @@ from typing import Any
 
 from .errors import OptionError, PlanError, RecipeError
 from .job import JobOptions
-from .methods import Method, QKRestore
-from .plan import PlanOptions, layers_value, targets_value
-from .recipes import read_recipe
-from .writer import WriteOptions
+from .surgery.methods import Method, QKRestore
+from .surgery.plan import PlanOptions, layers_value, targets_value
+from .surgery.recipes import read_recipe
+from .surgery.writer import WriteOptions
 
 COMMANDS = ("merge", "pro")
 METHOD_NAMES = {"merge": "QK-Restore", "pro": "QK-Pro"}
@@ -339,7 +339,7 @@ class CommandOptions:
         """The restore method these options describe."""
         if self.pro is None:
             return QKRestore(self.plan)
-        from .qkpro import QKPro  # torch is imported only by the jobs that compute
+        from .qkpro.method import QKPro  # torch is imported only by the jobs that compute
 
         p = self.pro
         return QKPro(self.plan, fix=p.fix, ridge=p.ridge, device=p.device, form=p.form)

@@ -9,10 +9,10 @@
 Grid: arms ``short`` (one problem per sequence) and ``packed`` (the same problems packed into
 ``--pack-len``-token sequences) × ``--lrs`` × ``--seeds``; each run is a full fine-tune of PRE
 (AdamW, bf16 autocast on CUDA) on synthetic worked-addition traces in the model's chat template
-(traces.py). For each run, qkrestore's own ``sweep`` (:func:`qkrestore.sweep.run_sweep`) measures
+(traces.py). For each run, qkrestore's own ``sweep`` (:func:`qkrestore.evaluate.sweep.run_sweep`) measures
 +SFT and the candidates on the same items: QK-Restore of every softmax layer, the Q/K/V ablations,
 QK-Pro (``--fix key``, ``--ridges``) and QK-Restore of ``select-layers``' top-k layers
-(:func:`qkrestore.select_layers.run_select_layers`, run once on PRE). PRE is measured once.
+(:func:`qkrestore.evaluate.select_layers.run_select_layers`, run once on PRE). PRE is measured once.
 
 Recall items are NIAH prompts from qkrestore's own builder in the chat template, reasoning items
 held-out problems; both are given to ``sweep`` as a recall file whose every item is its own
@@ -314,8 +314,8 @@ def sweep(pre: Path, post: Path, items: list[dict[str, Any]], groups: tuple[str,
           args: argparse.Namespace, device: Any, layers: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
     import torch
 
-    from qkrestore.evaluation import Item
-    from qkrestore.sweep import SweepConfig, run_sweep
+    from qkrestore.evaluate.runner import Item
+    from qkrestore.evaluate.sweep import SweepConfig, run_sweep
 
     recall = [Item(tuple(x["prompt"]), tuple(x["answer"]), traces.group_of(x)) for x in items]
     cfg = SweepConfig(
@@ -335,9 +335,9 @@ def sweep(pre: Path, post: Path, items: list[dict[str, Any]], groups: tuple[str,
 def select_top(pre: Path, items: list[dict[str, Any]], args: argparse.Namespace, device: Any) -> dict[str, Any]:  # fmt: skip
     import torch
 
-    from qkrestore.evaluation import Item
-    from qkrestore.measuring import Measurement
-    from qkrestore.select_layers import SelectConfig, run_select_layers
+    from qkrestore.evaluate.measuring import Measurement
+    from qkrestore.evaluate.runner import Item
+    from qkrestore.evaluate.select_layers import SelectConfig, run_select_layers
 
     recall = [Item(tuple(x["prompt"]), tuple(x["answer"]), f"{x['length']}") for x in items]
     cfg = SelectConfig(
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from qkrestore.runtime import quiet_transformers
+    from qkrestore.io.runtime import quiet_transformers
 
     quiet_transformers()
     if args.threads:

@@ -25,7 +25,7 @@ def tokenizer() -> object:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from qkrestore.diagnostics import niah as nh
+    from qkrestore.evaluate import niah as nh
 
     texts = [
         nh.TEMPLATE,
@@ -54,7 +54,7 @@ def build(root: Path, layers: int = 3, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qkrestore.runtime import quiet_transformers
+    from qkrestore.io.runtime import quiet_transformers
 
     quiet_transformers()
     tok = tokenizer()

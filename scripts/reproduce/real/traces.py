@@ -18,7 +18,7 @@ Loss is on the assistant's tokens only, in both arms.
 
 Evaluation items (token ids, so that prompt and answer are exactly the tokens scored):
 
-* NIAH: qkrestore's own RULER-style prompts (:func:`qkrestore.diagnostics.niah.build_sample`, the
+* NIAH: qkrestore's own RULER-style prompts (:func:`qkrestore.evaluate.niah.build_sample`, the
   prompt built with the model's chat template, ending with the probe's answer prefix), answer
   ``" " + needle``; scored teacher-forced (every needle token must be the arg-max).
 * reasoning: held-out problems (a separate random stream, none of them in any training stream),
@@ -197,7 +197,7 @@ def niah_items(
     seed_offset: int = 0,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """NIAH prompts from qkrestore's own builder, in the chat template; depths evenly spread."""
-    from qkrestore.diagnostics.niah import build_sample, sample_depths
+    from qkrestore.evaluate.niah import build_sample, sample_depths
 
     out = []
     for task in tasks:

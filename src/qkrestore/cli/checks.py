@@ -11,8 +11,8 @@ from rich.table import Table
 
 from .. import api_eval
 from ..errors import EXIT_VERIFY_FAILED
-from ..inspect import LayerReport
-from ..verification import read_provenance, verify_output
+from ..surgery.inspect import LayerReport
+from ..surgery.verification import read_provenance, verify_output
 from .options import ForwardMode, ForwardOpt, JsonOpt, PreWeightsOpt, PrivateOpt, RevisionOpt
 from .output import (
     EXIT_CODES_HELP,
@@ -175,7 +175,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check every byte of OUT against its recorded plan, PRE and POST."""
-    from ..lora import is_adapter_record, verify_adapter_output
+    from ..adapter import is_adapter_record, verify_adapter_output
 
     record = read_provenance(out)
     if is_adapter_record(record):  # made from a PEFT adapter: merged with PRE, as loaders do

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from ..errors import QKRestoreError
-from ..tiny import QWEN3_NEXT, build_pair
+from ..testing.tiny import QWEN3_NEXT, build_pair
 from .app import main
 from .options import JsonOpt
 from .output import emit_json, err_console, out_console

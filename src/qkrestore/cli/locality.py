@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import QKRestoreError
-from ..runtime import choose_device, load_tokenizer
+from ..io.runtime import choose_device, load_tokenizer
 from .options import DeviceChoice, DeviceOpt, JsonOpt, PlotOpt, RemoteOpt, SeedOpt, Task
 from .output import emit_json, err_console, note, out_console
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ..options import OptionSpec, spec_by_key, specs
-from ..recipes import load_recipe
+from ..surgery.recipes import load_recipe
 
 
 def _recipe_callback(ctx: typer.Context, value: Path | None) -> Path | None:

@@ -28,8 +28,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ..card import command_line
-from ..plan import RestorePlan
+from ..surgery.card import command_line
+from ..surgery.plan import RestorePlan
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 verification failed; 2 usage or input error; 3 internal error; "

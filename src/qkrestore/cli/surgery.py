@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..job import Hooks, JobResult, run_job
 from ..options import CommandOptions, resolve, specs
-from ..plan import METHOD_PRO
+from ..surgery.plan import METHOD_PRO
 from .options import (
     ConfigOpt,
     JsonOpt,

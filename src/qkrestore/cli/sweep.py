@@ -21,7 +21,7 @@ from rich.progress import Progress as Bar
 from rich.table import Table
 
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED
-from ..runlog import Progress, Step
+from ..evaluate.runlog import Progress, Step
 from .options import (
     ArchOpt,
     BeyondOpt,

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ..adapters import Kind, layer_map, text_config
-from ..checkpoint import read_config
 from ..errors import ConfigError, QKRestoreError
-from ..runtime import forward_errors, load_causal_lm
+from ..families import Kind, layer_map, text_config
+from ..io.checkpoint import read_config
+from ..io.runtime import forward_errors, load_causal_lm
 
 NEEDLE_LEN = 16  # tokens in the needle span
 CUE_LEN = 8  # the needle's first tokens, repeated at the end of the prompt as the "question"
@@ -411,7 +411,7 @@ def attn_distance(
     one head (the given ``layer``/``head``, else the paper's pick: the layer with most heads whose
     D_h fell from the first model to the second). ``note`` gets notes; ``on_model`` a line as
     each model starts to run."""
-    from ..runtime import choose_device
+    from ..io.runtime import choose_device
 
     if not models:
         raise QKRestoreError("attn-distance: name at least one model folder")

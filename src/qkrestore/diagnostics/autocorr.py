@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import QKRestoreError
-from ..runtime import load_tokenizer
+from ..io.runtime import load_tokenizer
 
 TEXT_CHUNK_CHARS = 200_000  # a long .txt is tokenised in pieces cut at line ends
 _INTS = re.compile(rb"^[\s0-9]*$")

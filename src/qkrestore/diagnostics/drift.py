@@ -41,12 +41,12 @@ from typing import Any
 
 import torch
 
-from ..adapters import TARGETS, Kind, RoutingTensor, layer_map, text_config
-from ..adapters.base import head_dim
-from ..checkpoint import Checkpoint
-from ..dtypes import FLOAT_DTYPES
 from ..errors import ConfigError, PlanError
-from ..tensors import read_rows
+from ..families import TARGETS, Kind, RoutingTensor, layer_map, text_config
+from ..families.base import head_dim
+from ..io.checkpoint import Checkpoint
+from ..io.dtypes import FLOAT_DTYPES
+from ..io.tensors import read_rows
 
 RowRanges = Sequence[Sequence[int]]
 CHUNK_BYTES = 32 << 20  # float64 bytes of one side read at a time for whole-tensor norms

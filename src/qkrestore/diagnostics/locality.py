@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from ..adapters import text_config
-from ..checkpoint import read_config
 from ..errors import QKRestoreError
-from ..runtime import forward_errors
-from . import niah
+from ..evaluate import niah
+from ..families import text_config
+from ..io.checkpoint import read_config
+from ..io.runtime import forward_errors
 from .attention import _attention_modules, load_model, softmax_layers
 
 DEFAULT_LAST_K = 64
