@@ -564,7 +564,7 @@ def test_pick_names_an_unknown_candidate(dense, cli) -> None:
 def test_sweep_plot_stacks_the_names_of_points_that_would_overlap() -> None:
     """Candidates with (nearly) the same recall and reasoning get one stacked label, so no name is
     printed over another; points apart in either direction keep their own label."""
-    from qkrestore.diagnostics.plots import label_clusters
+    from qkrestore.io.plots import label_clusters
 
     pts = [(0.80, 0.10), (0.90, 0.20), (0.801, 0.1005), (0.80, 0.15), (1.0, 0.0), (0.9005, 0.2)]
     assert label_clusters(pts) == [[0, 2], [1, 5], [3], [4]]

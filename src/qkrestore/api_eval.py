@@ -351,7 +351,7 @@ def drift(
     from .job import open_side
 
     if plot is not None:
-        from .diagnostics import plots
+        from .io import plots
 
         plots.check_target(Path(plot))
     with open_side(os.fspath(pre), "PRE") as a, open_side(os.fspath(post), "POST") as b:
@@ -412,7 +412,7 @@ def autocorr(
     if max_distance < 2:
         raise QKRestoreError(f"--max-distance {max_distance}: give at least 2")
     if plot is not None:
-        from .diagnostics import plots
+        from .io import plots
 
         plots.check_target(Path(plot))
     docs = load_documents(Path(input_path), _path(tokenizer), input_kind)

@@ -79,7 +79,7 @@ def attn_locality(
     from ..diagnostics import locality as lc
 
     if plot is not None:
-        from ..diagnostics import plots
+        from ..io import plots
 
         plots.check_target(plot)
     for m in models:

@@ -422,7 +422,7 @@ def attn_distance(
     if (layer is None) != (head is None):
         raise QKRestoreError("--layer and --head go together")
     if plot is not None:
-        from .plots import check_target
+        from ..io.plots import check_target
 
         check_target(plot)
     for m in models:
@@ -449,7 +449,7 @@ def attn_distance(
         | {"dtype": str(dt).removeprefix("torch.")}
     )
     if plot is not None:
-        from .plots import attention_figure
+        from ..io.plots import attention_figure
 
         if layer is None or head is None:
             picked = most_affected(runs[0], runs[1]) if len(runs) > 1 else (layers[0], 0)

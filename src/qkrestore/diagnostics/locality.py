@@ -402,7 +402,7 @@ def locality_figure(report: LocalityReport, path: Path, names: Sequence[str]) ->
     """Heat maps, layer × head: local mass (top row) and needle weight (bottom, NIAH prompts)."""
     import numpy as np
 
-    from .plots import require
+    from ..io.plots import require
 
     plt = require()
     measures = [("local_mass", f"local mass (last {report.last_k} tokens)")]

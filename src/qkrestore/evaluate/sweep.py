@@ -735,7 +735,7 @@ def sweep_job(
     post_dir = pre_dir if adapter else folder(post, "POST")
     rule = parse_pick(pick or default_pick(cfg.reasoning_metric))
     if outputs.plot is not None:
-        from ..diagnostics.plots import check_target
+        from ..io.plots import check_target
 
         check_target(outputs.plot)
     results_file = outputs.results_file()
@@ -763,7 +763,7 @@ def sweep_job(
             write_recipe(outputs.write_recipe, text)
             pick_doc["recipe"] = str(outputs.write_recipe)
     if outputs.plot is not None:
-        from ..diagnostics.plots import sweep_figure
+        from ..io.plots import sweep_figure
 
         sweep_figure(doc, outputs.plot)
         doc["plot"] = str(outputs.plot)
