@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except typer.TyperException as exc:  # usage errors: unknown option, missing argument, ...
-        exc.show()
+        show = getattr(exc, "show", None)  # click's rendering; typer's stub does not declare it
+        if callable(show):
+            show()
         return EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted: no partial output was left behind", highlight=False)
