@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
-from qkrestore.qkpro.method.closed_form import solve
+from qkrestore.qkpro.closed_form import solve
 
 from qkrestore.io.runtime import resolve_device
 

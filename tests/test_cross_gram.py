@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import QWEN3_NEXT, build_hf_pair, load_all, raw
-from qkrestore.qkpro.method.closed_form import solve_cross_gram, solve_cross_gram_batched
+
+from qkrestore.qkpro.closed_form import solve_cross_gram, solve_cross_gram_batched
 
 
 def reference(free_pre, free_post, fixed, n_heads: int, n_kv: int, fix: str) -> np.ndarray:

@@ -16,9 +16,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qkrestore.qkpro.method.closed_form import objective, solve, stationarity_residual
 
 from qkrestore.io.runtime import resolve_device
+from qkrestore.qkpro.closed_form import objective, solve, stationarity_residual
 
 FAST = settings(max_examples=20, deadline=None, derandomize=True, database=None)
 RIDGES = st.sampled_from([1e-4, 1e-2, 0.3, 1.0, 2.5, 50.0])
