@@ -117,8 +117,8 @@ def test_public_names_stay_functions() -> None:
     import qkrestore.evaluate.select_layers as _  # noqa: F401
     from qkrestore.evaluate.sweep import run_sweep  # noqa: F401
 
-    assert callable(qkrestore.sweep) and qkrestore.evaluate.sweep.__module__ == "qkrestore.api_eval"
-    assert qkrestore.evaluate.select_layers.__module__ == "qkrestore.api_eval"
+    assert callable(qkrestore.sweep) and qkrestore.sweep.__module__ == "qkrestore.api_eval"
+    assert qkrestore.select_layers.__module__ == "qkrestore.api_eval"
 
 
 def test_inspect_layers_takes_adapters(tmp_path: Path, cli) -> None:

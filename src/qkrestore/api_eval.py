@@ -191,7 +191,7 @@ def sweep(
     resume: PathLike | None = None,
     progress: Progress | None = None,
     on_note: Callable[[str], None] | None = None,
-    command: str = "qkrestore.evaluate.sweep",
+    command: str = "qkrestore.sweep",
 ) -> SweepResult:
     """Measure what each way of restoring buys and costs (``qkrestore sweep``).
 
@@ -291,7 +291,7 @@ def select_layers(
     json_out: PathLike | None = None,
     resume: PathLike | None = None,
     progress: Progress | None = None,
-    command: str = "qkrestore.evaluate.select_layers",
+    command: str = "qkrestore.select_layers",
 ) -> SelectLayersResult:
     """Rank softmax layers by the retrieval lost when their W_Q is zeroed (``select-layers``).
 
