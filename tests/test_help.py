@@ -73,7 +73,9 @@ def test_help_reads_cleanly_at_80_columns(help_page, name: str) -> None:
             assert re.search(rf"(^|[ ,/]){re.escape(opt)}([ ,]|$)", page, re.M), opt
         if getattr(param, "is_flag", False):  # a flag takes no value: nothing follows its names
             long_name = max(param.opts, key=len)
-            line = next(x for x in lines if re.search(rf"(^|[ ,]){re.escape(long_name)}\b", x))
+            line = next(
+                x for x in lines if re.search(rf"^ +(-\w, )?{re.escape(long_name)}(?=[ ,]|$)", x)
+            )
             after = line.split(long_name, 1)[1]
             assert after == "" or after.startswith(("  ", " / ")), line
     shown = shown_commands(page)
@@ -110,7 +112,7 @@ def test_sweep_table_keeps_its_metric_headers_and_values_at_80_columns() -> None
     every number reads in full at 80 columns (names and layer lists fold instead)."""
     from rich.console import Console
 
-    from qkrestore.cli.sweep import _sweep_table
+    from qkrestore.cli.sweep import sweep_table as _sweep_table
 
     names = ["PRE", "POST", "QK-Restore (all)", "QK-Restore layer 11", "top-2 QK-Restore",
              "QK-Pro R=0.1", "QK-Pro cross-gram"]  # fmt: skip

@@ -166,7 +166,12 @@ def fit_columns(table: Table) -> Table:
             col.header = header
         need = max((len(line) for line in header.splitlines()), default=0)
         if col.justify == "right" or not header:  # numbers, and the short marks column
-            need = max([need, *(len(c) for c in col.cells if isinstance(c, str))])
+            need = max(
+                [
+                    need,
+                    *(len(line) for c in col.cells if isinstance(c, str) for line in c.split("\n")),
+                ]
+            )
         else:
             col.no_wrap = False  # names and layer lists fold onto more lines
         col.min_width = max(col.min_width or 0, need)

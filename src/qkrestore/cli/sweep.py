@@ -636,13 +636,13 @@ def sweep_table(report: dict[str, Any]) -> Table:
     table.add_column("layers")
     for k in keys:
         table.add_column(f"recall@{k}", justify="right")
-    table.add_column("recall [95 % CI]", justify="right")
+    table.add_column("recall\n[95 % CI]", justify="right")
     table.add_column("reasoning", justify="right")
     has_lm = any(r.get("lm_eval_score") is not None for r in rows)
     if has_lm:
         table.add_column("lm-eval", justify="right")
     table.add_column("", no_wrap=True)
-    pick = pick_doc.get("name") if pick_doc.get("decided") else None
+    pick = pick_doc.get("name") if pick_doc.get("decided", True) else None
     for r in rows:
         lay = r.get("planned_layers") or []
         reas = _f(r.get("reasoning_score"))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QKRestoreError
+from ..io.checkpoint import refuse_adapter
 
 TASKS = ("single-1", "single-2", "single-3")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -470,6 +471,7 @@ def context_notes(lengths: Sequence[int], context: int | None, answer_tokens: in
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """``config.json`` of a model folder, for its context length; one line when it is unreadable."""
+    refuse_adapter(Path(model_dir))  # a PEFT adapter folder is named as one, with what to do
     path = Path(model_dir) / "config.json"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

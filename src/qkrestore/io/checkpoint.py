@@ -384,7 +384,7 @@ def refuse_adapter(root: Path) -> None:
     """A PEFT adapter folder (adapter_config.json, no config.json) given where a model belongs:
     say what it is and what to pass instead, rather than that config.json (or a tokenizer) is
     missing. Its base model's name comes from adapter_config.json."""
-    if (root / CONFIG_NAME).is_file() or not (root / "adapter_config.json").is_file():
+    if (root / CONFIG_NAME).is_file() or not os.path.lexists(root / "adapter_config.json"):
         return
     try:
         base = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
@@ -394,21 +394,14 @@ def refuse_adapter(root: Path) -> None:
     base_text = f" ({named})" if isinstance(named, str) and named else ""
     raise ConfigError(
         f"{root}: a PEFT adapter (adapter_config.json, no config.json), not a model",
-        hint=f"pass its base model{base_text}, or the adapter merged into it (peft's "
-        f"merge_and_unload; 'qkrestore merge BASE {root} --merge-adapter -o MERGED' merges and "
-        "restores); merge, pro and sweep take an adapter as POST",
+        hint=f"it is a PEFT adapter folder: pass its base model{base_text}, or merge it into the "
+        f"base first (qkrestore merge BASE {root} --merge-adapter -o MERGED, then pass MERGED); "
+        "merge, pro and sweep take an adapter as POST",
     )
 
 
 def read_config(root: Path) -> dict[str, Any]:
     path = checked_file(root, CONFIG_NAME)
-    if not path.is_file() and os.path.lexists(root / "adapter_config.json"):
-        # merge and pro take an adapter as POST; every other reader needs a whole model.
-        raise ConfigError(
-            f"{root}: a PEFT adapter folder (adapter_config.json), not a full checkpoint",
-            hint=f"merge it into its base first: qkrestore merge BASE {root} --merge-adapter "
-            "-o MERGED, then pass MERGED",
-        )
     if not path.is_file():
         refuse_adapter(Path(root))
         raise ConfigError(f"{path}: missing (a checkpoint folder needs its config.json)")
