@@ -102,6 +102,19 @@ def test_niah_function_is_the_command(niah_model, cli) -> None:  # noqa: F811
         qkrestore.niah(niah_model, lengths=[8])
 
 
+def test_attn_locality_function_is_the_command(niah_model, cli) -> None:  # noqa: F811
+    """``attn-locality --json`` prints what ``qkrestore.attn_locality`` returns; bad input is a
+    typed error before any model runs."""
+    args = ("--length", "128", "--samples", "1", "--last-k", "16", "--device", "cpu", "--json")
+    res = cli("attn-locality", niah_model, *args)
+    assert res.code == 0, res.err
+    got = qkrestore.attn_locality([niah_model], length=128, samples=1, last_k=16, device="cpu")
+    same(res.out, got)
+    assert len(got.to_json()["prompts"]) == 1
+    with pytest.raises(qkrestore.QKRestoreError, match="not a model folder"):
+        qkrestore.attn_locality([Path(niah_model) / "nope"])
+
+
 def test_sweep_errors_are_typed(dense, tmp_path: Path) -> None:  # noqa: F811
     pre, post = dense
     with pytest.raises(qkrestore.QKRestoreError, match="--candidates"):

@@ -14,6 +14,7 @@ from .api import merge, pro, verify
 from .api_eval import (
     RecipeNotWritten,
     attn_distance,
+    attn_locality,
     autocorr,
     drift,
     inspect_layers,
@@ -41,6 +42,7 @@ __all__ = [
     "VerifyError",
     "__version__",
     "attn_distance",
+    "attn_locality",
     "autocorr",
     "drift",
     "inspect_layers",

@@ -111,6 +111,14 @@ class AutocorrResult(Document):
         return self.doc.get("tau")
 
 
+class AttnLocalityResult(Document):
+    """``attn-locality``: local mass and needle weight per softmax layer and head, per model."""
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.doc.get("notes", []))
+
+
 class NiahResult(Document):
     """``niah``: exact-match accuracy per length."""
 
@@ -566,3 +574,70 @@ __all__ = [
     "select_layers",
     "sweep",
 ]
+
+
+def attn_locality(
+    models: Sequence[PathLike],
+    *,
+    length: int = 2048,
+    samples: int = 4,
+    text: PathLike | None = None,
+    last_k: int = 64,
+    task: str = "single-2",
+    chat_template: bool = False,
+    tokenizer: PathLike | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    plot: PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> AttnLocalityResult:
+    """Per softmax layer and head, the attention weight on the last ``last_k`` tokens and from the
+    question onto the needle, on the same real prompts for every model (``attn-locality``): NIAH
+    prompts by default, or windows of ``text``."""
+    from .diagnostics import locality as lc
+    from .io.runtime import choose_device, load_tokenizer
+
+    if not models:
+        raise QKRestoreError("attn-locality: give at least one model folder")
+    if length < 64 or samples < 1 or last_k < 1:
+        raise QKRestoreError(
+            f"length {length}, samples {samples}, last_k {last_k}: give length ≥ 64, samples ≥ 1 "
+            "and last_k ≥ 1"
+        )
+    if plot is not None:
+        from .io import plots
+
+        plots.check_target(Path(plot))
+    for m in models:
+        if not Path(m).is_dir():
+            raise QKRestoreError(f"{m}: not a model folder")
+    if text is not None and chat_template:
+        raise QKRestoreError("chat_template applies to NIAH prompts, not to a text file")
+    tok = load_tokenizer(Path(tokenizer or models[0]), what="attn-locality")
+    if text is not None:
+        prompts = lc.text_prompts(tok, Path(text), length, samples)
+        source = f"text:{text}"
+    else:
+        prompts = lc.niah_prompts(
+            tok, length, samples, task=task, seed=seed, use_chat_template=chat_template
+        )
+        source = f"niah:{task}"
+    dev, _ = choose_device(device, "float32")
+    report = lc.locality_report(
+        [Path(m) for m in models],
+        prompts,
+        source,
+        last_k,
+        dev,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
+    if text is not None and len(prompts) < samples:
+        report.notes.append(f"{text}: only {len(prompts)} windows of {length} tokens")
+    if plot is not None:
+        lc.locality_figure(report, Path(plot), [Path(m).name for m in models])
+    doc = report.to_json()
+    if plot is not None:
+        doc["plot"] = str(plot)
+    return AttnLocalityResult(doc)

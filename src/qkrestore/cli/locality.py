@@ -13,8 +13,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import QKRestoreError
-from ..io.runtime import choose_device, load_tokenizer
 from .options import DeviceChoice, DeviceOpt, JsonOpt, PlotOpt, RemoteOpt, SeedOpt, Task
 from .output import emit_json, err_console, note, out_console
 
@@ -76,45 +74,27 @@ def attn_locality(
     NIAH prompts by default, or windows of --text. Unlike attn-distance on random tokens, these
     numbers move when heads become local.
     """
-    from ..diagnostics import locality as lc
+    from .. import api_eval
 
-    if plot is not None:
-        from ..io import plots
-
-        plots.check_target(plot)
-    for m in models:
-        if not Path(m).is_dir():
-            raise QKRestoreError(f"{m}: not a model folder")
-    if text is not None and chat_template:
-        raise QKRestoreError("--chat-template applies to NIAH prompts, not to --text")
-    tok = load_tokenizer(tokenizer or models[0], what="attn-locality")
-    if text is not None:
-        prompts = lc.text_prompts(tok, text, length, samples)
-        source = f"text:{text}"
-    else:
-        prompts = lc.niah_prompts(
-            tok, length, samples, task=task.value, seed=seed, use_chat_template=chat_template
-        )
-        source = f"niah:{task.value}"
-    dev, _ = choose_device(device.value, "float32")
-    report = lc.locality_report(
+    result = api_eval.attn_locality(
         models,
-        prompts,
-        source,
-        last_k,
-        dev,
+        length=length,
+        samples=samples,
+        text=text,
+        last_k=last_k,
+        task=task.value,
+        chat_template=chat_template,
+        tokenizer=tokenizer,
+        device=device.value,
+        seed=seed,
         trust_remote_code=trust_remote_code,
+        plot=plot,
         progress=lambda msg: err_console.print(msg, highlight=False),
     )
-    if text is not None and len(prompts) < samples:
-        report.notes.append(f"{text}: only {len(prompts)} windows of {length} tokens")
+    doc = result.to_json()
+    source = doc.get("source", "")
     names = [Path(m).name for m in models]
-    if plot is not None:
-        lc.locality_figure(report, plot, names)
-    doc = report.to_json()
-    if plot is not None:
-        doc["plot"] = str(plot)
-    for n in report.notes:
+    for n in result.notes:
         note(n)
     if json_out:
         emit_json(doc)
@@ -122,7 +102,7 @@ def attn_locality(
     uniform = doc["uniform"]
     has_needle = uniform["needle_weight"] is not None
     table = Table(
-        title=f"attention locality on {source} ({len(prompts)} × ~{length} tokens): "
+        title=f"attention locality on {source} ({len(doc['prompts'])} × ~{length} tokens): "
         f"local mass L(k={last_k}){' | needle weight R' if has_needle else ''}, mean over heads"
     )
     table.add_column("layer", justify="right")
