@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -49,24 +48,11 @@ from qkrestore.io.runtime import load_causal_lm, load_tokenizer, quiet_transform
 
 
 def word_tokenizer() -> Any:
-    """A word-level tokenizer over the probe's text (digits stay unknown: tiny models answer
-    nothing right, which costs the probe nothing)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The demo's word-level tokenizer over the probe's text (digits stay unknown: tiny models
+    answer nothing right, which costs the probe nothing)."""
+    from qkrestore.testing.tiny import word_tokenizer as words
 
-    texts = [nh.TEMPLATE, nh.ANSWER_PREFIX, nh.NEEDLE, nh.NOISE]
-    texts += nh.essay_sentences(random.Random(0), 300)
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[UNK]", "<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    return words()
 
 
 def build_tiny(root: Path, context: int) -> tuple[Path, Path]:

@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
-from qkrestore.qkpro.closed_form import solve
 
 from qkrestore.io.runtime import resolve_device
+from qkrestore.qkpro.closed_form import solve
 
 
 @dataclass(frozen=True)

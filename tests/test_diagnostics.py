@@ -25,6 +25,7 @@ from qkrestore.diagnostics import attention as at
 from qkrestore.diagnostics import autocorr as ac
 from qkrestore.diagnostics.drift import principal_angles, routing_drift_sq
 from qkrestore.evaluate import niah as nh
+from qkrestore.testing import tiny
 
 try:
     import matplotlib  # noqa: F401
@@ -513,22 +514,7 @@ def test_autocorr_plot(cli, tmp_path):
 
 def word_tokenizer():
     """A word-level tokenizer trained here on the prompt vocabulary (digits stay unknown)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [nh.TEMPLATE, nh.ANSWER_PREFIX, nh.NEEDLE, nh.NOISE]
-    texts += nh.essay_sentences(random.Random(0), 300)
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[UNK]", "<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    return tiny.word_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -119,10 +119,10 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"surgery"}),  # plan, methods, writer, card, verification
     frozenset({"qkpro"}),  # QK-Pro: closed forms and its Method
     frozenset({"adapter"}),  # PEFT adapters as an input kind
-    frozenset({"job", "options", "testing"}),  # the one pipeline and its options; tiny builders
+    frozenset({"job", "options"}),  # the one pipeline and its options
     frozenset({"evaluate"}),  # the NIAH probe, scoring, candidates, sweep, select-layers
     frozenset({"diagnostics"}),  # drift, attention distance and locality, autocorrelation
-    frozenset({"api", "api_eval"}),
+    frozenset({"api", "api_eval", "testing"}),  # the API; tiny builders (demo, tests)
     frozenset({"cli", "__main__", ""}),
 )
 

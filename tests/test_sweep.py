@@ -17,7 +17,6 @@ import torch
 from conftest import QWEN3_NEXT, build_hf_pair, load_all, raw
 
 from qkrestore.errors import QKRestoreError
-from qkrestore.evaluate import niah as nh
 from qkrestore.evaluate import runner as evaluation
 from qkrestore.evaluate.candidates import ModelPatcher, PlanSettings, plan_candidate, plan_values
 from qkrestore.evaluate.runner import (
@@ -40,6 +39,7 @@ from qkrestore.evaluate.sweep import (
 )
 from qkrestore.io.checkpoint import Checkpoint
 from qkrestore.io.runtime import quiet_transformers
+from qkrestore.testing import tiny
 
 EXAMPLE = example_reasoning_file()
 
@@ -54,26 +54,8 @@ def one_thread():
 
 
 def word_tokenizer():
-    """A word-level tokenizer over the NIAH prompts and the shipped reasoning file."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [nh.TEMPLATE, nh.ANSWER_PREFIX, nh.NEEDLE, nh.NOISE]
-    texts += nh.essay_sentences(random.Random(0), 300)
-    for line in EXAMPLE.read_text().splitlines():
-        d = json.loads(line)
-        texts += [d["prompt"], d["answer"]]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[UNK]", "<s>", "</s>", "<pad>"]
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    """The probe's word-level tokenizer, also knowing the shipped reasoning example's words."""
+    return tiny.word_tokenizer(tiny.example_texts())
 
 
 @pytest.fixture(scope="module")

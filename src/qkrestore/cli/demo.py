@@ -18,11 +18,18 @@ import typer
 from rich.console import Console
 
 from ..errors import QKRestoreError
-from ..testing.tiny import QWEN3_NEXT, build_pair
+from ..testing.tiny import (
+    QWEN3_NEXT,
+    build_pair,
+    example_texts,
+    tokenizer_sized,
+    word_tokenizer,
+)
 from .app import main
 from .options import JsonOpt
 from .output import emit_json, err_console, out_console
 
+DEMO_CONTEXT = 8192  # long enough for README's sweep and select-layers examples (4096,8192)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -35,8 +42,14 @@ DEMO_EPILOG = """[bold]Examples[/bold]
 
 
 def build_demo_pair(root: Path) -> tuple[Path, Path]:
-    """A tiny PRE (one file) and a drifted POST (several shards plus a chat template)."""
-    pre, post = build_pair(root, "qwen3_next", QWEN3_NEXT, noise=0.005, shard="60KB")
+    """A tiny PRE (one file) and a drifted POST (several shards plus a chat template), both with a
+    word-level tokenizer and an 8K context, so that README's ``sweep``, ``select-layers`` and
+    ``niah`` examples run on them as they are."""
+    tok = word_tokenizer(example_texts())
+    kwargs = QWEN3_NEXT | tokenizer_sized(tok, DEMO_CONTEXT)
+    pre, post = build_pair(root, "qwen3_next", kwargs, noise=0.005, shard="60KB")
+    for folder in (pre, post):
+        tok.save_pretrained(folder)
     (post / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return pre, post
 

@@ -6,7 +6,9 @@ the one the tests check.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,51 @@ def build_pair(
     else:
         model.save_pretrained(post)
     return pre, post
+
+
+def example_texts() -> list[str]:
+    """Prompts and answers of the shipped reasoning example (``--reasoning example``)."""
+    from ..evaluate.runner import example_reasoning_file
+
+    out: list[str] = []
+    for line in example_reasoning_file().read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            out += [str(doc["prompt"]), str(doc["answer"])]
+    return out
+
+
+def word_tokenizer(extra: Sequence[str] = ()) -> Any:
+    """A word-level tokenizer trained on the NIAH probe's own text (and ``extra``), so that tiny
+    models can run the probe: digits stay unknown, so they answer nothing right, which costs the
+    probe's machinery nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ..evaluate import niah as nh
+
+    texts = [nh.TEMPLATE, nh.ANSWER_PREFIX, nh.NEEDLE, nh.NOISE]
+    texts += nh.essay_sentences(random.Random(0), 300)
+    texts += list(extra)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[UNK]", "<s>", "</s>", "<pad>"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def tokenizer_sized(tok: Any, context: int) -> dict[str, Any]:
+    """Config keys that fit a tiny model to ``tok`` and a context of ``context`` tokens."""
+    return {
+        "vocab_size": len(tok),
+        "max_position_embeddings": context,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
