@@ -515,7 +515,7 @@ def test_layer_map_from_config(model_type: str, fields: dict, stated) -> None:
     if stated is None:
         quiet_transformers()
         stated = transformers_kinds(AutoConfig.for_model(model_type, **fields))
-    kinds = resolve(config).adapter.layer_kinds(config)
+    kinds = resolve(config).family.layer_kinds(config)
     got = (
         [i for i, k in enumerate(kinds) if k is Kind.GLOBAL],
         [i for i, k in enumerate(kinds) if k is Kind.LOCAL],
@@ -529,4 +529,4 @@ def test_nemotron_h_pattern_with_unknown_character_is_refused() -> None:
 
     config = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*X"}
     with pytest.raises(ConfigError, match="hybrid_override_pattern"):
-        resolve(config).adapter.layer_kinds(config)
+        resolve(config).family.layer_kinds(config)

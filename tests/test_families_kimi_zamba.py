@@ -348,7 +348,7 @@ def test_kimi_layer_map_matches_transformers(extra: dict) -> None:
     want = [
         i for i, t in enumerate(KimiLinearConfig(**kwargs).layer_types) if t == "full_attention"
     ]
-    adapter = resolve(raw).adapter
+    adapter = resolve(raw).family
     assert adapter.name == "kimi_linear"
     kinds = adapter.layer_kinds(raw)
     assert [i for i, k in enumerate(kinds) if k.value == "global"] == want
@@ -361,7 +361,7 @@ def test_kimi_ambiguous_layer_lists_are_refused() -> None:
         "linear_attn_config": {"kda_layers": [1, 2, 3]},
     }
     with pytest.raises(ConfigError):
-        resolve(raw).adapter.layer_kinds(raw)
+        resolve(raw).family.layer_kinds(raw)
 
 
 # -- Zamba2 -------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_zamba2_layer_map_matches_transformers(raw: dict) -> None:
 
     want = Zamba2Config(**raw).hybrid_layer_ids
     cfg = {"model_type": "zamba2"} | raw
-    kinds = resolve(cfg).adapter.layer_kinds(cfg)
+    kinds = resolve(cfg).family.layer_kinds(cfg)
     assert [i for i, k in enumerate(kinds) if k.value == "global"] == want
 
 

@@ -194,10 +194,10 @@ def layer_specs(ckpt: Checkpoint, all_layers: bool = False) -> tuple[list[LayerS
         if kind is Kind.OTHER and not ("q" in spec.weights and "k" in spec.weights):
             continue
         specs.append(spec)
-    if lmap.adapter.no_head_pairs:
+    if lmap.family.no_head_pairs:
         notes.append(
-            f"{lmap.adapter.name}: keys are built from several tensors "
-            f"({lmap.adapter.no_head_pairs}), so per-head and routing drift are left out where a "
+            f"{lmap.family.name}: keys are built from several tensors "
+            f"({lmap.family.no_head_pairs}), so per-head and routing drift are left out where a "
             "layer has no single W_Q and W_K; whole-projection drift is still reported"
         )
     return specs, notes
@@ -495,7 +495,7 @@ def drift_report(pre: Checkpoint, post: Checkpoint, all_layers: bool = False) ->
     return {
         "pre": str(pre.root),
         "post": str(post.root),
-        "adapter": pre_map.adapter.name,
+        "adapter": pre_map.family.name,
         "layers": layers,
         "ranking": [
             {

@@ -1,4 +1,4 @@
-"""Adapter registry: find the family of a checkpoint from its config alone, and its layer map."""
+"""Family registry: find the family of a checkpoint from its config alone, and its layer map."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from . import derived, fused, hybrid, shared
 from .base import (
     ROUTING_TARGETS,
     TARGETS,
-    Adapter,
     Config,
+    Family,
     Kind,
     LayerContext,
     RoutingTensor,
@@ -26,14 +26,14 @@ from .common import FAMILIES as CORE_FAMILIES
 from .common import GENERIC
 from .layermap import LayerMap
 
-FAMILIES: tuple[Adapter, ...] = CORE_FAMILIES + hybrid.FAMILIES + fused.FAMILIES + shared.FAMILIES
+FAMILIES: tuple[Family, ...] = CORE_FAMILIES + hybrid.FAMILIES + fused.FAMILIES + shared.FAMILIES
 
 __all__ = [
     "FAMILIES",
     "GENERIC",
     "ROUTING_TARGETS",
     "TARGETS",
-    "Adapter",
+    "Family",
     "Kind",
     "LayerContext",
     "LayerMap",
@@ -48,18 +48,18 @@ __all__ = [
     "whole",
 ]
 
-BY_MODEL_TYPE: dict[str, Adapter] = {mt: a for a in FAMILIES for mt in a.model_types}
+BY_MODEL_TYPE: dict[str, Family] = {mt: a for a in FAMILIES for mt in a.model_types}
 assert len(BY_MODEL_TYPE) == sum(len(a.model_types) for a in FAMILIES), (
     "model_type registered twice"
 )
-BY_ARCHITECTURE: dict[str, Adapter] = {arch: a for a in FAMILIES for arch in a.architectures}
+BY_ARCHITECTURE: dict[str, Family] = {arch: a for a in FAMILIES for arch in a.architectures}
 
 
 @dataclass(frozen=True)
 class Resolved:
     """An adapter chosen for a config, and why (shown to the user)."""
 
-    adapter: Adapter
+    family: Family
     model_type: str
     reason: str
 
@@ -89,10 +89,9 @@ def resolve(config: Config) -> Resolved:
         why = f" ({exc.message.removeprefix('config.json: ')})"
     else:
         return Resolved(
-            found.adapter,
+            found.family,
             model_type or found.model_type,
-            f"no adapter for model_type '{found.model_type}': layer map "
-            f"{found.adapter.description}",
+            f"no adapter for model_type '{found.model_type}': layer map {found.family.description}",
         )
     known = ", ".join(sorted(BY_MODEL_TYPE))
     raise ConfigError(
@@ -110,11 +109,11 @@ def layer_map(config: Config, tensors: Mapping[str, TensorInfo] | None = None) -
     ``tensors`` hold no layer the family's adapter recognises.
     """
     resolved = resolve(config)
-    adapter = resolved.adapter
-    read = adapter.read_layer_kinds(config)
-    prefix = adapter.layer_prefix(list(tensors)) if tensors is not None else ""
+    family = resolved.family
+    read = family.read_layer_kinds(config)
+    prefix = family.layer_prefix(list(tensors)) if tensors is not None else ""
     return LayerMap(
-        adapter=adapter,
+        family=family,
         model_type=resolved.model_type,
         reason=resolved.reason,
         config=config,

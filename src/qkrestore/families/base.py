@@ -1,6 +1,6 @@
-"""What an adapter is: a family's layer map and routing tensors, as data.
+"""What a family is: its layer map and routing tensors, as data.
 
-An adapter reads only ``config.json`` (never remote model code) and answers two questions:
+A family reads only ``config.json`` (never remote model code) and answers two questions:
 
 * which decoder layers are global softmax attention, which are local (sliding/chunked), and which are
   something else (linear attention, SSM, MLP);
@@ -83,25 +83,25 @@ class LayerContext:
         return f"{self.prefix}{self.layer if layer is None else layer}.{module}.{suffix}"
 
 
-Resolver = Callable[["Adapter", LayerContext], list[RoutingTensor]]
+Resolver = Callable[["Family", LayerContext], list[RoutingTensor]]
 
 
 def whole(info: TensorInfo) -> RowRanges:
     return ((0, info.rows),)
 
 
-def spec_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
+def spec_tensors(family: Family, ctx: LayerContext) -> list[RoutingTensor]:
     """The default resolver: each :class:`TensorSpec` under ``<prefix><layer>.<module>.``."""
     found: list[RoutingTensor] = []
-    for spec in adapter.tensors:
+    for spec in family.tensors:
         if spec.target not in ctx.targets or (spec.option and not ctx.options.get(spec.option)):
             continue
-        name = ctx.name(adapter.module, spec.suffix)
+        name = ctx.name(family.module, spec.suffix)
         info = ctx.tensors.get(name)
         if info is None:
             if spec.required:
                 raise PlanError(
-                    f"layer {ctx.layer} should hold '{name}' ({adapter.name} layout) but it is "
+                    f"layer {ctx.layer} should hold '{name}' ({family.name} layout) but it is "
                     "missing"
                 )
             continue
@@ -130,7 +130,7 @@ def merge_rows(found: Sequence[RoutingTensor]) -> list[RoutingTensor]:
 
 
 @dataclass(frozen=True)
-class Adapter:
+class Family:
     """A model family: how to read its layer map and where its attention tensors live.
 
     ``container`` and ``module`` locate a layer's attention block (``<prefix><container>.<i>.<module>.``);

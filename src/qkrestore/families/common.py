@@ -12,8 +12,8 @@ import ast
 from ..errors import ConfigError, PlanError
 from ..io.checkpoint import TensorInfo
 from .base import (
-    Adapter,
     Config,
+    Family,
     Kind,
     RowRanges,
     TensorSpec,
@@ -133,7 +133,7 @@ def jet_nemotron_kinds(cfg: Config, n: int | None) -> list[Kind]:
 
 # -- the families ---------------------------------------------------------------------------------
 
-GENERIC = Adapter(
+GENERIC = Family(
     name="generic",
     model_types=(),
     kinds=generic_kinds,
@@ -141,8 +141,8 @@ GENERIC = Adapter(
     description="any config with transformers' layer_types list",
 )
 
-FAMILIES: tuple[Adapter, ...] = (
-    Adapter(
+FAMILIES: tuple[Family, ...] = (
+    Family(
         name="qwen3_next",
         model_types=("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
         architectures=(
@@ -156,7 +156,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(q_rows=gated_query_rows),
         description="Qwen3-Next / Qwen3.5: gated q_proj, query rows only",
     ),
-    Adapter(
+    Family(
         name="hypenet",
         model_types=("hypenet", "hybrid"),
         architectures=("HypeNetForCausalLM", "HybridForCausalLM"),
@@ -164,7 +164,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="HypeNet (remote code): mixer_types 'attn' layers",
     ),
-    Adapter(
+    Family(
         name="jet_nemotron",
         model_types=("jet_nemotron",),
         architectures=("JetNemotronForCausalLM",),
@@ -172,7 +172,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Jet-Nemotron (remote code): layer_types 'attn' full, 'swa' sliding",
     ),
-    Adapter(
+    Family(
         name="llama",
         model_types=("llama",),
         architectures=("LlamaForCausalLM",),
@@ -180,7 +180,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Llama: every layer global",
     ),
-    Adapter(
+    Family(
         name="mistral",
         model_types=("mistral",),
         architectures=("MistralForCausalLM",),
@@ -188,7 +188,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Mistral: every layer sliding when sliding_window is set",
     ),
-    Adapter(
+    Family(
         name="qwen2",
         model_types=("qwen2", "qwen3"),
         architectures=("Qwen2ForCausalLM", "Qwen3ForCausalLM"),

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io.runtime import quiet_transformers
-from .base import GENERIC_WORDS, Adapter, Config, Kind, TensorSpec, check_layer_count, text_config
+from .base import GENERIC_WORDS, Config, Family, Kind, TensorSpec, check_layer_count, text_config
 from .shared import kimi_tensors
 
 ATTENTION_CALLS = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward")
@@ -72,7 +72,7 @@ class DeriveError(ConfigError):
 class Derived:
     """What the meta-device model says about one config."""
 
-    adapter: Adapter
+    family: Family
     model_type: str
     class_name: str
 
@@ -358,7 +358,7 @@ def _derive_cached(key: str) -> Derived:
         resolver = None
         no_head_pairs = ""
     frozen_kinds, frozen_why = tuple(kinds), tuple(why)
-    adapter = Adapter(
+    family = Family(
         name=f"derived:{model_type}",
         model_types=(),
         kinds=lambda _cfg, _n: list(frozen_kinds),
@@ -371,7 +371,7 @@ def _derive_cached(key: str) -> Derived:
         notes=(f"no qkrestore adapter for '{model_type}': the layer map was {description}",),
         no_head_pairs=no_head_pairs,
     )
-    return Derived(adapter, model_type, class_name)
+    return Derived(family, model_type, class_name)
 
 
 def derive(config: Config) -> Derived:
@@ -383,5 +383,5 @@ def derive(config: Config) -> Derived:
     return _derive_cached(key)
 
 
-def is_derived(adapter: Adapter) -> bool:
-    return adapter.name.startswith("derived:")
+def is_derived(family: Family) -> bool:
+    return family.name.startswith("derived:")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError, PlanError
 from ..io.checkpoint import TensorInfo
-from .base import Adapter, Config, Kind, RowRanges, TensorSpec, head_dim, int_field
+from .base import Config, Family, Kind, RowRanges, TensorSpec, head_dim, int_field
 from .common import all_global_kinds, mistral_kinds
 
 Blocks = list[tuple[str, int]]  # (target, number of rows), in row order
@@ -185,8 +185,8 @@ def fused_projections(layout: Layout, qkv: str, o: str) -> tuple[TensorSpec, ...
 
 # -- the families ---------------------------------------------------------------------------------
 
-FAMILIES: tuple[Adapter, ...] = (
-    Adapter(
+FAMILIES: tuple[Family, ...] = (
+    Family(
         name="phi3",
         model_types=("phi3",),
         architectures=("Phi3ForCausalLM",),
@@ -202,7 +202,7 @@ FAMILIES: tuple[Adapter, ...] = (
             "never slides, so those layers count as global",
         ),
     ),
-    Adapter(
+    Family(
         name="gpt_neox",
         model_types=("gpt_neox",),
         architectures=("GPTNeoXForCausalLM",),
@@ -211,7 +211,7 @@ FAMILIES: tuple[Adapter, ...] = (
         module="attention",
         description="GPT-NeoX: fused query_key_value, per-head [q|k|v]; every layer global",
     ),
-    Adapter(
+    Family(
         name="falcon",
         model_types=("falcon", *LEGACY_FALCON),
         architectures=("FalconForCausalLM", "RWForCausalLM"),
@@ -221,7 +221,7 @@ FAMILIES: tuple[Adapter, ...] = (
         module="self_attention",
         description="Falcon: fused query_key_value in one of three layouts; every layer global",
     ),
-    Adapter(
+    Family(
         name="internlm2",
         model_types=("internlm2",),
         architectures=("InternLM2ForCausalLM",),

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from ..errors import ConfigError, PlanError
 from .base import (
     GENERIC_WORDS,
-    Adapter,
     Config,
+    Family,
     Kind,
     LayerContext,
     RoutingTensor,
@@ -218,15 +218,15 @@ def recurrent_gemma_kinds(cfg: Config, n: int | None) -> list[Kind]:
 # -- tensor layouts -------------------------------------------------------------------------------
 
 
-def minimax_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
+def minimax_tensors(family: Family, ctx: LayerContext) -> list[RoutingTensor]:
     """The spec tensors, after checking that the layer is not a lightning-attention block."""
-    fused = ctx.name(adapter.module, "qkv_proj.weight")
+    fused = ctx.name(family.module, "qkv_proj.weight")
     if fused in ctx.tensors:
         raise PlanError(
             f"layer {ctx.layer} is softmax attention by config.json but holds '{fused}', a "
             "lightning-attention projection; the config and the weights disagree"
         )
-    return spec_tensors(adapter, ctx)
+    return spec_tensors(family, ctx)
 
 
 GPT_OSS_TENSORS = (
@@ -239,8 +239,8 @@ LFM2_TENSORS = separate_projections(o="out_proj", q_norm="q_layernorm", k_norm="
 
 # -- the families ---------------------------------------------------------------------------------
 
-FAMILIES: tuple[Adapter, ...] = (
-    Adapter(
+FAMILIES: tuple[Family, ...] = (
+    Family(
         name="nemotron_h",
         model_types=("nemotron_h",),
         architectures=("NemotronHForCausalLM",),
@@ -249,7 +249,7 @@ FAMILIES: tuple[Adapter, ...] = (
         module="mixer",
         description="Nemotron-H: '*' / full_attention mixers under backbone.layers.<i>.mixer",
     ),
-    Adapter(
+    Family(
         name="jamba",
         model_types=("jamba",),
         architectures=("JambaForCausalLM",),
@@ -257,7 +257,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Jamba: attention iff i % attn_layer_period == attn_layer_offset",
     ),
-    Adapter(
+    Family(
         name="falcon_h1",
         model_types=("falcon_h1",),
         architectures=("FalconH1ForCausalLM",),
@@ -265,7 +265,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Falcon-H1: parallel hybrid, attention in every layer",
     ),
-    Adapter(
+    Family(
         name="bamba",
         model_types=("bamba",),
         architectures=("BambaForCausalLM",),
@@ -273,7 +273,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Bamba: attention at attn_layer_indices",
     ),
-    Adapter(
+    Family(
         name="granitemoehybrid",
         model_types=("granitemoehybrid",),
         architectures=("GraniteMoeHybridForCausalLM",),
@@ -281,7 +281,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="GraniteMoeHybrid: layer_types attention/full_attention",
     ),
-    Adapter(
+    Family(
         name="lfm2",
         model_types=("lfm2", "lfm2_moe"),
         architectures=("Lfm2ForCausalLM", "Lfm2MoeForCausalLM"),
@@ -289,7 +289,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=LFM2_TENSORS,
         description="LFM2 / LFM2-MoE: attention where layer_types != conv; q/k_layernorm",
     ),
-    Adapter(
+    Family(
         name="minimax",
         model_types=("minimax", "minimax_text_01"),
         architectures=("MiniMaxForCausalLM", "MiniMaxText01ForCausalLM", "MiniMaxM1ForCausalLM"),
@@ -298,7 +298,7 @@ FAMILIES: tuple[Adapter, ...] = (
         resolve=minimax_tensors,
         description="MiniMax: layer_types or attn_type_list 1 = softmax; lightning layers skipped",
     ),
-    Adapter(
+    Family(
         name="olmo_hybrid",
         model_types=("olmo_hybrid",),
         architectures=("OlmoHybridForCausalLM",),
@@ -306,7 +306,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="OLMo-Hybrid: full_attention layers; whole-projection q/k norms",
     ),
-    Adapter(
+    Family(
         name="gemma3",
         model_types=("gemma3", "gemma3_text"),
         architectures=("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM"),
@@ -314,7 +314,7 @@ FAMILIES: tuple[Adapter, ...] = (
         tensors=separate_projections(),
         description="Gemma3: full vs sliding from layer_types or sliding_window_pattern",
     ),
-    Adapter(
+    Family(
         name="gpt_oss",
         model_types=("gpt_oss",),
         architectures=("GptOssForCausalLM",),
@@ -323,7 +323,7 @@ FAMILIES: tuple[Adapter, ...] = (
         description="gpt-oss: full vs sliding layers; attention sinks restored with q",
         notes=("self_attn.sinks (one logit per query head) is routing and belongs to target q",),
     ),
-    Adapter(
+    Family(
         name="recurrent_gemma",
         model_types=("recurrent_gemma",),
         architectures=("RecurrentGemmaForCausalLM",),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..io.checkpoint import TensorInfo
-from .base import ROUTING_TARGETS, Adapter, Config, Kind, RoutingTensor
+from .base import ROUTING_TARGETS, Config, Family, Kind, RoutingTensor
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class LayerMap:
     header (``tensors`` and ``prefix`` set: routing tensors can be looked up).
     """
 
-    adapter: Adapter
+    family: Family
     model_type: str
     reason: str
     config: Config
@@ -56,7 +56,7 @@ class LayerMap:
         caller that needs Q's rows apart from K's (drift) asks per target.
         """
         return {
-            t: self.adapter.layer_tensors(
+            t: self.family.layer_tensors(
                 self.config, layer, self.tensors, (t,), self.prefix, options
             )
             for t in targets
@@ -69,7 +69,7 @@ class LayerMap:
         options: Mapping[str, Any] | None = None,
     ) -> list[RoutingTensor]:
         """The tensors of ``layer`` for ``targets``, one entry per tensor with the rows they own."""
-        return self.adapter.layer_tensors(
+        return self.family.layer_tensors(
             self.config, layer, self.tensors, targets, self.prefix, options
         )
 

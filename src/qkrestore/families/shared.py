@@ -30,8 +30,8 @@ from typing import Any
 from ..errors import ConfigError, PlanError
 from ..io.checkpoint import TensorInfo
 from .base import (
-    Adapter,
     Config,
+    Family,
     Kind,
     LayerContext,
     RoutingTensor,
@@ -53,8 +53,8 @@ def _need(n: int | None) -> int:
 class _Collector:
     """Looks tensors up for one layer and records the rows each target owns."""
 
-    def __init__(self, adapter: Adapter, ctx: LayerContext) -> None:
-        self.adapter, self.ctx = adapter, ctx
+    def __init__(self, family: Family, ctx: LayerContext) -> None:
+        self.family, self.ctx = family, ctx
         self.found: list[RoutingTensor] = []
 
     def add(
@@ -68,12 +68,12 @@ class _Collector:
         layer: int | None = None,
     ) -> bool:
         ctx = self.ctx
-        name = ctx.name(self.adapter.module, suffix, layer)
+        name = ctx.name(self.family.module, suffix, layer)
         info = ctx.tensors.get(name)
         if info is None:
             if required:
                 raise PlanError(
-                    f"layer {ctx.layer} should hold '{name}' ({self.adapter.name} layout) but it "
+                    f"layer {ctx.layer} should hold '{name}' ({self.family.name} layout) but it "
                     "is missing"
                 )
             return False
@@ -141,7 +141,7 @@ def _check_rows(info: TensorInfo, want: int, what: str) -> None:
         raise PlanError(f"'{info.name}' has {info.rows} rows; {what} needs {want}")
 
 
-def kimi_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
+def kimi_tensors(family: Family, ctx: LayerContext) -> list[RoutingTensor]:
     """The MLA routing of one Kimi Linear layer.
 
     ``kv_a_proj_with_mqa`` (weight ``[r + rope, hidden]``, bias when ``attention_bias``)::
@@ -167,7 +167,7 @@ def kimi_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
     rank = int_field(cfg, "kv_lora_rank")
     latent = _latent_from_pre(ctx.options)
     per_head = nope + v_dim
-    col = _Collector(adapter, ctx)
+    col = _Collector(family, ctx)
 
     def kv_a_rope(info: TensorInfo) -> RowRanges:
         _check_rows(info, rank + rope, f"kv_a_proj_with_mqa with kv_lora_rank {rank} + rope {rope}")
@@ -252,7 +252,7 @@ def zamba2_kinds(cfg: Config, n: int | None) -> list[Kind]:
     return [Kind.GLOBAL if w == "hybrid" else Kind.OTHER for w in zamba2_block_types(cfg)]
 
 
-def zamba2_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
+def zamba2_tensors(family: Family, ctx: LayerContext) -> list[RoutingTensor]:
     """The routing tensors that hybrid layer ``L`` (hybrid ordinal ``n``) is responsible for.
 
     Hybrid ordinal ``n`` runs shared block ``b = n % num_mem_blocks`` and LoRA adapter ``n``
@@ -286,7 +286,7 @@ def zamba2_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
     blocks = int_field(cfg, "num_mem_blocks", 1)
     adapters = bool(cfg.get("use_shared_attention_adapter", False))
     tied = bool(cfg.get("tie_word_embeddings", True))
-    col = _Collector(adapter, ctx)
+    col = _Collector(family, ctx)
 
     if tied:
         b = n % blocks
@@ -312,8 +312,8 @@ def zamba2_tensors(adapter: Adapter, ctx: LayerContext) -> list[RoutingTensor]:
 
 # == registry =====================================================================================
 
-FAMILIES: tuple[Adapter, ...] = (
-    Adapter(
+FAMILIES: tuple[Family, ...] = (
+    Family(
         name="kimi_linear",
         model_types=("kimi_linear",),
         architectures=("KimiLinearForCausalLM",),
@@ -328,7 +328,7 @@ FAMILIES: tuple[Adapter, ...] = (
         ),
         no_head_pairs="MLA layers",
     ),
-    Adapter(
+    Family(
         name="zamba2",
         model_types=("zamba2",),
         architectures=("Zamba2ForCausalLM",),

@@ -10,7 +10,7 @@ Mistral-style configs with a window of 4096 and a 4096-token context are another
 (``chunked_attention``, ``attention_chunk_size``) is the same: one chunk covering the context is no
 chunking at all.
 
-The rule is applied to every family's layer map (``Adapter.layer_kinds``), after the family has read
+The rule is applied to every family's layer map (``Family.layer_kinds``), after the family has read
 its config, and each layer gets a one-line reason that ``inspect-layers`` shows.
 """
 

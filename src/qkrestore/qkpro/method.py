@@ -100,7 +100,7 @@ def plan_pro(
     if opts.tensor_pattern is not None:
         raise PlanError("--tensor-pattern cannot be used with pro: QK-Pro needs the family's heads")
     plan = build_plan(pre, post, dataclasses.replace(opts, targets=("q", "k")), method=METHOD_PRO)
-    missing = layer_map(post.config).adapter.no_head_pairs
+    missing = layer_map(post.config).family.no_head_pairs
     if missing:
         raise PlanError(
             f"QK-Pro is not defined for {missing} ({plan.adapter})",

@@ -65,10 +65,10 @@ def describe(ckpt: Checkpoint) -> LayerReport:
     return LayerReport(
         path=str(ckpt.root),
         model_type=lmap.model_type,
-        adapter=lmap.adapter.name,
+        adapter=lmap.family.name,
         adapter_reason=lmap.reason,
-        adapter_description=lmap.adapter.description,
-        adapter_notes=list(lmap.adapter.notes),
+        adapter_description=lmap.family.description,
+        adapter_notes=list(lmap.family.notes),
         num_layers=len(lmap.kinds),
         layer_prefix=lmap.prefix,
         global_layers=lmap.global_layers,

@@ -354,12 +354,12 @@ def build_plan(
     else:
         lmap = layer_map(post.config, post.tensors)
         kinds = list(lmap.kinds)
-        model_type, adapter_name = lmap.model_type, lmap.adapter.name
+        model_type, adapter_name = lmap.model_type, lmap.family.name
         if not opts.allow_arch_mismatch:
             _check_same_architecture(pre, lmap)
         chosen = choose_layers(kinds, layers, include_sliding)
-        post_prefix, pre_prefix = lmap.prefix, lmap.adapter.layer_prefix(list(pre.tensors))
-        if lmap.adapter is GENERIC or is_derived(lmap.adapter):
+        post_prefix, pre_prefix = lmap.prefix, lmap.family.layer_prefix(list(pre.tensors))
+        if lmap.family is GENERIC or is_derived(lmap.family):
             notes.append(lmap.reason)
         found = [rt for layer in chosen for rt in lmap.routing(layer, targets, options)]
     # A tensor shared by several layers (Zamba2's shared blocks) is planned once.
@@ -459,14 +459,14 @@ def pre_names_for(plan: RestorePlan, post: Checkpoint, pre_names: Iterable[str])
         return [p.name for p in plan.patches]
     # A VLM save and a text-only save of one family name their layers differently.
     lmap = layer_map(post.config, post.tensors)
-    post_prefix, pre_prefix = lmap.prefix, lmap.adapter.layer_prefix(list(pre_names))
+    post_prefix, pre_prefix = lmap.prefix, lmap.family.layer_prefix(list(pre_names))
     return [pre_prefix + p.name[len(post_prefix) :] for p in plan.patches]
 
 
 def _check_same_architecture(pre: Checkpoint, post_map: LayerMap) -> None:
     pre_map = layer_map(pre.config)
-    adapter, model_type, kinds = post_map.adapter, post_map.model_type, post_map.kinds
-    pre_adapter, pre_type, pre_kinds = pre_map.adapter, pre_map.model_type, pre_map.kinds
+    adapter, model_type, kinds = post_map.family, post_map.model_type, post_map.kinds
+    pre_adapter, pre_type, pre_kinds = pre_map.family, pre_map.model_type, pre_map.kinds
     if pre_adapter.name != adapter.name or pre_type != model_type:
         raise PlanError(
             f"PRE is '{pre_type}' ({pre_adapter.name}) but POST is '{model_type}' ({adapter.name})",
