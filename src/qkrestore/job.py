@@ -1,8 +1,10 @@
 """The restore pipeline: sources → plan → computed rows → write → card and provenance → push.
 
-One function, :func:`run_job`, runs a :class:`~qkrestore.surgery.methods.Method` on two sources. The CLI, the
-Python API and the evaluation loop all call it; what differs between them (printing notes, drawing a
-progress bar, the command line recorded in the card) comes in through :class:`Hooks`. Nothing here
+One function, :func:`run_job`, runs a :class:`~qkrestore.surgery.methods.Method` on two sources
+(POST a checkpoint or a PEFT adapter). The CLI, the Python API and the scripts call it; the
+evaluation loop applies the same method objects' rows to a loaded model instead of writing them.
+What differs between callers (printing notes, drawing a progress bar, the command line recorded in
+the card) comes in through :class:`Hooks`. Nothing here
 prints, and nothing branches on which method runs.
 """
 

@@ -2,7 +2,8 @@
 
 Public entry points (plain functions, no printing): :func:`is_adapter_source`,
 :func:`inspect_adapter`, :func:`verify_adapter_output`, :func:`is_adapter_record`; the job pipeline
-(:func:`qkrestore.job.run_job`) uses the rest of :mod:`qkrestore.adapter.job`. Only the first is imported eagerly: it needs no torch, so a plain
+(:func:`qkrestore.job.run_job`) uses the rest of :mod:`qkrestore.adapter.job`. Only the source
+probes (``is_adapter_source``, ``adapter_source``) are imported eagerly: they need no torch, so a plain
 ``qkrestore merge`` that asks "is POST an adapter?" does not pay torch's start-up.
 """
 
