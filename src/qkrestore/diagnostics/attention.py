@@ -216,6 +216,23 @@ def _attention_modules(
     return None
 
 
+def layer_attentions(
+    out: Any, config: dict[str, Any], layers: Sequence[int], where: str
+) -> list[tuple[int, torch.Tensor]]:
+    """(layer, attention weights) for each softmax layer from an ``output_attentions=True`` pass:
+    transformers returns one map per layer, or (in some hybrids) one per softmax layer only."""
+    attns = list(out.attentions or [])
+    n_all = int(text_config(config).get("num_hidden_layers") or 0)
+    if len(attns) == n_all:
+        return [(i, attns[i]) for i in layers]
+    if len(attns) == len(layers):
+        return list(zip(layers, attns))
+    raise QKRestoreError(
+        f"{where}: the model returned {len(attns)} attention maps for {len(layers)} softmax "
+        "layers; cannot tell which is which"
+    )
+
+
 def load_model(
     path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False
 ) -> torch.nn.Module:
@@ -284,17 +301,7 @@ def run_model(
         else:
             run.mode = "output_attentions"
             out = model(input_ids=ids, use_cache=False, output_attentions=True)
-            attns = list(out.attentions or [])
-            n_all = int(text_config(config).get("num_hidden_layers") or 0)
-            if len(attns) == n_all:
-                pairs = [(i, attns[i]) for i in layers]
-            elif len(attns) == len(layers):
-                pairs = list(zip(layers, attns))
-            else:
-                raise QKRestoreError(
-                    f"{path}: the model returned {len(attns)} attention maps for "
-                    f"{len(layers)} softmax layers; cannot tell which is which"
-                )
+            pairs = layer_attentions(out, config, layers, str(path))
             for layer, w in pairs:
                 reduce(layer, w)
     if device.type == "cuda":

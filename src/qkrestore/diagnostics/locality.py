@@ -33,10 +33,9 @@ import torch
 
 from ..errors import QKRestoreError
 from ..evaluate import niah
-from ..families import text_config
 from ..io.checkpoint import read_config
 from ..io.runtime import forward_errors
-from .attention import _attention_modules, load_model, softmax_layers
+from .attention import _attention_modules, layer_attentions, load_model, softmax_layers
 
 DEFAULT_LAST_K = 64
 
@@ -301,17 +300,7 @@ def _capture(
                 h.remove()
         return "hooks"
     out = model(input_ids=ids, use_cache=False, output_attentions=True)
-    attns = list(out.attentions or [])
-    n_all = int(text_config(config).get("num_hidden_layers") or 0)
-    if len(attns) == n_all:
-        pairs = [(i, attns[i]) for i in layers]
-    elif len(attns) == len(layers):
-        pairs = list(zip(layers, attns))
-    else:
-        raise QKRestoreError(
-            f"the model returned {len(attns)} attention maps for {len(layers)} softmax layers; "
-            "cannot tell which is which"
-        )
+    pairs = layer_attentions(out, config, layers, "attn-locality")
     for layer, w in pairs:
         reduce(layer, w)
     return "output_attentions"
