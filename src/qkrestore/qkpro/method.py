@@ -59,9 +59,6 @@ class QKPro:
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
         return plan_pro(pre, post, self.options, self.fix, self.ridge, self.device, self.form)
 
-    def solver_params(self) -> dict[str, Any]:
-        return {"fix": self.fix, "ridge": self.ridge, "device": self.device, "form": self.form}
-
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
     ) -> ComputedStore:

@@ -57,11 +57,6 @@ class Method(Protocol):
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan: ...
 
-    def solver_params(self) -> dict[str, Any]:
-        """The method's own parameters beyond planning (recorded by the sweep); empty for a
-        method that only copies rows."""
-        ...
-
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
     ) -> Computed | None: ...
@@ -83,9 +78,6 @@ class QKRestore:
 
     def plan(self, pre: Checkpoint, post: Checkpoint) -> RestorePlan:
         return build_plan(pre, post, self.options)
-
-    def solver_params(self) -> dict[str, Any]:
-        return {}
 
     def compute(
         self, plan: RestorePlan, pre: Checkpoint, post: Checkpoint, scratch: Path
