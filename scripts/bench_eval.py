@@ -80,7 +80,7 @@ def sync(device: torch.device) -> None:
 
 def probe(runner: Runner, s: NiahSettings, device: torch.device) -> dict[str, Any]:
     t0 = time.perf_counter()
-    built = runner._niah_prompts(s)  # built and cached before the clock starts
+    built = runner.niah_prompts(s)  # built and cached before the clock starts
     build = time.perf_counter() - t0
     tokens = sum(len(b[3]) + len(b[4]) for b in built)
     sync(device)

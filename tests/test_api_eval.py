@@ -20,9 +20,10 @@ import qkrestore
 
 
 def untimed(doc: Any) -> Any:
-    """The document without wall-clock fields (``seconds``), which differ between two runs."""
+    """The document without wall-clock fields (``seconds``, ``prompts_seconds``), which differ
+    between two runs."""
     if isinstance(doc, dict):
-        return {k: untimed(v) for k, v in doc.items() if k != "seconds"}
+        return {k: untimed(v) for k, v in doc.items() if not k.endswith("seconds")}
     if isinstance(doc, list):
         return [untimed(v) for v in doc]
     return doc

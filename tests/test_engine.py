@@ -84,7 +84,7 @@ def test_generate_scoring_equals_old_per_item_path(which, request) -> None:
     model, tok, runner, s = setup(request.getfixturevalue(which))
     s = NiahSettings(**{**s.__dict__, "scoring": "generate"})
     got = runner.niah_records(s)
-    built = runner._niah_prompts(s)
+    built = runner.niah_prompts(s)
     assert len({len(b[3]) for b in built}) > 1  # prompts of several sizes: padding is exercised
     answers = set()
     for (sample, *_), rec in zip(built, got):
@@ -101,7 +101,7 @@ def test_forced_prefix_is_greedy_generation(llama) -> None:
     forced verdict equals generation's on every item."""
     model, tok, runner, s = setup(llama)
     got = runner.niah_records(s)
-    built = runner._niah_prompts(s)
+    built = runner.niah_prompts(s)
     pairs = [(b[3], b[4]) for b in built]
     with torch.inference_mode():
         argmax = [a for a, _ in forced_pass(model, pairs, 1, CPU)]
@@ -122,7 +122,7 @@ def test_forced_verdict_agrees_with_generation_where_the_model_is_right(llama) -
     the value both rules say right; when the value comes later only generation does (the
     documented difference: forced is a lower bound)."""
     model, tok, runner, s = setup(llama, samples=4)
-    built = runner._niah_prompts(s)
+    built = runner.niah_prompts(s)
     eos = eos_ids(model, tok)
     first, later = [], []
     for sample, _, _, ids, _ in built:
@@ -291,3 +291,60 @@ def test_plan_batches_counts_logits_at_the_kept_run_of_positions() -> None:
     assert list(plan_batches(range(5), widths, None, 8, 10**9, 60)) == [[0], [1], [2], [3], [4]]
     # the token budget bounds rows × width
     assert list(plan_batches(range(5), widths, spans, 8, 2000, 10**9)) == [[0, 1], [2, 3], [4]]
+
+
+def test_prompts_built_in_lock_step_are_the_ones_built_alone() -> None:
+    """build_samples (every prompt's token counts of one round in one call, which a fast
+    tokenizer's encode_batch spreads over the cores) gives each prompt exactly as build_sample
+    gives it alone, in far fewer counting calls; and the runner's encoder pair counts as the
+    tokenizer's own call does."""
+    from qkrestore.evaluate.runner import _encoder
+
+    tok = word_tokenizer()
+    encode, count = _encoder(tok)
+    assert count(["the grass is green .", "", nh.NOISE]) == [
+        len(tok(t, add_special_tokens=False)["input_ids"])
+        for t in ["the grass is green .", "", nh.NOISE]
+    ]
+    jobs = [
+        (task, length, depth, 11 * 100_003 + i)
+        for task in nh.TASKS
+        for length in (300, 1000)
+        for i, depth in enumerate(nh.sample_depths(4, None))
+    ]
+    alone_calls = [0]
+
+    def counted_encode(text: str) -> list[int]:
+        alone_calls[0] += 1
+        return encode(text)
+
+    alone = [nh.build_sample(t, n, d, counted_encode, seed=s) for t, n, d, s in jobs]
+    rounds = []
+
+    def counting(texts: list[str]) -> list[int]:
+        rounds.append(len(texts))
+        return count(texts)
+
+    together = nh.build_samples(jobs, encode, counting)
+    assert together == alone
+    assert all(len(encode(x.prompt)) == x.tokens for x in together)
+    # rounds, not prompts × rounds; repeated haystack sentences are counted once
+    assert len(rounds) < alone_calls[0] / 10 and sum(rounds) < alone_calls[0]
+
+
+def test_batches_keep_prompts_of_different_lengths_apart() -> None:
+    """Padding a 4K prompt to 8K wastes a third of the batch: the padding bound splits the lengths,
+    while short items with a few hundred tokens of padding still share a batch."""
+    from qkrestore.evaluate.scoring import PADDING_FREE, plan_batches
+
+    widths = [8192] * 3 + [4096] * 3
+    assert list(plan_batches(range(6), widths, None, 64, 10**9, 1 << 62)) == [
+        [0, 1, 2],
+        [3, 4, 5],
+    ]
+    short = [400, 300, 200, 120, 100]
+    assert sum(short[0] - w for w in short) < PADDING_FREE
+    assert list(plan_batches(range(5), short, None, 64, 10**9, 1 << 62)) == [[0, 1, 2, 3, 4]]
+    # widths within an eighth of each other share a batch however long they are
+    near = [8192, 8000, 7600]
+    assert list(plan_batches(range(3), near, None, 64, 10**9, 1 << 62)) == [[0, 1, 2]]

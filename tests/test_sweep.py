@@ -426,12 +426,18 @@ def CLI_ARGS_FOR(r: dict) -> list[str]:
 
 def test_sweep_recipe_for_post_is_refused(dense, tmp_path: Path, cli) -> None:
     pre, post = dense
-    res = cli(
+    args = (
         "sweep", pre, post, "--candidates", "post,restore", "--recall", EXAMPLE,
         "--pick", "max recall with recall >= POST", "--write-recipe", tmp_path / "r.yaml",
         "--device", "cpu", "--quiet",
     )  # fmt: skip
-    # the random model's recall on the example file is 0 for both: the first (POST) wins
+    # the random model's recall on the example file is 0 for both: the first (POST) wins, and
+    # the probe cannot decide; that doubt is what the one error line names first
+    res = cli(*args)
+    assert res.code == 2 and len(res.err_lines) == 1
+    assert res.err_lines[0].startswith("error: --write-recipe: the probe cannot decide")
+    # with --force, the pick itself is refused: POST is a checkpoint, not a recipe
+    res = cli(*args, "--force")
     assert res.code == 2 and "checkpoint as it is" in res.err and len(res.err_lines) == 1
     assert not (tmp_path / "r.yaml").exists()
 

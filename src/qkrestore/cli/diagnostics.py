@@ -345,4 +345,9 @@ def niah(
             f"{r['seconds']:.1f}",
         )
     c.print(table)
+    c.print(
+        f"[dim]seconds: scoring each length; building the {len(report['samples'])} prompts took "
+        f"{report['prompts_seconds']:.1f} s before it[/dim]",
+        highlight=False,
+    )
     c.print(f"[dim]{report['reference']}[/dim]", highlight=False)

@@ -25,7 +25,7 @@ import json
 import random
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,12 @@ class Sample:
         return len(self.encode(self.prompt[:c0])), len(self.encode(self.prompt[:c1]))
 
 
+Count = Callable[[list[str]], list[int]]
+# one prompt's build: it yields texts whose token counts it needs, is sent those counts, and
+# returns its Sample
+Steps = Generator[list[str], list[int], Sample]
+
+
 def build_sample(
     task: str,
     length: int,
@@ -220,7 +226,85 @@ def build_sample(
     tokenizer: str = "the tokenizer",
 ) -> Sample:
     """A prompt of at most ``length`` tokens (as ``encode`` counts them, usually a few short) with the
-    needle at ``depth`` of the haystack.
+    needle at ``depth`` of the haystack (see :func:`sample_steps` for how it is sized)."""
+    steps = sample_steps(task, length, depth, encode, seed=seed, chat=chat, tokenizer=tokenizer)
+    return drive([steps], lambda texts: [len(encode(t)) for t in texts])[0]
+
+
+def build_samples(
+    jobs: Sequence[tuple[str, int, float, int]],
+    encode: Encode,
+    count: Count,
+    chat: Callable[[str], str] | None = None,
+    tokenizer: str = "the tokenizer",
+) -> list[Sample]:
+    """The samples of ``jobs`` (task, length, depth, seed), each the one :func:`build_sample` gives,
+    built in lock step so that every round's token counts go to ``count`` in one call.
+
+    Why: sizing a prompt counts its whole text about eight times, and a tokenizer's single
+    ``encode`` holds Python's GIL, so threads cannot share the work; a fast tokenizer's
+    ``encode_batch`` spreads one round of hundreds of prompts over every core. Repeated short texts
+    (the haystack sentences, which recur across prompts) are counted once.
+    """
+    memo: dict[str, int] = {}
+
+    def counted(texts: list[str]) -> list[int]:
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
+        for t, n in zip(todo, count(todo) if todo else []):
+            if len(t) <= 512:
+                memo[t] = n
+            else:  # a whole prompt: asked for once, not worth keeping
+                memo.setdefault(t, n)
+        got = [memo[t] for t in texts]
+        for t in todo:
+            if len(t) > 512:
+                del memo[t]
+        return got
+
+    return drive(
+        [
+            sample_steps(task, length, depth, encode, seed=seed, chat=chat, tokenizer=tokenizer)
+            for task, length, depth, seed in jobs
+        ],
+        counted,
+    )
+
+
+def drive(builds: Sequence[Steps], count: Count) -> list[Sample]:
+    """Run prompt builds to their ends, each round's texts counted together in one ``count``."""
+    asked: dict[int, list[str]] = {}
+    done: dict[int, Sample] = {}
+    for i, b in enumerate(builds):
+        try:
+            asked[i] = next(b)
+        except StopIteration as stop:
+            done[i] = stop.value
+    while asked:
+        order = list(asked)
+        flat = [t for i in order for t in asked[i]]
+        counts = count(flat)
+        at = 0
+        for i in order:
+            n = len(asked[i])
+            mine, at = counts[at : at + n], at + n
+            try:
+                asked[i] = builds[i].send(mine)
+            except StopIteration as stop:
+                del asked[i]
+                done[i] = stop.value
+    return [done[i] for i in range(len(builds))]
+
+
+def sample_steps(
+    task: str,
+    length: int,
+    depth: float,
+    encode: Encode,
+    seed: int = 0,
+    chat: Callable[[str], str] | None = None,
+    tokenizer: str = "the tokenizer",
+) -> Steps:
+    """Build one prompt, yielding the texts whose token counts it needs (:func:`drive` answers).
 
     Filler sentences are costed once each to size the haystack; the needle goes to the sentence
     boundary nearest ``depth``; then the real count of the whole prompt decides: whole sentences
@@ -228,8 +312,9 @@ def build_sample(
     one more sentence (found by bisection), so the prompt lands within a few tokens of ``length``.
 
     Every loop is bounded: a haystack sentence costs at least one token in any real tokenizer, so
-    more than ``length`` sentences means ``encode`` yields (next to) nothing, and the probe refuses,
-    naming ``tokenizer``, instead of growing the haystack forever.
+    more than ``length`` sentences means the tokenizer yields (next to) nothing, and the probe
+    refuses, naming ``tokenizer``, instead of growing the haystack forever. ``encode`` is kept
+    only for the sample's on-demand token positions.
     """
     if task not in TASKS:
         raise QKRestoreError(f"--task {task}: use one of {', '.join(TASKS)}")
@@ -242,23 +327,25 @@ def build_sample(
     pool: list[str] = []
     costs: list[int] = []
 
-    def grow(upto: int) -> None:
+    def grow(upto: int) -> Generator[list[str], list[int], None]:
         while len(pool) < upto:
             if task == "single-1":
                 more = noise_sentences(len(pool) + 256)[len(pool) :]
             else:
                 more = essay_sentences(rng, 256)
             pool.extend(more)
-            costs.extend(len(encode(" " + x)) for x in more)
+            costs.extend((yield [" " + x for x in more]))
 
-    def render(count: int, words: int) -> tuple[str, int, int, int, int]:
+    def render(
+        count: int, words: int
+    ) -> Generator[list[str], list[int], tuple[str, int, int, int, int]]:
         """The prompt of ``count`` sentences (+ ``words`` words of the next) and char offsets."""
-        grow(count + 1)
+        yield from grow(count + 1)
         hay = pool[:count]
         hay_costs = costs[:count]
         if words:
             hay = [*hay, " ".join(pool[count].split()[:words])]
-            hay_costs = [*hay_costs, len(encode(" " + hay[-1]))]
+            hay_costs = [*hay_costs, (yield [" " + hay[-1]])[0]]
         goal, acc, at = depth * sum(hay_costs), 0, 0
         while at < len(hay) and acc + hay_costs[at] / 2 <= goal:
             acc += hay_costs[at]
@@ -273,7 +360,7 @@ def build_sample(
 
     counted: dict[tuple[int, int], int] = {}
 
-    def tokens(count: int, words: int = 0) -> int:
+    def tokens(count: int, words: int = 0) -> Generator[list[str], list[int], int]:
         if (count, words) in counted:
             return counted[count, words]
         if count > length:
@@ -283,48 +370,49 @@ def build_sample(
                 hint="the tokenizer files hold no usable vocabulary; copy the model's own "
                 "tokenizer into the folder",
             )
-        counted[count, words] = len(encode(render(count, words)[0]))
+        text = (yield from render(count, words))[0]
+        counted[count, words] = (yield [text])[0]
         return counted[count, words]
 
-    overhead = tokens(0)
+    overhead = yield from tokens(0)
     if overhead > length:
         raise QKRestoreError(
             f"length {length}: the template and needle alone take {overhead} tokens"
         )
     count, total = 0, overhead
     while True:  # estimate from per-sentence costs
-        grow(count + 1)
+        yield from grow(count + 1)
         if total + costs[count] > length:
             break
         if count > length:
-            tokens(count)  # refuses: the sentences cost nothing
+            yield from tokens(count)  # refuses: the sentences cost nothing
         total += costs[count]
         count += 1
-    n = tokens(count)
+    n = yield from tokens(count)
     widest = max(costs[: count + 1])
     while n > length and count > 0:  # then correct with true counts, in safe jumps
         count = max(0, count - max(1, (n - length) // widest))
-        n = tokens(count)
+        n = yield from tokens(count)
     while True:
         step = max(1, (length - n) // widest)
-        if (m := tokens(count + step)) > length:
+        if (m := (yield from tokens(count + step))) > length:
             if step == 1:
                 break
             step = 1
-            if (m := tokens(count + 1)) > length:
+            if (m := (yield from tokens(count + 1))) > length:
                 break
         count, n = count + step, m
     lo, hi = 0, len(pool[count].split())  # words of the next sentence: most that still fit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tokens(count, mid) <= length:
+        if (yield from tokens(count, mid)) <= length:
             lo = mid
         else:
             hi = mid - 1
-    text, c0, c_s, c_e, c1 = render(count, lo)
+    text, c0, c_s, c_e, c1 = yield from render(count, lo)
     return Sample(
         prompt=text,
-        tokens=tokens(count, lo),
+        tokens=(yield from tokens(count, lo)),
         depth=depth,
         needle=needle,
         offsets=(c0, c_s, c_e, c1),

@@ -28,10 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from . import scoring as sc
 from .niah import (
     SCORINGS,
     TASKS,
-    build_sample,
+    build_samples,
     check_lengths,
     context_length,
     forced_verdict,
@@ -208,7 +206,8 @@ class Runner:
         self.label = label
         # id(items) → (items, encoded): the items are kept so that their id stays theirs
         self._encoded: dict[int, tuple[Sequence[Item], list[tuple[list[int], list[int]]]]] = {}
-        # the probe's prompts per NiahSettings.prompts_key(): (sample, length, depth, ids, gold)
+        # the probe's prompts per NiahSettings.prompts_key() of one length: (sample, length,
+        # depth, ids, gold)
         self._niah: dict[tuple[Any, ...], list[tuple[Any, int, float, list[int], list[int]]]] = {}
 
     @classmethod
@@ -331,8 +330,9 @@ class Runner:
             for (_, a), (arg, logp) in zip(encoded, got)
         ]
 
-    def _niah_prompts(self, s: NiahSettings) -> list[tuple[Any, int, float, list[int], list[int]]]:
-        """The probe's prompts of ``s``, built and tokenised once: per sample, the sample, its
+    def niah_prompts(self, s: NiahSettings) -> list[tuple[Any, int, float, list[int], list[int]]]:
+        """The probe's prompts of ``s``, built and tokenised once per length (the lengths not
+        built yet in one go, so that ``niah`` builds them all before scoring any): per sample, the sample, its
         length and depth, the prompt's ids (as the model reads them) and the value's ids after
         it (the gold answer of the teacher-forced pass)."""
         tok = self.tok
@@ -342,9 +342,10 @@ class Runner:
                 hint="copy the tokenizer next to the model, or pass --recall FILE.jsonl "
                 "with token-id prompts",
             )
-        key = s.prompts_key()
-        if key not in self._niah:
-            encode = _encoder(tok)
+        keys = {n: replace(s, lengths=(n,)).prompts_key() for n in s.lengths}
+        todo = [n for n in dict.fromkeys(s.lengths) if keys[n] not in self._niah]
+        if todo:  # every missing length in one lock-step build: the most prompts per round
+            encode, count = _encoder(tok)
             chat = None
             if s.chat_template:
 
@@ -356,32 +357,28 @@ class Runner:
                     )
 
             name = str(getattr(tok, "name_or_path", "") or self.label)
-
-            def one(job: tuple[int, int, float]) -> tuple[Any, int, float, list[int], list[int]]:
-                length, i, d = job
-                sample = build_sample(
-                    s.task,
-                    length,
-                    d,
-                    encode,
-                    seed=s.seed * 100_003 + i,
-                    chat=chat,
-                    tokenizer=name,
-                )
-                ids = tok(sample.prompt, add_special_tokens=not s.chat_template)["input_ids"]
-                return sample, length, d, ids, _gold(encode, sample.prompt, sample.needle.value)
-
             jobs = [
                 (length, i, d)
-                for length in s.lengths
+                for length in todo
                 for i, d in enumerate(sample_depths(s.samples, s.depth))
             ]
-            # fast tokenizers encode outside the GIL: prompts build in parallel, each exactly
-            # as it builds alone (its own seeded generator)
-            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-                built = list(pool.map(one, jobs))
-            self._niah[key] = built
-        return self._niah[key]
+            samples = build_samples(
+                [(s.task, length, d, s.seed * 100_003 + i) for length, i, d in jobs],
+                encode,
+                count,
+                chat=chat,
+                tokenizer=name,
+            )
+            # one batched call: a fast tokenizer encodes the prompts on every core
+            ids_all = tok([x.prompt for x in samples], add_special_tokens=not s.chat_template)[
+                "input_ids"
+            ]
+            for n in todo:
+                self._niah[keys[n]] = []
+            for x, (length, _, d), ids in zip(samples, jobs, ids_all):
+                gold = _gold(encode, x.prompt, x.needle.value)
+                self._niah[keys[length]].append((x, length, d, list(ids), gold))
+        return [b for n in s.lengths for b in self._niah[keys[n]]]
 
     def niah_records(
         self, s: NiahSettings, progress: Progress | None = None
@@ -392,7 +389,7 @@ class Runner:
         ``generate`` generates it whole, in left-padded batches)."""
         context = context_length(getattr(self.model, "config", None))
         check_lengths(s.lengths, context, beyond_context=s.beyond_context, where=self.label)
-        built = self._niah_prompts(s)
+        built = self.niah_prompts(s)
         tok: Any = self.tok
         new_tokens = s.new_tokens()
         eos = sc.eos_ids(self.model, tok)
@@ -467,27 +464,37 @@ class Runner:
         return {str(n): hits[n] / s.samples for n in s.lengths}
 
 
-def _encoder(tok: Any) -> Callable[[str], list[int]]:
-    """``text → ids`` without special tokens: the fast tokenizer's Rust encoder directly where it
-    gives the ids the tokenizer gives (checked on the probe's own text), a quarter faster than
-    through transformers' call, which the prompts' thousands of encodings feel."""
+def _encoder(tok: Any) -> tuple[Callable[[str], list[int]], Callable[[list[str]], list[int]]]:
+    """``text → ids`` without special tokens, and ``texts → token counts`` for the prompt builder.
+
+    Where the fast tokenizer's Rust encoder gives the ids the tokenizer gives (checked on the
+    probe's own text) both use it directly: one encoding is a quarter faster than through
+    transformers' call, and counting goes through one ``encode_batch`` per round, which runs on
+    every core (a single ``encode`` holds the GIL, so threads cannot share the work). Otherwise
+    both use the tokenizer's own call, text by text."""
 
     def slow(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    def count_slow(texts: list[str]) -> list[int]:
+        return [len(slow(t)) for t in texts]
+
     backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
     if backend is None:
-        return slow
+        return slow, count_slow
 
     def fast(text: str) -> list[int]:
         return backend.encode(text, add_special_tokens=False).ids
+
+    def count_fast(texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     probe = NIAH_CHECK_TEXT
     try:
         same = fast(probe) == slow(probe)
     except Exception:  # any failure means: use the tokenizer's own call
         same = False
-    return fast if same else slow
+    return (fast, count_fast) if same else (slow, count_slow)
 
 
 def _gold(encode: Callable[[str], list[int]], prompt: str, value: str) -> list[int]:

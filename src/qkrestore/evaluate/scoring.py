@@ -33,6 +33,9 @@ Pair = tuple[list[int], list[int]]  # prompt ids, answer ids
 # the call, on the CPU a fixed amount (a CPU has no allocator to ask, and swaps instead of failing).
 CUDA_SHARE = 0.5
 CPU_BYTES = 4 * 2**30
+# padded tokens a batch may add, as a share of its real ones (see plan_batches)
+MAX_PADDING = 0.125
+PADDING_FREE = 2048
 
 
 # -- sizing (pure, given the model's config) -------------------------------------------------------
@@ -117,13 +120,20 @@ def plan_batches(
     max_rows: int,
     max_tokens: int,
     max_logits: int,
+    max_padding: float = MAX_PADDING,
 ) -> Iterator[list[int]]:
     """Consecutive runs of ``order`` (longest first) of at most ``max_rows`` items, at most
-    ``max_tokens`` padded tokens, and at most ``max_logits`` rows of logits: a batch's logits
-    are kept at the one run of positions covering its items' ``spans`` (what
-    :func:`forced_pass` asks ``logits_to_keep`` for), or, with ``spans=None``, at every padded
-    position. An item too big for any batch forms a batch of its own."""
+    ``max_tokens`` padded tokens, at most ``max_logits`` rows of logits, and padding of at most
+    ``max_padding`` of the batch's real tokens (or :data:`PADDING_FREE` tokens, which cost less
+    than another batch): a batch's logits are kept at the one run of
+    positions covering its items' ``spans`` (what :func:`forced_pass` asks ``logits_to_keep``
+    for), or, with ``spans=None``, at every padded position. An item too big for any batch forms
+    a batch of its own.
+
+    The padding bound keeps prompts of different lengths apart: 8K and 4K prompts in one batch
+    spend a third of it on padding (and more of the attention, which grows with the square)."""
     batch: list[int] = []
+    real = 0
     for i in order:
         if batch:
             rows = len(batch) + 1
@@ -133,10 +143,17 @@ def plan_batches(
             else:
                 a, b = _range([spans[j] for j in [*batch, i]])
                 kept = b - a
-            if rows > max_rows or rows * width > max_tokens or rows * kept > max_logits:
+            if (
+                rows > max_rows
+                or rows * width > max_tokens
+                or rows * kept > max_logits
+                or rows * width - real - widths[i]
+                > max(max_padding * (real + widths[i]), PADDING_FREE)
+            ):
                 yield batch
-                batch = []
+                batch, real = [], 0
         batch.append(i)
+        real += widths[i]
     if batch:
         yield batch
 

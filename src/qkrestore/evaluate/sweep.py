@@ -667,17 +667,18 @@ def recipe_refusal(
             f"--pick {pick['rule']!r}: no candidate meets the rule, so no recipe was written",
             hint="loosen the rule (see the table)",
         )
-    if cand.kind not in ("restore", "pro"):
-        return PlanError(
-            f"the picked candidate '{cand.name}' is a checkpoint as it is: there is no "
-            "restore recipe to write",
-            hint="use that checkpoint directly, or pick among restore/pro candidates",
-        )
+    # the probe's doubt comes first: it is what makes any pick, PRE or POST too, meaningless
     if not pick["decided"] and not force:
         return QKRestoreError(
             f"--write-recipe: the probe cannot decide ({'; '.join(pick['undecided_because'])}), "
             "so no recipe was written",
             hint="measure with more samples or other lengths, or add --force to write it anyway",
+        )
+    if cand.kind not in ("restore", "pro"):
+        return PlanError(
+            f"the picked candidate '{cand.name}' is a checkpoint as it is: there is no "
+            "restore recipe to write",
+            hint="use that checkpoint directly, or pick among restore/pro candidates",
         )
     return None
 
